@@ -1,0 +1,1 @@
+"""Generative models written as Pyro programs. Import as ``ppl_vae.models.<module>``."""

@@ -1,0 +1,14 @@
+"""ppl-vae: deep latent-variable models as Pyro programs, trained with one SVI engine.
+
+    from ppl_vae import fit, log_likelihood, elbo
+    history = fit(model, guide, train_data, val_data=..., epochs=10)
+    log_likelihood(model, guide, test_data, num_samples=1000)   # nats per example
+"""
+
+from .checkpoint import load_checkpoint
+from .evaluation import elbo, log_likelihood
+from .training import FitConfig, History, Trainer, TrainingDiverged, fit, restore
+
+__all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "restore",
+           "log_likelihood", "elbo", "load_checkpoint"]
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""Minibatches for the engine: in-memory tensors sliced on the device, or a user's iterable.
+
+The calling convention shared by the engine, every model and every guide:
+
+    model(*args, size=N, subsample=idx, **kwargs)
+
+where ``args``/``kwargs`` are the minibatch in the structure the user gave (a tensor becomes
+one positional argument, a tuple several, a dict keyword arguments), ``size`` is the number
+of examples in the *whole* dataset and ``subsample`` is a LongTensor with the minibatch's
+row indices (on the data's device). A model opens its data plate as
+
+    with pyro.plate("data", size, subsample=subsample): ...
+
+so Pyro scales every site inside the plate by ``size / len(subsample)`` and the ELBO of a
+model with global latents stays unbiased. Called directly with full data, ``size`` and
+``subsample`` default to ``None``; models then use ``size or len(x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+Data = Union[torch.Tensor, tuple, list, Mapping, Iterable]
+
+
+@dataclass
+class Batch:
+    """One minibatch in call form: ``fn(*args, size=size, subsample=subsample, **kwargs)``."""
+
+    args: tuple
+    kwargs: dict
+    size: int
+    subsample: torch.Tensor
+
+    def call(self, fn, **extra):
+        return fn(*self.args, size=self.size, subsample=self.subsample, **self.kwargs, **extra)
+
+    def __len__(self) -> int:
+        return len(self.subsample)
+
+
+def split_structure(data: Any) -> tuple[tuple, dict]:
+    """Turn a tensor / tuple of tensors / dict of tensors into ``(args, kwargs)``."""
+    if isinstance(data, torch.Tensor):
+        return (data,), {}
+    if isinstance(data, (tuple, list)):
+        return tuple(data), {}
+    if isinstance(data, Mapping):
+        return (), dict(data)
+    raise TypeError(
+        f"data must be a tensor, a tuple of tensors or a dict of tensors, got {type(data).__name__}"
+    )
+
+
+def is_in_memory(data: Any) -> bool:
+    if isinstance(data, torch.Tensor):
+        return True
+    if isinstance(data, (tuple, list)):
+        return len(data) > 0 and all(isinstance(t, torch.Tensor) for t in data)
+    if isinstance(data, Mapping):
+        return len(data) > 0 and all(isinstance(t, torch.Tensor) for t in data.values())
+    return False
+
+
+class TensorBatches:
+    """In-memory data, moved to ``device`` once and sliced per minibatch with a shuffled index.
+
+    Every tensor's first dimension indexes examples; all must agree. Float tensors are checked
+    for NaN/inf here, before any training step, and the error names the offending field.
+    """
+
+    def __init__(self, data: Any, batch_size: int, device: torch.device | str = "cpu",
+                 shuffle: bool = True, drop_last: bool = False, name: str = "data"):
+        args, kwargs = split_structure(data)
+        fields = [(f"{name}[{i}]", t) for i, t in enumerate(args)]
+        fields += [(f"{name}[{k!r}]", t) for k, t in kwargs.items()]
+        if not fields:
+            raise ValueError(f"{name} is empty: give at least one tensor")
+        sizes = {label: int(t.shape[0]) if t.dim() else None for label, t in fields}
+        if None in sizes.values():
+            bad = [k for k, v in sizes.items() if v is None]
+            raise ValueError(f"{bad[0]} is a 0-d tensor; the first dimension must index examples")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"{name}: first dimensions disagree: {sizes}")
+        self.num_examples = next(iter(sizes.values()))
+        if self.num_examples == 0:
+            raise ValueError(f"{name} has no examples")
+        for label, t in fields:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+                raise ValueError(f"{label} contains NaN or inf (first at index {bad})")
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        self.args = tuple(_to(t, device, pin) for t in args)
+        self.kwargs = {k: _to(t, device, pin) for k, t in kwargs.items()}
+        self.device = device
+        self.batch_size = min(int(batch_size), self.num_examples)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = torch.Generator()
+
+    def __len__(self) -> int:
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def take(self, idx: torch.Tensor) -> Batch:
+        return Batch(tuple(t.index_select(0, idx) for t in self.args),
+                     {k: t.index_select(0, idx) for k, t in self.kwargs.items()},
+                     self.num_examples, idx)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = self.num_examples
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            yield self.take(order[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+class IterableBatches:
+    """A user's iterable (e.g. a DataLoader) of ready-made minibatches, streamed to the device.
+
+    ``size`` is the number of examples in the whole dataset (default: ``len(loader.dataset)``).
+    ``subsample`` is given as the positions of the rows within the epoch; they are not dataset
+    ids, so guides with per-example parameters need in-memory data.
+    """
+
+    def __init__(self, loader: Iterable, device: torch.device | str = "cpu",
+                 num_data: int | None = None):
+        if num_data is None:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError("streamed data needs num_data= (the number of examples in "
+                                 "the whole dataset) so that minibatch ELBOs are scaled right")
+            num_data = len(dataset)
+        self.loader = loader
+        self.device = torch.device(device)
+        self.num_examples = int(num_data)
+        self.generator = torch.Generator()  # unused; kept so checkpoints look the same
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = 0
+        pin = self.device.type == "cuda"
+        for item in self.loader:
+            args, kwargs = split_structure(item)
+            args = tuple(_to(t, self.device, pin) for t in args)
+            kwargs = {k: _to(t, self.device, pin) for k, t in kwargs.items()}
+            first = args[0] if args else next(iter(kwargs.values()))
+            b = int(first.shape[0])
+            yield Batch(args, kwargs, self.num_examples,
+                        torch.arange(start, start + b, device=self.device))
+            start += b
+
+
+def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffle: bool = True,
+                 drop_last: bool = False, num_data: int | None = None, name: str = "data"):
+    """Wrap ``data`` for the engine: tensors stay on the device, iterables are streamed."""
+    if is_in_memory(data):
+        return TensorBatches(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
+                             name=name)
+    if isinstance(data, Iterable):
+        return IterableBatches(data, device, num_data=num_data)
+    raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
+
+
+def _to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if pin and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=pin)

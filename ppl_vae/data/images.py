@@ -1,0 +1,147 @@
+"""Fashion-MNIST (and MNIST-format image sets) as tensors, validated before training.
+
+Where the files are looked for, in order:
+  1. ``root`` given by the user (a folder with the idx files, gzipped or not, directly or
+     under ``FashionMNIST/raw``);
+  2. ``$PPL_VAE_DATA`` and the Debian package's folder ``/usr/share/datasets/fashion-mnist``
+     (``apt-get install dataset-fashion-mnist``);
+  3. torchvision's download into ``~/.cache/ppl-vae`` when ``download=True`` (needs internet).
+Otherwise a clear error says how to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+           "Sneaker", "Bag", "Ankle boot")
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+CACHE_DIR = Path.home() / ".cache" / "ppl-vae"
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _candidates(root: str | os.PathLike | None) -> list[Path]:
+    dirs = []
+    if root is not None:
+        dirs.append(Path(root))
+    if os.environ.get("PPL_VAE_DATA"):
+        dirs.append(Path(os.environ["PPL_VAE_DATA"]))
+    dirs += [DEBIAN_DIR, CACHE_DIR]
+    out = []
+    for d in dirs:
+        out += [d, d / "FashionMNIST" / "raw"]
+    return out
+
+
+def _find(name: str, dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        for candidate in (d / name, d / f"{name}.gz"):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Read an idx file (the MNIST format) with torchvision's reader."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    if path.suffix == ".gz":  # torchvision reads only plain idx: unpack next to a cache
+        target = CACHE_DIR / "idx" / path.stem
+        if not target.exists() or target.stat().st_mtime < path.stat().st_mtime:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
+        path = target
+    try:
+        return read_image_file(str(path)) if "images" in path.name else read_label_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable idx file ({e})") from e
+
+
+def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train",
+                       limit: int | None = None, binarize: str | None = None, seed: int = 0,
+                       download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images and labels.
+
+    Returns ``(images, labels)``: images float32 of shape (N, 28, 28) with grey levels in
+    [0, 1] (or binary with ``binarize``), labels int64 (N,) in 0..9 (see ``CLASSES``).
+
+    Args:
+        split: ``train`` (60,000) or ``test`` (10,000).
+        limit: keep the first ``limit`` images.
+        binarize: ``None`` (grey levels), ``"threshold"`` (pixel > 0.5) or ``"sample"``
+            (one fixed Bernoulli draw per pixel with ``seed``: the usual static binarization).
+        download: fetch with torchvision into ``~/.cache/ppl-vae`` if no local copy exists.
+    """
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if root is not None and not Path(root).exists():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    image_name, label_name = FILES[split]
+    dirs = _candidates(root)
+    image_path, label_path = _find(image_name, dirs), _find(label_name, dirs)
+    if (image_path is None or label_path is None) and download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(CACHE_DIR), train=split == "train", download=True)
+        image_path, label_path = _find(image_name, dirs), _find(label_name, dirs)
+    if image_path is None or label_path is None:
+        looked = ", ".join(str(d) for d in dirs[::2])
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} files ({image_name}[.gz]) not found in: {looked}. "
+            "Get them with 'apt-get install dataset-fashion-mnist' (Debian), pass a folder "
+            "that holds them (--data DIR / root=), or allow download=True / --download.")
+    images = _read_idx(image_path)
+    labels = _read_idx(label_path).long()
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{image_path} has {images.shape[0]} images but {label_path} has "
+                         f"{labels.shape[0]} labels")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        images, labels = images[:limit], labels[:limit]
+    x = images.float() / 255.0
+    if binarize == "threshold":
+        x = (x > 0.5).float()
+    elif binarize == "sample":
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+    elif binarize is not None:
+        raise ValueError(f"binarize must be None, 'threshold' or 'sample', not {binarize!r}")
+    return x, labels
+
+
+def validate_images(x: torch.Tensor, binary: bool = False, name: str = "images") -> torch.Tensor:
+    """Check images before training: a float tensor (N, H, W), finite, values in [0, 1]
+    (exactly 0/1 when ``binary``). Errors name the first offending image and pixel."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (N, H, W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point with values in [0, 1], got {x.dtype} "
+                         "(divide uint8 pixels by 255)")
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name}: NaN or inf at image {i[0]}, pixel ({i[1]}, {i[2]})")
+    out = (x < 0) | (x > 1)
+    if out.any():
+        i = out.nonzero()[0].tolist()
+        raise ValueError(f"{name}: value {float(x[tuple(i)]):g} outside [0, 1] at image {i[0]}, "
+                         f"pixel ({i[1]}, {i[2]})")
+    if binary:
+        grey = (x != 0) & (x != 1)
+        if grey.any():
+            i = grey.nonzero()[0].tolist()
+            raise ValueError(f"{name}: the Bernoulli likelihood needs binary pixels; value "
+                             f"{float(x[tuple(i)]):g} at image {i[0]}, pixel ({i[1]}, {i[2]}). "
+                             "Binarize the data or choose a grey-level likelihood")
+    return x

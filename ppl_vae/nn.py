@@ -1,0 +1,153 @@
+"""Small network building blocks shared by models and guides.
+
+Every block accepts inputs with any number of leading batch dims (``(..., features)`` or
+``(..., C, H, W)``), so models stay vectorizable over Pyro's particle plates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu": nn.ELU,
+               "gelu": nn.GELU}
+
+
+class MLP(nn.Sequential):
+    """Linear layers with an activation between them (none after the last).
+
+    ``MLP([784, 400, 20])`` maps (..., 784) -> (..., 20).
+    """
+
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", dropout: float = 0.0):
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least input and output sizes, got {list(sizes)}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
+class NormalHead(nn.Module):
+    """Maps features (..., H) to the parameters (loc, scale) of a diagonal Normal, each
+    (..., D); scale = softplus(.) + min_scale keeps it positive."""
+
+    def __init__(self, hidden: int, latent_dim: int, min_scale: float = 1e-4):
+        super().__init__()
+        self.loc = nn.Linear(hidden, latent_dim)
+        self.scale = nn.Linear(hidden, latent_dim)
+        self.min_scale = min_scale
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loc(h), F.softplus(self.scale(h)) + self.min_scale
+
+
+class NormalEncoder(nn.Module):
+    """body network -> NormalHead: an encoder q(z|x) = N(loc(x), diag scale(x)^2).
+
+    ``NormalEncoder.mlp(784, [400], 20)`` is the usual MLP encoder for 28x28 images.
+    """
+
+    def __init__(self, body: nn.Module, hidden: int, latent_dim: int, flatten: int = 0):
+        super().__init__()
+        self.body = body
+        self.head = NormalHead(hidden, latent_dim)
+        self.flatten = flatten  # number of trailing input dims to flatten (2 for HxW images)
+
+    @classmethod
+    def mlp(cls, input_dim: int, hidden: Sequence[int], latent_dim: int,
+            activation: str = "relu", flatten: int = 0) -> NormalEncoder:
+        body = nn.Sequential(MLP([input_dim, *hidden], activation), ACTIVATIONS[activation]())
+        return cls(body, hidden[-1], latent_dim, flatten=flatten)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flatten:
+            x = x.flatten(-self.flatten)
+        return self.head(self.body(x))
+
+
+def _pad_to_32(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if (h, w) == (32, 32):
+        return x
+    if h > 32 or w > 32:
+        raise ValueError(f"conv networks take images up to 32x32, got {h}x{w}")
+    top, left = (32 - h) // 2, (32 - w) // 2
+    return F.pad(x, (left, 32 - w - left, top, 32 - h - top))
+
+
+class ConvEncoder(nn.Module):
+    """The lecture notebook's encoder: pad to 32x32, three 3x3 convs with stride 2
+    (32, 64, 128 channels, ReLU), flatten (128*4*4 = 2048) -> NormalHead.
+
+    Input (..., H, W) or (..., C, H, W) grey images; output (loc, scale), each (..., D).
+    """
+
+    def __init__(self, latent_dim: int, channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.ReLU()]
+            c = w
+        self.convs = nn.Sequential(*layers, nn.Flatten())
+        self.channels = channels
+        self.head = NormalHead(c * 4 * 4, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels == 1 and (x.dim() < 4 or x.shape[-3] != 1):
+            x = x.unsqueeze(-3)
+        batch = x.shape[:-3]
+        h = self.convs(_pad_to_32(x.reshape(-1, *x.shape[-3:])))
+        loc, scale = self.head(h)
+        return loc.reshape(*batch, -1), scale.reshape(*batch, -1)
+
+
+class ConvDecoder(nn.Module):
+    """The mirrored decoder: z -> 2048 -> (128, 4, 4) -> three 3x3 transposed convs with
+    stride 2 (128, 64, 32 channels, ReLU) -> 3x3 conv to one channel at 32x32 -> cropped to
+    ``image_size``. Returns logits (..., H, W) for the likelihood."""
+
+    def __init__(self, latent_dim: int, image_size: tuple[int, int] = (28, 28),
+                 widths: Sequence[int] = (128, 64, 32)):
+        super().__init__()
+        self.fc = nn.Linear(latent_dim, widths[0] * 4 * 4)
+        layers, c = [], widths[0]
+        for w in widths:
+            layers += [nn.ConvTranspose2d(c, w, 3, stride=2, padding=1, output_padding=1),
+                       nn.ReLU()]
+            c = w
+        self.deconvs = nn.Sequential(*layers, nn.Conv2d(c, 1, 3, padding=1))
+        self.first = widths[0]
+        self.image_size = tuple(image_size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        h = self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, self.first, 4, 4)
+        out = self.deconvs(h).squeeze(-3)
+        hh, ww = self.image_size
+        top, left = (32 - hh) // 2, (32 - ww) // 2
+        out = out[..., top:top + hh, left:left + ww]
+        return out.reshape(*batch, hh, ww)
+
+
+class MLPDecoder(nn.Module):
+    """z (..., D) -> MLP -> logits reshaped to ``output_shape`` (e.g. (28, 28))."""
+
+    def __init__(self, latent_dim: int, hidden: Sequence[int], output_shape: Sequence[int],
+                 activation: str = "relu"):
+        super().__init__()
+        self.output_shape = tuple(output_shape)
+        size = 1
+        for s in self.output_shape:
+            size *= s
+        self.net = MLP([latent_dim, *hidden, size], activation)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).reshape(*z.shape[:-1], *self.output_shape)

@@ -1,0 +1,135 @@
+"""Training objectives by name, and KL (beta) weighting of chosen latent sites.
+
+Every objective is a callable ``loss(model, guide, batch) -> scalar tensor``: an unbiased
+(for ``iwae``: importance-weighted) estimate of the negative ELBO of the *whole* dataset
+(the data plate scales the minibatch by size / batch size), in nats.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+
+import pyro.infer as infer
+import torch
+from pyro.poutine.messenger import Messenger
+
+from .batching import Batch
+from .evaluation import find_data_plate, log_weights, max_plate_nesting
+
+OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae")
+
+
+class SiteWeight(Messenger):
+    """Multiply the log-density of the named latent sites by ``factor`` (model and guide
+    alike), so the ELBO's term log p(z) - log q(z) -- the KL for those sites -- gets weight
+    beta. ``factor`` may be changed between steps (KL annealing)."""
+
+    def __init__(self, sites: Iterable[str], factor: float = 1.0):
+        super().__init__()
+        self.sites = frozenset(sites)
+        self.factor = float(factor)
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.sites and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.factor
+
+
+class ELBOObjective:
+    """A Pyro ELBO (Trace, TraceMeanField, JitTrace, TraceEnum) as ``loss(model, guide, batch)``."""
+
+    def __init__(self, elbo: infer.ELBO, kl_weight: SiteWeight | None = None):
+        self.elbo = elbo
+        self.kl_weight = kl_weight
+        self._flat: tuple[Callable, Callable] | None = None
+
+    def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
+        if self.kl_weight is not None and self.kl_weight.factor != 1.0:
+            model, guide = self.kl_weight(model), self.kl_weight(guide)
+        if isinstance(self.elbo, infer.JitTrace_ELBO):
+            return self._jit_loss(model, guide, batch)
+        return self.elbo.differentiable_loss(
+            model, guide, *batch.args, size=batch.size, subsample=batch.subsample, **batch.kwargs)
+
+    def _jit_loss(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
+        """JitTrace_ELBO traces tensors passed positionally only: flatten the call to
+        ``(*args, subsample, *kwargs.values())`` and rebuild it inside (same structure and
+        sizes every step -- the engine drops the last short batch for jit)."""
+        if self._flat is None:
+            n, keys, size = len(batch.args), tuple(batch.kwargs), batch.size
+
+            def unflatten(fn):
+                def call(*flat):
+                    return fn(*flat[:n], size=size, subsample=flat[n],
+                              **dict(zip(keys, flat[n + 1:])))
+                return call
+
+            self._flat = (unflatten(model), unflatten(guide))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return self.elbo.differentiable_loss(
+                *self._flat, *batch.args, batch.subsample, *batch.kwargs.values())
+
+
+class IWAEObjective:
+    """Importance-weighted bound (Burda et al. 2016) with K particles, per example:
+
+        loss = -(size / B) * sum_i [logsumexp_k log w_ik - log K] - mean_k glob_k
+
+    where log w_ik = log p(x_i, z_ik) - beta * [log q(z_ik|x_i) - log p(z_ik)] for the weighted
+    sites. K=1 gives the ordinary ELBO. The bound is exact for models whose latents are all
+    local (inside the data plate); global latents get one draw per particle (a heuristic).
+    """
+
+    def __init__(self, num_particles: int, kl_weight: SiteWeight | None = None,
+                 plate: str | None = None):
+        self.num_particles = int(num_particles)
+        self.kl_weight = kl_weight
+        self.plate = plate
+        self._nesting: int | None = None
+        self._warned = False
+
+    def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
+        if self._nesting is None:
+            self._nesting = max_plate_nesting(model, guide, batch)
+            self.plate = self.plate or find_data_plate(model, guide, batch)
+        weight = None
+        if self.kl_weight is not None and self.kl_weight.factor != 1.0:
+            sites, factor = self.kl_weight.sites, self.kl_weight.factor
+            weight = lambda name, site: factor if name in sites else 1.0
+        local, glob = log_weights(model, guide, batch, self.num_particles, self.plate,
+                                  self._nesting, weight=weight)
+        if not self._warned and bool((glob != 0).any()):
+            warnings.warn("iwae objective: the model has global latents; they get one draw per "
+                          "particle, which is not the IWAE bound of the whole dataset",
+                          stacklevel=2)
+            self._warned = True
+        bound = local.logsumexp(0) - math.log(self.num_particles)
+        return -(bound.sum() * (batch.size / len(batch)) + glob.mean())
+
+
+def make_objective(name: str, num_particles: int = 1, kl_sites: Iterable[str] = (),
+                   max_plate_nesting: int | None = None, vectorize_particles: bool = True,
+                   plate: str | None = None) -> ELBOObjective | IWAEObjective:
+    """Build the objective called ``name``: trace (Trace_ELBO), meanfield (TraceMeanField_ELBO,
+    analytic KL where available), jit (JitTrace_ELBO), enum (TraceEnum_ELBO, sums out
+    enumerated discrete latents), iwae (importance-weighted bound with ``num_particles``)."""
+    kl_weight = SiteWeight(kl_sites) if kl_sites else None
+    common = dict(num_particles=num_particles,
+                  vectorize_particles=vectorize_particles and num_particles > 1)
+    if max_plate_nesting is not None:
+        common["max_plate_nesting"] = max_plate_nesting
+    if name == "trace":
+        return ELBOObjective(infer.Trace_ELBO(**common), kl_weight)
+    if name == "meanfield":
+        return ELBOObjective(infer.TraceMeanField_ELBO(**common), kl_weight)
+    if name == "jit":
+        return ELBOObjective(infer.JitTrace_ELBO(ignore_jit_warnings=True, **common), kl_weight)
+    if name == "enum":
+        return ELBOObjective(infer.TraceEnum_ELBO(**common), kl_weight)
+    if name == "iwae":
+        if num_particles < 2:
+            raise ValueError("objective 'iwae' needs num_particles >= 2 (K=1 is the ELBO)")
+        return IWAEObjective(num_particles, kl_weight, plate=plate)
+    raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
