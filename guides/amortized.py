@@ -25,7 +25,8 @@ class AmortizedNormal(nn.Module):
             (B, *event_shape); e.g. :class:`ppl_vae.nn.NormalEncoder`.
         site: name of the model's latent sample site.
         plate: name of the model's data plate (opened here with the same size/subsample).
-        event_dim: number of event dims of the site (1 for a vector z, 0 for a scalar).
+        event_dim: number of event dims of the site (1 for a vector z, 0 for a scalar; an
+            encoder output of shape (B, 1) then gives a site of shape (B,)).
         plate_dim: the plate's dim in the model (default -1).
         inputs: ``inputs(*args, **kwargs) -> Tensor`` picks the encoder input from the
             model's arguments; default: the first positional argument. A string picks a
@@ -57,6 +58,9 @@ class AmortizedNormal(nn.Module):
     def distribution(self, *args, **kwargs) -> dist.Distribution:
         """q(z | x) for a batch, batch shape (B,), event shape as the site's."""
         loc, scale = self.encoder(self.encoder_input(*args, **kwargs))
+        if self.event_dim == 0 and loc.dim() > 1 and loc.shape[-1] == 1:
+            # a scalar latent per example: encoders give (B, 1), the site is (B,)
+            loc, scale = loc.squeeze(-1), scale.squeeze(-1)
         return dist.Normal(loc, scale).to_event(self.event_dim)
 
     def forward(self, *args, size: int | None = None, subsample: torch.Tensor | None = None,

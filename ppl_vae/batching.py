@@ -71,6 +71,8 @@ class TensorBatches:
 
     Every tensor's first dimension indexes examples; all must agree. Float tensors are checked
     for NaN/inf here, before any training step, and the error names the offending field.
+    A sparse tensor (CSR or COO, e.g. document-term counts) is kept sparse on the device and
+    each minibatch's rows are densified there (``take``).
     """
 
     def __init__(self, data: Any, batch_size: int, device: torch.device | str = "cpu",
@@ -90,7 +92,14 @@ class TensorBatches:
         if self.num_examples == 0:
             raise ValueError(f"{name} has no examples")
         for label, t in fields:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.layout == torch.sparse_coo:  # sparse rows are sliced in CSR form
+                t = t.coalesce().to_sparse_csr()
+            if t.layout == torch.sparse_csr:
+                if t.is_floating_point() and not bool(torch.isfinite(t.values()).all()):
+                    bad = int((~torch.isfinite(t.values())).nonzero()[0])
+                    row = int(torch.searchsorted(t.crow_indices(), bad, right=True)) - 1
+                    raise ValueError(f"{label} contains NaN or inf (first in row {row})")
+            elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = (~torch.isfinite(t)).nonzero()[0].tolist()
                 raise ValueError(f"{label} contains NaN or inf (first at index {bad})")
         device = torch.device(device)
@@ -110,8 +119,8 @@ class TensorBatches:
         return n // b if self.drop_last else -(-n // b)
 
     def take(self, idx: torch.Tensor) -> Batch:
-        return Batch(tuple(t.index_select(0, idx) for t in self.args),
-                     {k: t.index_select(0, idx) for k, t in self.kwargs.items()},
+        return Batch(tuple(_rows(t, idx) for t in self.args),
+                     {k: _rows(t, idx) for k, t in self.kwargs.items()},
                      self.num_examples, idx)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -173,7 +182,27 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``t``; a sparse CSR tensor (N, D) gives a dense (len(idx), D) tensor,
+    so only the minibatch is ever densified (on the data's device)."""
+    if t.layout != torch.sparse_csr:
+        return t.index_select(0, idx)
+    crow, col, values = t.crow_indices(), t.col_indices(), t.values()
+    starts, ends = crow[idx], crow[idx + 1]
+    lengths = ends - starts
+    rows = torch.repeat_interleave(torch.arange(len(idx), device=t.device), lengths)
+    first = torch.cumsum(lengths, 0) - lengths  # where each row starts in the gathered list
+    offsets = torch.arange(int(lengths.sum()), device=t.device) - first[rows] + starts[rows]
+    out = torch.zeros(len(idx), *t.shape[1:], dtype=t.dtype, device=t.device)
+    out[rows, col[offsets]] = values[offsets]
+    return out
+
+
 def _to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce().to_sparse_csr()
+    if t.layout == torch.sparse_csr:
+        return t if t.device == device else t.to(device)
     if t.device == device:
         return t
     if pin and t.device.type == "cpu":

@@ -151,3 +151,48 @@ class MLPDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).reshape(*z.shape[:-1], *self.output_shape)
+
+
+class DocumentEncoder(nn.Module):
+    """Bag-of-words encoder of the topic models (Srivastava & Sutton 2017, AVITM):
+
+        h = dropout(softplus(W2 softplus(W1 x)))         x: word counts (..., V)
+        head "normal":    (loc, scale) = (BN(W_mu h), exp(BN(W_logvar h) / 2))   each (..., K)
+        head "dirichlet": concentration = softplus(BN(W_a h)) + min_concentration (..., K)
+
+    The batch norms have no affine part (they keep the heads' scale fixed, which avoids the
+    component collapse of plain VAEs on text). The normal head feeds
+    :class:`ppl_vae.guides.amortized.AmortizedNormal` (a logistic-normal posterior of
+    log theta), the Dirichlet head :class:`ppl_vae.guides.dirichlet.AmortizedDirichlet`.
+    """
+
+    def __init__(self, vocab_size: int, num_topics: int, hidden: int = 100,
+                 dropout: float = 0.2, head: str = "normal", min_concentration: float = 1e-3):
+        super().__init__()
+        if head not in ("normal", "dirichlet"):
+            raise ValueError(f"unknown head {head!r}; choose normal or dirichlet")
+        self.body = nn.Sequential(nn.Linear(vocab_size, hidden), nn.Softplus(),
+                                  nn.Linear(hidden, hidden), nn.Softplus(), nn.Dropout(dropout))
+        self.head = head
+        self.min_concentration = min_concentration
+        self.fc1 = nn.Linear(hidden, num_topics)
+        self.bn1 = nn.BatchNorm1d(num_topics, affine=False)
+        if head == "normal":
+            self.fc2 = nn.Linear(hidden, num_topics)
+            self.bn2 = nn.BatchNorm1d(num_topics, affine=False)
+
+    @staticmethod
+    def _bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if bn.training and flat.shape[0] == 1:  # a lone document: use the running statistics
+            return F.batch_norm(flat, bn.running_mean, bn.running_var, training=False,
+                                eps=bn.eps).reshape(x.shape)
+        return bn(flat).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        if self.head == "dirichlet":
+            return F.softplus(self._bn(self.bn1, self.fc1(h))) + self.min_concentration
+        loc = self._bn(self.bn1, self.fc1(h))
+        scale = (0.5 * self._bn(self.bn2, self.fc2(h))).exp()
+        return loc, scale

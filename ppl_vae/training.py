@@ -132,8 +132,7 @@ class Trainer:
         try:
             with poutine.trace(param_only=True) as capture, torch.no_grad():
                 guide_trace = poutine.trace(batch.call).get_trace(self.guide)
-                with poutine.block():
-                    poutine.replay(batch.call, trace=guide_trace)(self.model)
+                poutine.replay(batch.call, trace=guide_trace)(self.model)
         finally:
             for m, training in modes:
                 m.train(training)
@@ -170,13 +169,19 @@ class Trainer:
                              "exponential or constant")
 
     # ---- checkpoints ----------------------------------------------------------------------
+    def _free_params(self) -> dict[str, torch.Tensor]:
+        """Pyro params that live outside the model/guide modules (saved by name; module
+        parameters are saved with the modules' state dicts)."""
+        owned = {id(p) for m in self._modules() for p in m.parameters()}
+        return {k: v for k, v in self.params.items() if id(v) not in owned}
+
     def state_dict(self, batches) -> dict:
         return {
             "config": _jsonable(asdict(self.config)),
             "epoch": self.epoch,
             "model": self.model.state_dict() if isinstance(self.model, torch.nn.Module) else {},
             "guide": self.guide.state_dict() if isinstance(self.guide, torch.nn.Module) else {},
-            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "params": {k: v.detach().cpu() for k, v in self._free_params().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
             "rng": rng_state(batches.generator),
@@ -190,12 +195,13 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         if isinstance(self.guide, torch.nn.Module):
             self.guide.load_state_dict(state["guide"])
-        missing = [k for k in self.params if k not in state["params"]]
+        free = self._free_params()
+        missing = [k for k in free if k not in state["params"]]
         if missing:
             raise ValueError(f"checkpoint lacks parameters {missing[:5]}: was it written by "
                              "another model or guide?")
         with torch.no_grad():
-            for name, p in self.params.items():
+            for name, p in free.items():
                 value = state["params"][name]
                 if value.shape != p.shape:
                     raise ValueError(f"parameter {name}: checkpoint shape {tuple(value.shape)} "
@@ -395,9 +401,11 @@ def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, dat
     """Load a checkpoint's parameters into ``model`` and ``guide`` (for evaluation or sampling).
 
     ``data`` is one small example batch (any slice of the training data) used to create the
-    parameters before they are overwritten. Returns the checkpoint dict.
+    parameters before they are overwritten. Clears Pyro's param store first, as ``fit`` does.
+    Returns the checkpoint dict.
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
+    pyro.clear_param_store()
     cfg = FitConfig(device=str(device), plate=state["config"].get("plate"))
     trainer = Trainer(model, guide, cfg)
     first = next(iter(make_batches(data, 8, trainer.device, shuffle=False)))

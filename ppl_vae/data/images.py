@@ -12,6 +12,7 @@ Otherwise a clear error says how to get the data.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -51,9 +52,11 @@ def _read_idx(path: Path) -> torch.Tensor:
     """Read an idx file (the MNIST format) with torchvision's reader."""
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    if path.suffix == ".gz":  # torchvision reads only plain idx: unpack next to a cache
-        target = CACHE_DIR / "idx" / path.stem
-        if not target.exists() or target.stat().st_mtime < path.stat().st_mtime:
+    if path.suffix == ".gz":  # torchvision reads only plain idx: unpack into a cache
+        st = path.resolve().stat()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        target = CACHE_DIR / "idx" / f"{key.hexdigest()[:16]}-{path.stem}"
+        if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".tmp")
             with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:

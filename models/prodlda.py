@@ -1,0 +1,127 @@
+"""ProdLDA (Srivastava & Sutton 2017, "Autoencoding variational inference for topic models").
+
+For document i with word counts x_i (a V-vector, N_i = sum_v x_iv words) and K topics:
+
+    log theta_i ~ N(mu, diag sigma^2)                  logistic-normal prior, theta = softmax
+    x_i | theta_i ~ Multinomial(N_i, softmax(BN(beta^T theta_i)))     product of experts
+
+beta (K, V) are the topics' unnormalized log word weights, BN a batch norm without affine
+part. (mu, sigma^2) is the Laplace approximation, in the softmax basis, of a Dirichlet(alpha)
+prior on theta (MacKay 1998; Srivastava & Sutton eq. 3); for alpha_1..alpha_K
+
+    mu_k      = log alpha_k - (1/K) sum_j log alpha_j
+    sigma^2_k = (1/alpha_k) (1 - 2/K) + (1/K^2) sum_j 1/alpha_j
+
+so a symmetric Dirichlet(alpha) gives mu = 0, sigma^2 = (1/alpha)(1 - 1/K); alpha = 1 gives
+variance 1 - 1/K. With ``prior="dirichlet"`` the site is theta itself:
+theta_i ~ Dirichlet(alpha) (pair it with the reparameterized Dirichlet guide).
+
+The likelihood's log-probability counts the multinomial coefficient log(N_i! / prod x_iv!);
+``word_log_likelihood`` style perplexities subtract it (see :mod:`ppl_vae.topic_metrics`).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ppl_vae.guides.amortized import AmortizedNormal
+from ppl_vae.guides.dirichlet import AmortizedDirichlet
+from ppl_vae.nn import DocumentEncoder
+
+PRIORS = ("laplace", "dirichlet")
+
+
+def laplace_prior(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, sigma) of the logistic-normal Laplace approximation of Dirichlet(alpha).
+
+    alpha: (K,) concentrations. Returns loc and scale, each (K,) (formula in the module
+    docstring)."""
+    k = alpha.shape[-1]
+    loc = alpha.log() - alpha.log().mean(-1, keepdim=True)
+    var = (1.0 / alpha) * (1 - 2.0 / k) + (1.0 / alpha).sum(-1, keepdim=True) / k**2
+    return loc, var.sqrt()
+
+
+def topic_proportions_site(prior: str, alpha: torch.Tensor) -> torch.Tensor:
+    """Sample the document's topic proportions theta (..., K) at site ``logtheta``
+    (logistic normal, ``prior="laplace"``) or ``theta`` (``prior="dirichlet"``)."""
+    if prior == "laplace":
+        loc, scale = laplace_prior(alpha)
+        logtheta = pyro.sample("logtheta", dist.Normal(loc, scale).to_event(1))
+        return F.softmax(logtheta, -1)
+    return pyro.sample("theta", dist.Dirichlet(alpha))
+
+
+def word_counts_site(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """Observe the counts docs (B, V) under Multinomial(N_i, softmax(logits)); N_i is read
+    from each row (torch's log_prob uses the row sum, so one total_count serves all rows)."""
+    total = int(docs.sum(-1).max()) if docs.numel() else 0
+    return pyro.sample("counts", dist.Multinomial(max(total, 1), logits=logits,
+                                                  validate_args=False), obs=docs)
+
+
+class ProdLDA(nn.Module):
+    """The ProdLDA generative model for count matrices (B, V), data plate ``documents``.
+
+    Args:
+        vocab_size: V.  num_topics: K.
+        alpha: symmetric Dirichlet concentration of the prior on theta (default 1).
+        prior: ``laplace`` (logistic normal, site ``logtheta``) or ``dirichlet`` (site
+            ``theta``).
+        dropout: dropout on theta before the decoder (training only).
+    """
+
+    def __init__(self, vocab_size: int, num_topics: int, alpha: float = 1.0,
+                 prior: str = "laplace", dropout: float = 0.2):
+        super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.vocab_size, self.num_topics, self.prior = vocab_size, num_topics, prior
+        self.register_buffer("alpha", torch.full((num_topics,), float(alpha)))
+        self.beta = nn.Linear(num_topics, vocab_size, bias=False)
+        self.bn = nn.BatchNorm1d(vocab_size, affine=False)
+        self.drop = nn.Dropout(dropout)
+
+    def decode(self, theta: torch.Tensor) -> torch.Tensor:
+        """theta (..., K) -> word log-probabilities (..., V): log softmax(BN(beta^T theta))."""
+        h = self.beta(self.drop(theta))
+        return F.log_softmax(DocumentEncoder._bn(self.bn, h), -1)
+
+    def model(self, docs: torch.Tensor, size: int | None = None,
+              subsample: torch.Tensor | None = None) -> torch.Tensor:
+        """docs: word counts (B, V), float. Returns theta (B, K)."""
+        pyro.module("prodlda", self)
+        with pyro.plate("documents", size or len(docs), subsample=subsample):
+            theta = topic_proportions_site(self.prior, self.alpha)
+            word_counts_site(self.decode(theta), docs)
+        return theta
+
+    forward = model
+
+    def topic_word(self) -> torch.Tensor:
+        """The topics' word weights (K, V): the rows of beta (unnormalized log weights, as
+        OCTIS/AVITM rank them)."""
+        return self.beta.weight.detach().t()
+
+
+def build_prodlda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
+                  alpha: float = 1.0, prior: str = "laplace"):
+    """ProdLDA and its amortized guide: the :class:`~ppl_vae.nn.DocumentEncoder` feeding
+    AmortizedNormal over ``logtheta`` (laplace) or AmortizedDirichlet over ``theta``."""
+    model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout)
+    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior)
+
+
+def topic_guide(vocab_size: int, num_topics: int, hidden: int, dropout: float, prior: str):
+    """The amortized guide for the topic-proportion site of either prior."""
+    if prior == "laplace":
+        encoder = DocumentEncoder(vocab_size, num_topics, hidden, dropout, head="normal")
+        return AmortizedNormal(encoder, site="logtheta", plate="documents")
+    encoder = DocumentEncoder(vocab_size, num_topics, hidden, dropout, head="dirichlet")
+    return AmortizedDirichlet(encoder, site="theta", plate="documents")

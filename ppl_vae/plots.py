@@ -1,0 +1,90 @@
+"""Pictures shared by every family: loss curves, image grids, latent maps.
+
+All functions write a PNG and return its path; they use matplotlib's Agg backend (no screen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def loss_curve(rows: Sequence[dict], path: str | Path, title: str = "ELBO per example") -> Path:
+    """Train (and validation) ELBO in nats per example against epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_elbo"] for r in rows], marker="o", label="train")
+    if any("val_elbo" in r for r in rows):
+        ax.plot(epochs, [r.get("val_elbo") for r in rows], marker="s", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats / example)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
+               title: str | None = None) -> Path:
+    """A grid of grey images (N, H, W) with values in [0, 1]."""
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1).unsqueeze(1), nrow=nrow,
+                     padding=2, pad_value=1.0)
+    ncol = min(nrow, len(images))
+    rows = -(-len(images) // nrow)
+    fig, ax = plt.subplots(figsize=(max(2.0, 0.6 * ncol), max(2.0, 0.6 * rows + 0.4)))
+    ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def reconstructions(originals: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Path:
+    """Originals (top row) over their reconstructions (bottom row), each (n, H, W)."""
+    n = len(originals)
+    return image_grid(torch.cat([originals, recon]), path, nrow=n,
+                      title="top: data, bottom: reconstruction E[x | z = mean q(z|x)]")
+
+
+def latent_scatter(z: torch.Tensor, labels: torch.Tensor, path: str | Path,
+                   class_names: Sequence[str] | None = None,
+                   title: str = "posterior means of the test set") -> Path:
+    """2-D latent codes (N, 2) colored by class."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    z, labels = z.detach().cpu(), labels.detach().cpu()
+    points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7,
+                        vmin=-0.5, vmax=9.5)
+    bar = fig.colorbar(points, ax=ax, ticks=range(10))
+    if class_names is not None:
+        bar.ax.set_yticklabels(class_names)
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def latent_grid(decode: Callable[[torch.Tensor], torch.Tensor], path: str | Path, n: int = 15,
+                span: float = 2.5, device: torch.device | str = "cpu") -> Path:
+    """Decode a regular n x n grid over [-span, span]^2 of a 2-D latent space."""
+    axis = torch.linspace(-span, span, n)
+    z2, z1 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], -1).to(device)
+    with torch.no_grad():
+        images = decode(z).cpu()
+    return image_grid(images, path, nrow=n, title=f"decoded latent grid, z in [-{span}, {span}]^2")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

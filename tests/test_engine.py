@@ -1,0 +1,216 @@
+"""The shared engine: training, objectives, evaluation against exact answers, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from ppl_vae import TrainingDiverged, elbo, fit, load_checkpoint, log_likelihood
+from ppl_vae.batching import TensorBatches
+from ppl_vae.guides.amortized import AmortizedNormal
+from ppl_vae.models.ppca import PPCA
+from ppl_vae.models.vae import build_vae
+from ppl_vae.nn import NormalEncoder
+from ppl_vae.objectives import make_objective
+
+
+def toy_images(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 28, 28, generator=g) < 0.1).float()
+    x[: n // 2, 5:12, 5:20] = 1.0
+    x[n // 2:, 15:25, 3:10] = 1.0
+    return x
+
+
+def ppca_data(n=400, d=5, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, k, generator=g)
+    z = torch.randn(n, k, generator=g)
+    return z @ w.T + 0.3 * torch.randn(n, d, generator=g) + 1.0
+
+
+def ppca_pair(d=5, k=2):
+    torch.manual_seed(0)
+    model = PPCA(d, k)
+    guide = AmortizedNormal(NormalEncoder(nn.Identity(), d, k), site="z")
+    return model, guide
+
+
+@pytest.mark.parametrize("objective", ["trace", "meanfield", "jit", "iwae"])
+def test_loss_falls(objective):
+    vae, guide = build_vae(latent_dim=4, hidden=(32,))
+    history = fit(vae, guide, toy_images(), epochs=4, batch_size=64, objective=objective,
+                  num_particles=3 if objective == "iwae" else 1, lr=3e-3, progress=False)
+    assert history["train_elbo"][-1] > history["train_elbo"][0] + 20
+
+
+def test_iwae_bound_is_above_elbo_and_grows_with_k():
+    model, guide = ppca_pair()
+    x = ppca_data()
+    fit(model, guide, x, epochs=3, batch_size=100, lr=1e-2, progress=False)
+    pyro.set_rng_seed(1)
+    e = elbo(model, guide, x, num_particles=200)
+    bounds = []
+    for k in (1, 10, 100, 1000):
+        pyro.set_rng_seed(2)
+        bounds.append(log_likelihood(model, guide, x, num_samples=k))
+    assert abs(bounds[0] - e) < 0.05  # K = 1 is the ELBO
+    assert bounds[1] > e
+    assert bounds[0] < bounds[1] < bounds[2] < bounds[3] + 1e-3
+    assert bounds[3] <= float(model.exact_log_likelihood(x).mean()) + 0.02
+
+
+def test_iwae_estimate_matches_exact_ppca_log_likelihood():
+    model, guide = ppca_pair()
+    x = ppca_data()
+    fit(model, guide, x, epochs=60, batch_size=100, lr=1e-2, progress=False)
+    exact = float(model.exact_log_likelihood(x).mean())
+    estimate = log_likelihood(model, guide, x, num_samples=2000)
+    assert abs(estimate - exact) < 0.1, (estimate, exact)
+    per_example = log_likelihood(model, guide, x[:50], num_samples=2000, per_example=True)
+    assert per_example.shape == (50,)
+    assert (per_example - model.exact_log_likelihood(x[:50])).abs().max() < 0.3
+
+
+class GlobalMean(nn.Module):
+    """mu ~ N(0, 10^2) global; x_i ~ N(mu, 1). Guide: q(mu) = N(m, s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.Parameter(torch.tensor(0.3))
+        self.log_s = nn.Parameter(torch.tensor(-1.0))
+
+    def model(self, x, size=None, subsample=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(self, x, size=None, subsample=None):
+        pyro.module("q", self)
+        pyro.sample("mu", dist.Normal(self.m, self.log_s.exp()))
+
+
+def test_minibatch_elbo_with_global_latent_averages_to_full_data_elbo():
+    x = torch.randn(120) + 2.0
+    pair = GlobalMean()
+    objective = make_objective("trace")
+    full = TensorBatches(x, 120, shuffle=False)
+    pyro.set_rng_seed(5)
+    full_loss = objective(pair.model, pair.guide, next(iter(full))).item()
+    losses = []
+    for batch in TensorBatches(x, 30, shuffle=True):
+        pyro.set_rng_seed(5)  # the same draw of mu for every minibatch
+        losses.append(objective(pair.model, pair.guide, batch).item())
+    assert len(losses) == 4
+    assert sum(losses) / 4 == pytest.approx(full_loss, rel=1e-5)
+    assert min(losses) != pytest.approx(max(losses))  # the batches really differ
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    x = toy_images(192)
+
+    def run(out, epochs, resume=False):
+        torch.manual_seed(0)
+        vae, guide = build_vae(latent_dim=3, hidden=(16,), dynamic_binarization=True)
+        h = fit(vae, guide, x, val_data=x[:32], epochs=epochs, batch_size=64, out=out,
+                resume=resume, progress=False, seed=3)
+        return h, vae, guide
+
+    full, vae_a, guide_a = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, vae_b, guide_b = run(tmp_path / "b", 4, resume=True)
+    assert [r["epoch"] for r in resumed.rows] == [1, 2, 3, 4]
+    assert resumed["train_elbo"] == pytest.approx(full["train_elbo"], abs=1e-6)
+    assert resumed["val_elbo"] == pytest.approx(full["val_elbo"], abs=1e-6)
+    for p, q in zip(vae_a.parameters(), vae_b.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(guide_a.parameters(), guide_b.parameters()):
+        assert torch.equal(p, q)
+
+
+class Exploding(nn.Module):
+    """A model whose likelihood turns NaN after ``after`` calls: a stand-in for divergence."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(()))
+        self.calls = 0
+        self.after = after
+
+    def forward(self, x, size=None, subsample=None):
+        pyro.module("exploding", self)
+        self.calls += 1
+        loc = self.loc * (math.nan if self.calls > self.after else 1.0)
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    x = torch.randn(40)
+    model = Exploding(after=1 + 4 + 2)  # discovery run + epoch 1 (4 steps) + 2 steps
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 of 4") as err:
+        fit(model, lambda *a, **k: None, x, epochs=5, batch_size=10, out=tmp_path,
+            progress=False, sync_every=2)
+    assert "checkpoint.pt" in str(err.value) and "learning rate" in str(err.value)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert torch.isfinite(state["model"]["loc"])
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 2  # header + epoch 1
+
+
+def test_truncated_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    x = toy_images(64)
+    vae, guide = build_vae(latent_dim=2, hidden=(8,))
+    fit(vae, guide, x, epochs=1, batch_size=32, out=tmp_path, progress=False)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=r"cut\.pt is not a readable ppl-vae checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"format": "ppl-vae/1", "code": math.floor}, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="code.pt"):  # refuses to unpickle a function
+        load_checkpoint(tmp_path / "code.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bad_data_is_rejected_before_training():
+    vae, guide = build_vae(latent_dim=2, hidden=(8,))
+    x = toy_images(64)
+    x[7, 3, 4] = math.nan
+    with pytest.raises(ValueError, match=r"data\[0\] contains NaN or inf \(first at index \[7, 3, 4\]\)"):
+        fit(vae, guide, x, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="first dimensions disagree"):
+        fit(vae, guide, (toy_images(64), torch.zeros(10)), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="unknown objective 'elbo'"):
+        fit(vae, guide, toy_images(64), objective="elbo", progress=False)
+
+
+def test_kl_weight_scales_the_kl_term():
+    """With beta = 0 the latent terms vanish from the loss: only -log p(x|z) remains."""
+    vae, guide = build_vae(latent_dim=2, hidden=(8,))
+    x = toy_images(32)
+    batch = next(iter(TensorBatches(x, 32, shuffle=False)))
+    weighted = make_objective("trace", kl_sites=["z"])
+    weighted.kl_weight.factor = 0.0
+    pyro.set_rng_seed(0)
+    loss0 = weighted(vae, guide, batch).item()
+    pyro.set_rng_seed(0)
+    z = guide(x)
+    expected = -float(vae.pixel_distribution(vae.decoder(z)).log_prob(x).sum())
+    assert loss0 == pytest.approx(expected, rel=1e-5)
+
+
+def test_early_stopping_and_history_csv(tmp_path):
+    x = toy_images(128)
+    vae, guide = build_vae(latent_dim=2, hidden=(8,))
+    history = fit(vae, guide, x, val_data=x[:32], epochs=30, batch_size=64, lr=0.5,
+                  patience=2, out=tmp_path, progress=False)
+    assert history.stopped_early and len(history) < 30
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "train_elbo", "seconds", "lr", "val_elbo"]
+    assert (tmp_path / "best.pt").exists()
