@@ -226,3 +226,87 @@ def simulate(num_students: int, num_items: int, kind: str = "2pl", missing: floa
     mask[some_student, torch.arange(num_items)] = True
     return {"responses": torch.where(mask, responses, 0.0), "mask": mask, "ability": theta,
             **items}
+
+
+# ---- model + guide from a spec (run folders), posterior summaries -------------------------
+
+def build_irt(spec: dict) -> tuple[IRT, nn.Module]:
+    """Model and guide from a JSON-able spec (a run folder's ``config.json``):
+
+    ``kind`` (lecture|1pl|2pl|3pl), ``num_items``, ``hierarchical`` (bool), ``guide``
+    (``amortized``: an MLP encoder maps responses*mask concatenated with mask (2I inputs) to
+    q(ability_s), item parameters mean-field; ``meanfield``: a Normal per student and per item
+    value), ``hidden`` (encoder widths, default [64]), ``init_scale`` (0.1), optional
+    ``difficulty_scale``, ``discrimination_scale``, ``guessing_prior``.
+    """
+    from ppl_vae.guides.amortized import AmortizedNormal
+    from ppl_vae.guides.meanfield import mean_field, mean_field_with_amortized
+
+    from ppl_vae.nn import NormalEncoder
+
+    options = {k: spec[k] for k in ("difficulty_scale", "discrimination_scale",
+                                     "guessing_prior") if k in spec}
+    model = IRT(int(spec["num_items"]), spec.get("kind", "2pl"),
+                bool(spec.get("hierarchical", False)), **options)
+    init_scale = float(spec.get("init_scale", 0.1))
+    kind = spec.get("guide", "amortized")
+    if kind == "meanfield":
+        return model, mean_field(model, IRT.student_plate, init_scale=init_scale)
+    if kind != "amortized":
+        raise ValueError(f"unknown IRT guide {kind!r}; choose amortized or meanfield")
+    encoder = NormalEncoder.mlp(2 * model.num_items, list(spec.get("hidden", [64])), 1)
+    local = AmortizedNormal(encoder, site="ability", plate=IRT.student_plate, event_dim=0,
+                            inputs=encoder_input)
+    return model, mean_field_with_amortized(model, local, init_scale=init_scale)
+
+
+def encoder_input(responses: torch.Tensor, mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+    """The amortized guide's input: [responses * mask, mask], shape (B, 2I)."""
+    if mask is None:
+        mask = torch.ones_like(responses, dtype=torch.bool)
+    m = mask.to(responses.dtype)
+    return torch.cat([responses * m, m], dim=-1)
+
+
+@torch.no_grad()
+def ability_posterior(guide: nn.Module, responses: torch.Tensor, mask: torch.Tensor,
+                      batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """q(ability_s) = N(mean_s, sd_s) of every student: two (N,) tensors (logit scale).
+
+    Amortized guides encode ``responses``/``mask`` (any students, also new ones); mean-field
+    guides return their per-student parameters (the training students, in training order).
+    """
+    local = getattr(guide, "local", None)
+    if local is not None:
+        device = next(local.parameters()).device
+        means, sds = [], []
+        for i in range(0, len(responses), batch_size):
+            q = local.distribution(responses[i:i + batch_size].to(device),
+                                   mask[i:i + batch_size].to(device))
+            means.append(q.mean.cpu())
+            sds.append(q.stddev.cpu())
+        return torch.cat(means), torch.cat(sds)
+    loc = guide.locs.ability.detach().cpu()
+    scale = guide.scales.ability.detach().cpu()
+    if len(loc) != len(responses):
+        raise ValueError(f"a mean-field guide knows the {len(loc)} training students only; "
+                         "score new students with an amortized run")
+    return loc, scale
+
+
+@torch.no_grad()
+def posterior_samples(model: IRT, guide: nn.Module, responses: torch.Tensor,
+                      mask: torch.Tensor, num_samples: int = 1000) -> dict[str, torch.Tensor]:
+    """Draws of the global sites (item parameters (S, I), population scalars (S,)) from the
+    guide, on the CPU. Abilities: see :func:`ability_posterior`."""
+    device = next(iter(guide.parameters())).device
+    n = len(responses)
+    idx = torch.arange(min(2, n), device=device)
+    with pyro.plate("_posterior_draws", num_samples, dim=-2):
+        trace = pyro.poutine.trace(guide).get_trace(
+            responses[:len(idx)].to(device), mask[:len(idx)].to(device), size=n, subsample=idx)
+    out = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and name in model.site_dims and name != "ability":
+            out[name] = site["value"].reshape(num_samples, -1).squeeze(-1).cpu()
+    return out

@@ -24,9 +24,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ppl_vae.nn import ConvDecoder, ConvEncoder, MLPDecoder, NormalEncoder
-
 from ppl_vae.guides.amortized import AmortizedNormal
+from ppl_vae.nn import ConvDecoder, ConvEncoder, MLPDecoder, NormalEncoder
 
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 

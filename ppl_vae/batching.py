@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
-Data = Union[torch.Tensor, tuple, list, Mapping, Iterable]
+Data = torch.Tensor | tuple | list | Mapping | Iterable
 
 
 @dataclass

@@ -149,10 +149,16 @@ class Trainer:
     def _make_optimizer(self) -> None:
         c = self.config
         params = list(self.params.values())
+        # one optimizer over all parameters with fused kernels (Pyro's pyro.optim wraps one
+        # optimizer per parameter: many small kernel launches per step)
+        fused = {"fused": True} if all(p.is_floating_point() and p.device.type in
+                                       ("cpu", "cuda") for p in params) else {}
         if c.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+            self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay,
+                                              **fused)
         elif c.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay,
+                                               **fused)
         elif c.optimizer == "clipped_adam":
             self.optimizer = ClippedAdam(params, lr=c.lr, weight_decay=c.weight_decay,
                                          clip_norm=c.clip_norm or 10.0)
@@ -357,7 +363,9 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
         patience: int | None = None, seed: int = 0, device: str = "auto",
         out: str | Path | None = None, resume: str | Path | bool = False,
         num_data: int | None = None, progress: bool | None = None,
-        config: dict | None = None, **options: Any) -> History:
+        config: dict | None = None, devices: int | str | list[int] | None = None,
+        num_nodes: int | None = None, strategy: str | None = None,
+        **options: Any) -> History:
     """Train ``guide`` (and the model's parameters) by stochastic variational inference.
 
     Args:
@@ -374,6 +382,10 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
         out: run folder: ``checkpoint.pt`` (every epoch, atomic), ``best.pt``, ``metrics.csv``.
         resume: ``True`` (``out/checkpoint.pt``) or a checkpoint path: continue that run.
         config: extra JSON-able settings stored in the checkpoint (e.g. the model spec).
+        devices, num_nodes, strategy: any of them given -> data-parallel training through
+            PyTorch Lightning (:func:`ppl_vae.distributed.fit_distributed`; optional
+            dependency ``lightning``): ``devices`` processes per node (CPU) or GPUs,
+            ``strategy`` default ``ddp``; ``batch_size`` is then the global batch size.
         **options: further :class:`FitConfig` fields (weight_decay, lr_gamma, drop_last,
             val_particles, sync_every, plate, optimizer).
 
@@ -392,6 +404,13 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
     if cfg.beta != 1.0 and not cfg.kl_sites:
         warnings.warn("beta has no effect without kl_sites (the latent sites to weight)",
                       stacklevel=2)
+    if devices is not None or num_nodes is not None or strategy is not None:
+        from .distributed import fit_distributed  # lightning is optional
+
+        return fit_distributed(model, guide, data, cfg, devices=devices,
+                               num_nodes=num_nodes or 1, strategy=strategy or "ddp",
+                               accelerator=None, out=out, val_data=val_data, resume=resume,
+                               progress=progress)
     return Trainer(model, guide, cfg, out=out).fit(data, val_data, resume=resume,
                                                    num_data=num_data, progress=progress)
 

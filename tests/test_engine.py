@@ -182,7 +182,8 @@ def test_bad_data_is_rejected_before_training():
     vae, guide = build_vae(latent_dim=2, hidden=(8,))
     x = toy_images(64)
     x[7, 3, 4] = math.nan
-    with pytest.raises(ValueError, match=r"data\[0\] contains NaN or inf \(first at index \[7, 3, 4\]\)"):
+    with pytest.raises(ValueError, match=r"data\[0\] contains NaN or inf \(first at index "
+                       r"\[7, 3, 4\]\)"):
         fit(vae, guide, x, epochs=1, progress=False)
     with pytest.raises(ValueError, match="first dimensions disagree"):
         fit(vae, guide, (toy_images(64), torch.zeros(10)), epochs=1, progress=False)
@@ -201,7 +202,7 @@ def test_kl_weight_scales_the_kl_term():
     loss0 = weighted(vae, guide, batch).item()
     pyro.set_rng_seed(0)
     z = guide(x)
-    expected = -float(vae.pixel_distribution(vae.decoder(z)).log_prob(x).sum())
+    expected = -vae.pixel_distribution(vae.decoder(z)).log_prob(x).sum().item()
     assert loss0 == pytest.approx(expected, rel=1e-5)
 
 
@@ -214,3 +215,47 @@ def test_early_stopping_and_history_csv(tmp_path):
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "train_elbo", "seconds", "lr", "val_elbo"]
     assert (tmp_path / "best.pt").exists()
+
+
+def test_dataloader_input_streams_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = toy_images(128)
+    loader = DataLoader(TensorDataset(x), batch_size=32, shuffle=True)
+    vae, guide = build_vae(latent_dim=2, hidden=(16,))
+    history = fit(vae, guide, loader, epochs=3, lr=3e-3, progress=False)
+    assert history["train_elbo"][-1] > history["train_elbo"][0]
+    with pytest.raises(ValueError, match="num_data"):
+        fit(vae, guide, iter([(x[:4],)]), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("architecture, likelihood", [
+    ("mlp", "bernoulli"), ("mlp", "continuous_bernoulli"), ("mlp", "gaussian"),
+    ("conv", "bernoulli")])
+def test_architectures_and_likelihoods_train_and_evaluate(architecture, likelihood):
+    x = toy_images(96)
+    if likelihood != "bernoulli":
+        x = x * 0.8 + 0.1
+    vae, guide = build_vae(latent_dim=3, architecture=architecture, hidden=(32,),
+                           likelihood=likelihood)
+    history = fit(vae, guide, x, epochs=3, batch_size=32, lr=3e-3, progress=False)
+    assert history["train_elbo"][-1] > history["train_elbo"][0]
+    ll = log_likelihood(vae, guide, x[:8], num_samples=20, per_example=True)
+    assert ll.shape == (8,) and torch.isfinite(ll).all()
+    assert vae.sample(4).shape == (4, 28, 28)
+
+
+def test_optimizer_options_schedules_and_kl_annealing():
+    x = toy_images(64)
+    vae, guide = build_vae(latent_dim=2, hidden=(8,))
+    history = fit(vae, guide, x, epochs=4, batch_size=32, optimizer="clipped_adam",
+                  lr_schedule="cosine", clip_norm=5.0, kl_sites=["z"], beta=0.5,
+                  kl_anneal_epochs=2, progress=False)
+    assert history["beta"] == pytest.approx([0.25, 0.5, 0.5, 0.5])
+    assert history["lr"][-1] < history["lr"][0]
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        fit(vae, guide, x, optimizer="sgd", progress=False)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        fit(vae, guide, x, lr_schedule="linear", progress=False)
+    with pytest.raises(TypeError, match="unknown options"):
+        fit(vae, guide, x, epochz=3)

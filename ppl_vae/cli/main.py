@@ -25,6 +25,8 @@ from types import ModuleType
 # model name -> family module (imported lazily so ``ppl-vae --help`` stays fast)
 FAMILIES: dict[str, str] = {
     "vae": "ppl_vae.cli.vae",
+    **{name: "ppl_vae.cli.irt" for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")},
+    **{name: "ppl_vae.cli.topics" for name in ("prodlda", "lda")},
 }
 
 
@@ -52,7 +54,7 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--particles", type=int, default=1,
                    help="ELBO particles; importance samples K for --objective iwae")
     g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "clipped_adam"])
-    g.add_argument("--lr-schedule", default=None, choices=["cosine", "exponential"])
+    g.add_argument("--lr-schedule", default=None, choices=["cosine", "exponential", "constant"])
     g.add_argument("--clip-norm", type=float, default=None)
     g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     g.add_argument("--kl-anneal-epochs", type=float, default=0.0)
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = models.add_parser(name, help=getattr(module, "HELP", {}).get(name, ""))
         module.add_train_arguments(p, name)
         add_common_train_arguments(p)
-        p.set_defaults(family=module_name)
+        # a family may change the common flags' defaults (TRAIN_DEFAULTS: dest -> value)
+        p.set_defaults(family=module_name, **getattr(module, "TRAIN_DEFAULTS", {}))
 
     ev = sub.add_parser("evaluate", help="print a run's test figures as 'name: value' lines")
     ev.add_argument("run", type=Path)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae import elbo, fit, log_likelihood, restore
-from ppl_vae import plots
+from ppl_vae import elbo, fit, log_likelihood, plots, restore
 from ppl_vae.checkpoint import write_json
 from ppl_vae.cli.main import fit_options
 from ppl_vae.data.images import CLASSES, load_fashion_mnist, validate_images

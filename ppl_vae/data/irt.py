@@ -17,6 +17,7 @@ the models, never imputed. Errors name the file, the line and the column.
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from dataclasses import dataclass
@@ -157,8 +158,9 @@ def validate(data: Responses, lines: bool = False) -> None:
     if bool(extreme.any()):
         idx = extreme.nonzero().flatten().tolist()
         warnings.warn(f"{data.source}: {len(idx)} students answered all their items right or "
-                      f"all wrong (first: {', '.join(where(s) for s in idx[:3])}); their "
-                      "abilities rest on the prior N(0, 1)", stacklevel=3)
+                      f"all wrong (first: {', '.join(where(s) for s in idx[:3])}); the "
+                      "answers only bound their abilities, the prior N(0, 1) sets them",
+                      stacklevel=3)
 
 
 # ---- readers ------------------------------------------------------------------------------
@@ -191,7 +193,11 @@ def _read_wide(path: Path, id_column: str | None) -> Responses:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ResponseDataError(f"{path}: not a readable CSV: {e}") from e
-    columns = [str(c).strip() for c in frame.columns]
+    with open(path, newline="", encoding="utf-8") as f:
+        columns = [c.strip() for c in next(csv.reader(f), [])]
+    if len(columns) != frame.shape[1]:
+        raise ResponseDataError(f"{path}: line 1: {len(columns)} header names for "
+                                f"{frame.shape[1]} columns")
     dup = pd.Series(columns)[pd.Series(columns).duplicated()].tolist()
     if dup:
         raise ResponseDataError(f"{path}: line 1: duplicate item column {dup[0]!r}")

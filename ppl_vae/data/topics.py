@@ -1,0 +1,291 @@
+"""Corpora for topic models: OCTIS folders or plain text, as sparse document-term counts.
+
+A corpus becomes one sparse CSR tensor of word counts per split, shape (documents, V), float32.
+The engine keeps it sparse on the device and densifies only each minibatch
+(:class:`ppl_vae.batching.TensorBatches`), so large corpora fit.
+
+Formats:
+  * OCTIS folder (``corpus.tsv``: ``space-separated tokens<TAB>split<TAB>label`` with split in
+    train/val/test; ``vocabulary.txt``: one word a line) -- :func:`load_octis`.
+  * plain text: a file with one document a line, or a folder of ``*.txt`` files (one document
+    each), tokenized and filtered by scikit-learn's ``CountVectorizer`` (optional extra
+    ``ppl-vae[topics]``), split at random into train/val/test -- :func:`load_text`.
+
+Validation happens before any training: malformed lines and unknown split names are errors
+naming file, line and field; out-of-vocabulary tokens and empty documents are dropped with
+one counted :class:`CorpusWarning`; new documents that share no word with a trained run's
+vocabulary are an error (:func:`read_documents`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+class CorpusWarning(UserWarning):
+    """Something in a corpus was dropped (out-of-vocabulary tokens, empty documents)."""
+
+
+@dataclass
+class TopicCorpus:
+    """A corpus ready for training.
+
+    Attributes:
+        vocabulary: the V words; column v of the counts is ``vocabulary[v]``.
+        counts: split name -> sparse CSR float32 tensor (documents, V) of word counts
+            (empty documents left out).
+        texts: every document's in-vocabulary tokens in order, all splits (the reference
+            texts of NPMI, as OCTIS uses them).
+        lines: split name -> the 1-based source line (or file index) of each counts row.
+        source: where it was read from.
+    """
+
+    vocabulary: list[str]
+    counts: dict[str, torch.Tensor]
+    texts: list[list[str]]
+    lines: dict[str, list[int]] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocabulary)
+
+    def split(self, name: str) -> torch.Tensor:
+        """The counts of split ``name`` (sparse CSR (documents, V)); a clear error if empty."""
+        if name not in self.counts or self.counts[name].shape[0] == 0:
+            have = [k for k, v in self.counts.items() if v.shape[0]]
+            raise ValueError(f"{self.source}: no documents in split {name!r} (splits with "
+                             f"documents: {have})")
+        return self.counts[name]
+
+
+def sparse_counts(docs: list[np.ndarray], vocab_size: int) -> torch.Tensor:
+    """Word-id arrays (one per document) -> sparse CSR float32 counts (documents, V)."""
+    crow = [0]
+    cols, vals = [], []
+    for ids in docs:
+        u, c = np.unique(ids, return_counts=True)
+        cols.append(u)
+        vals.append(c)
+        crow.append(crow[-1] + len(u))
+    col = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    val = np.concatenate(vals) if vals else np.zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(torch.tensor(crow, dtype=torch.int64),
+                                       torch.as_tensor(col, dtype=torch.int64),
+                                       torch.as_tensor(val, dtype=torch.float32),
+                                       size=(len(docs), vocab_size))
+
+
+def _read_vocabulary(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no vocabulary file (one word a line)")
+    words, seen = [], {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        word = line.strip().split("\t")[0].strip()
+        if not word:
+            continue
+        if word in seen:
+            raise ValueError(f"{path} line {i}: word {word!r} repeats line {seen[word]}")
+        seen[word] = i
+        words.append(word)
+    if not words:
+        raise ValueError(f"{path}: the vocabulary is empty")
+    return words
+
+
+def _tokens_to_ids(docs: list[list[str]], index: dict[str, int], where: str,
+                   line_numbers: list[int]) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Map tokens to ids, dropping out-of-vocabulary tokens with one counted warning."""
+    ids, kept = [], []
+    oov_tokens, oov_docs, examples = 0, 0, {}
+    for tokens, line in zip(docs, line_numbers):
+        good = [t for t in tokens if t in index]
+        if len(good) != len(tokens):
+            oov_docs += 1
+            oov_tokens += len(tokens) - len(good)
+            for t in tokens:
+                if t not in index and len(examples) < 5:
+                    examples.setdefault(t, line)
+        kept.append(good)
+        ids.append(np.fromiter((index[t] for t in good), dtype=np.int64, count=len(good)))
+    if oov_tokens:
+        shown = ", ".join(f"{w!r} (line {n})" for w, n in examples.items())
+        warnings.warn(f"{where}: {oov_tokens} out-of-vocabulary tokens in {oov_docs} documents "
+                      f"were dropped, e.g. {shown}", CorpusWarning, stacklevel=3)
+    return ids, kept
+
+
+def _drop_empty(ids: list[np.ndarray], lines: list[int], where: str
+                ) -> tuple[list[np.ndarray], list[int]]:
+    empty = [n for a, n in zip(ids, lines) if len(a) == 0]
+    if empty:
+        first = ", ".join(map(str, empty[:5]))
+        warnings.warn(f"{where}: {len(empty)} empty documents (no in-vocabulary word) were "
+                      f"left out, lines {first}{' ...' if len(empty) > 5 else ''}",
+                      CorpusWarning, stacklevel=3)
+    keep = [i for i, a in enumerate(ids) if len(a)]
+    return [ids[i] for i in keep], [lines[i] for i in keep]
+
+
+def load_octis(folder: str | os.PathLike) -> TopicCorpus:
+    """Read an OCTIS dataset folder (``corpus.tsv`` + ``vocabulary.txt``).
+
+    Each ``corpus.tsv`` line is ``tokens<TAB>split[<TAB>label]``; split is train, val or test.
+    Returns a :class:`TopicCorpus` with counts for each split.
+    """
+    folder = Path(folder)
+    corpus_path = folder / "corpus.tsv"
+    if not corpus_path.exists():
+        raise FileNotFoundError(f"{folder}: not an OCTIS corpus folder (no corpus.tsv)")
+    vocabulary = _read_vocabulary(folder / "vocabulary.txt")
+    index = {w: i for i, w in enumerate(vocabulary)}
+    docs: list[list[str]] = []
+    splits: list[str] = []
+    numbers: list[int] = []
+    with open(corpus_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise ValueError(f"{corpus_path} line {n}: expected 'tokens<TAB>split"
+                                 f"[<TAB>label]', found {len(fields)} field (no tab)")
+            split = fields[1].strip()
+            if split not in SPLITS:
+                raise ValueError(f"{corpus_path} line {n}: field 'split' is {split!r}; "
+                                 f"expected one of {', '.join(SPLITS)}")
+            docs.append(fields[0].split())
+            splits.append(split)
+            numbers.append(n)
+    if not docs:
+        raise ValueError(f"{corpus_path}: no documents")
+    ids, texts = _tokens_to_ids(docs, index, str(corpus_path), numbers)
+    counts, lines = {}, {}
+    for name in SPLITS:
+        rows = [i for i, s in enumerate(splits) if s == name]
+        part, part_lines = _drop_empty([ids[i] for i in rows], [numbers[i] for i in rows],
+                                       f"{corpus_path} ({name})")
+        counts[name] = sparse_counts(part, len(vocabulary))
+        lines[name] = part_lines
+    corpus = TopicCorpus(vocabulary, counts, texts, lines, str(folder))
+    corpus.split("train")
+    return corpus
+
+
+def _text_documents(path: Path) -> tuple[list[str], list[int]]:
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.txt files (and no corpus.tsv)")
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files], \
+            list(range(1, len(files) + 1))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such corpus file or folder")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines, list(range(1, len(lines) + 1))
+
+
+def load_text(path: str | os.PathLike, min_df: float = 2, max_df: float = 0.7,
+              stop_words: str | None = "english", max_features: int | None = 5000,
+              val_fraction: float = 0.15, test_fraction: float = 0.15,
+              seed: int = 0) -> TopicCorpus:
+    """Plain text (a file with one document a line, or a folder of ``*.txt`` files) through
+    scikit-learn's ``CountVectorizer`` (``min_df``, ``max_df``, ``stop_words``,
+    ``max_features`` as there), split at random (``seed``) into train/val/test."""
+    try:
+        from sklearn.feature_extraction.text import CountVectorizer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("plain-text corpora need scikit-learn: pip install "
+                          "'ppl-vae[topics]' (or give an OCTIS folder)") from e
+    path = Path(path)
+    raw, numbers = _text_documents(path)
+    keep = [i for i, t in enumerate(raw) if t.strip()]
+    if len(keep) < 3:
+        raise ValueError(f"{path}: {len(keep)} non-empty documents; need at least 3")
+    raw, numbers = [raw[i] for i in keep], [numbers[i] for i in keep]
+    vectorizer = CountVectorizer(min_df=min_df, max_df=max_df, stop_words=stop_words,
+                                 max_features=max_features)
+    try:
+        vectorizer.fit(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: no vocabulary left after filtering ({e}); lower min_df "
+                         "or raise max_df") from e
+    vocabulary = list(vectorizer.get_feature_names_out())
+    index = {w: i for i, w in enumerate(vocabulary)}
+    analyzer = vectorizer.build_analyzer()
+    tokens = [[t for t in analyzer(doc) if t in index] for doc in raw]
+    ids = [np.fromiter((index[t] for t in doc), dtype=np.int64, count=len(doc))
+           for doc in tokens]
+    order = np.random.default_rng(seed).permutation(len(raw))
+    n_test = int(round(test_fraction * len(raw)))
+    n_val = int(round(val_fraction * len(raw)))
+    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
+             "train": order[n_test + n_val:]}
+    counts, lines = {}, {}
+    for name in SPLITS:
+        rows = sorted(parts[name].tolist())
+        part, part_lines = _drop_empty([ids[i] for i in rows], [numbers[i] for i in rows],
+                                       f"{path} ({name})")
+        counts[name] = sparse_counts(part, len(vocabulary))
+        lines[name] = part_lines
+    corpus = TopicCorpus(vocabulary, counts, tokens, lines, str(path))
+    corpus.split("train")
+    return corpus
+
+
+def load_corpus(path: str | os.PathLike, **text_options) -> TopicCorpus:
+    """An OCTIS folder (has ``corpus.tsv``) or plain text (see :func:`load_text`)."""
+    path = Path(path)
+    if (path / "corpus.tsv").exists():
+        return load_octis(path)
+    return load_text(path, **text_options)
+
+
+def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torch.Tensor, int]:
+    """New documents for a trained run: one document a line, whitespace-separated tokens
+    (an OCTIS ``corpus.tsv`` works too: text before the first tab is used), counted against
+    the run's ``vocabulary``.
+
+    Returns ``(counts, empty)``: dense float32 counts (documents, V) in line order (blank
+    lines are skipped) and how many documents had no in-vocabulary word (their rows are zero;
+    a counted :class:`CorpusWarning` says so). A file that shares no word with the vocabulary
+    is an error (wrong run or wrong preprocessing).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such documents file")
+    index = {w: i for i, w in enumerate(vocabulary)}
+    docs, numbers = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.split("\t")[0]
+        if text.strip():
+            docs.append(text.lower().split())
+            numbers.append(n)
+    if not docs:
+        raise ValueError(f"{path}: no documents (every line is blank)")
+    ids, _ = _tokens_to_ids(docs, index, str(path), numbers)
+    total = sum(len(d) for d in docs)
+    known = sum(len(a) for a in ids)
+    if known == 0:
+        raise ValueError(f"{path}: vocabulary mismatch: none of its {total} tokens is in the "
+                         f"run's vocabulary of {len(vocabulary)} words (e.g. "
+                         f"{docs[0][:3]} on line {numbers[0]}); were the documents "
+                         "preprocessed like the training corpus?")
+    empty = [n for a, n in zip(ids, numbers) if len(a) == 0]
+    if empty:
+        warnings.warn(f"{path}: {len(empty)} documents have no in-vocabulary word (lines "
+                      f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}); "
+                      "their topic proportions are the encoder's answer for an empty "
+                      "document", CorpusWarning, stacklevel=2)
+    return sparse_counts(ids, len(vocabulary)).to_dense(), len(empty)

@@ -1,0 +1,350 @@
+"""Data-parallel SVI over several processes, devices and nodes, through PyTorch Lightning.
+
+Pyro's documented route: an ELBO applied to a (model, guide) pair gives an ``ELBOModule``
+(``Trace_ELBO()(model, guide)``), a ``LightningModule`` wraps it and Lightning's DDP strategy
+averages the gradients over the ranks. Reached from :func:`ppl_vae.fit` when ``devices``,
+``num_nodes`` or ``strategy`` is given; ``lightning`` is an optional dependency
+(``pip install 'ppl-vae[lightning]'``).
+
+Per step with W ranks and the global batch size B (``batch_size``):
+
+* every rank draws the same shuffled permutation of the N examples (one seeded generator),
+  takes the same global slice of B rows and keeps its own share ``slice[rank::W]``
+  (DistributedSampler-style; a last short slice is padded by wrapping around);
+* every rank calls ``model(*shard, size=N, subsample=idx)``, so its loss is an unbiased
+  estimate of the whole dataset's negative ELBO (local sites scaled by N / (B/W), global
+  latents counted once);
+* DDP averages the W gradients, which equals the gradient of the single-process loss with
+  the same global batch: (1/W) sum_r (N W / B) sum_{i in r} grad l_i = (N / B) sum_i grad l_i.
+
+The engine's :class:`~ppl_vae.training.Trainer` does the rest (parameter discovery, the
+optimizer and schedule, checkpoints, history, early stopping), so a distributed run writes
+the same run folder (``checkpoint.pt``, ``best.pt``, ``metrics.csv``) -- rank 0 writes it.
+
+Launching: with ``strategy="ddp"`` Lightning starts the other local processes itself by
+re-running the script (so call ``fit`` from a script, not a notebook); on several nodes, or
+under ``torchrun`` / SLURM, the launcher starts every process and Lightning reads the
+environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE`` or SLURM's variables). Code after ``fit`` runs on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer.elbo import ELBOModule
+from torch import nn
+
+from .batching import Batch, Data, TensorBatches, is_in_memory, split_structure
+from .checkpoint import load_checkpoint
+from .evaluation import elbo as evaluate_elbo
+from .training import FitConfig, History, Trainer
+
+# strategies that start the ranks from a pickled/forked copy of the caller: the trained
+# parameters and the history would stay in the children
+_IN_PROCESS_LAUNCH = ("ddp_spawn", "ddp_fork", "ddp_notebook", "spawn", "fork")
+
+
+def lightning_module():
+    """The ``lightning`` package (or the older ``pytorch_lightning``), or a clear ImportError."""
+    try:
+        import lightning as L
+    except ImportError:
+        try:
+            import pytorch_lightning as L
+        except ImportError:
+            raise ImportError(
+                "fit(devices=..., num_nodes=..., strategy=...) trains through PyTorch "
+                "Lightning, which is not installed: pip install 'ppl-vae[lightning]' "
+                "(or pip install lightning)") from None
+    return L
+
+
+class ShardedBatches(TensorBatches):
+    """In-memory data on this rank's device; each step yields this rank's share of the global
+    minibatch: ``order[s*B:(s+1)*B][rank::world]`` where ``order`` is one shuffled permutation
+    per epoch, identical on every rank (same seeded generator). ``len()`` is the number of
+    global steps per epoch; ``Batch.size`` is the full dataset size N on every rank."""
+
+    def __init__(self, data: Any, batch_size: int, device: torch.device | str = "cpu",
+                 shuffle: bool = True, drop_last: bool = False, name: str = "data",
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
+                         name=name)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if self.batch_size < world_size:
+            raise ValueError(
+                f"{name}: the global batch of {self.batch_size} examples cannot be split over "
+                f"{world_size} ranks; use batch_size >= {world_size} (the batch size is the "
+                "global one: each rank gets batch_size / world_size examples)")
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, b, w = self.num_examples, self.batch_size, self.world_size
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            chunk = order[i * b:(i + 1) * b]
+            if len(chunk) < w:  # too short to give every rank a row: wrap around
+                chunk = torch.cat([chunk, order[:w - len(chunk)]])
+            b_ = self.take(chunk[self.rank::w]); b_.size = n // w; yield b_
+
+
+def shard(data: Data, rank: int, world_size: int) -> Data:
+    """Rows ``rank, rank + W, ...`` of every tensor in ``data`` (same structure)."""
+    args, kwargs = split_structure(data)
+    args = tuple(t[rank::world_size] for t in args)
+    kwargs = {k: t[rank::world_size] for k, t in kwargs.items()}
+    if isinstance(data, torch.Tensor):
+        return args[0]
+    return kwargs if kwargs and not args else args
+
+
+class EngineELBOModule(ELBOModule):
+    """Pyro's ``ELBOModule`` (model and guide as submodules, so their parameters are this
+    module's) whose loss is an engine objective (:mod:`ppl_vae.objectives`: KL weights, jit,
+    iwae), called on a :class:`~ppl_vae.batching.Batch`. Returns the negative full-data ELBO
+    estimate in nats (a scalar)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
+        return self.elbo(self.model, self.guide, batch)
+
+
+def _accelerator(device: str) -> str:
+    device = str(device)
+    if device == "auto":
+        return "auto"
+    kind = torch.device(device).type
+    return {"cuda": "gpu"}.get(kind, kind)
+
+
+def _make_module_class(L):
+    class SVIModule(L.LightningModule):
+        """One SVI step per Lightning step (manual optimization, mirrors Trainer._run_epoch)."""
+
+        def __init__(self, core: Trainer, data: Data, val_data: Data | None,
+                     resume_state: dict | None):
+            super().__init__()
+            self.automatic_optimization = False
+            self.core = core
+            self.data = data
+            self.val_data = val_data
+            self.resume_state = resume_state
+            self.loss_fn = EngineELBOModule(core.model, core.guide, core.objective)
+            # Pyro params outside any nn.Module (pyro.param in a model or guide), registered
+            # here so that DDP averages their gradients too
+            self.store_params = nn.ParameterDict()
+            self.batches: ShardedBatches | None = None
+            self._ready = False
+
+        # ---- set-up on every rank, before DDP wraps the module -----------------------------
+        def setup(self, stage: str) -> None:
+            if self._ready:
+                return
+            core, c = self.core, self.core.config
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            core.device = self.trainer.strategy.root_device
+            if c.clear_param_store:
+                pyro.clear_param_store()
+            pyro.set_rng_seed(c.seed)
+            self.batches = ShardedBatches(
+                self.data, c.batch_size, core.device, shuffle=True,
+                drop_last=c.drop_last or c.objective == "jit", rank=rank, world_size=world)
+            self.batches.generator.manual_seed(c.seed)
+            first = self.batches.take(torch.arange(self.batches.batch_size,
+                                                   device=core.device))
+            with pyro.validation_enabled(True):
+                core._discover_params(first)
+            self._register_store_params()
+            with pyro.validation_enabled(True):
+                core._discover_params(first)  # now the param store holds nn.Parameters
+            core._make_optimizer()
+            if self.resume_state is not None:
+                core.load_state_dict(self.resume_state, self.batches)
+            # the same shuffling on every rank, different latent draws on every rank
+            pyro.set_rng_seed(c.seed + 7919 * core.epoch + rank)
+            for m in core._modules():
+                m.train()
+            self._ready = True
+
+        def _register_store_params(self) -> None:
+            store = pyro.get_param_store()
+            in_modules = {id(p) for m in self.core._modules() for p in m.parameters()}
+            for name, value in list(self.core.params.items()):
+                if id(value) in in_modules or name not in store:
+                    continue
+                old = store._params[name]  # the unconstrained tensor
+                if not isinstance(old, nn.Parameter):
+                    new = nn.Parameter(old.detach())
+                    store._params[name] = new
+                    store._param_to_name.pop(old, None)
+                    store._param_to_name[new] = name
+                self.store_params[name.replace(".", "__")] = store._params[name]
+
+        def configure_optimizers(self):
+            return self.core.optimizer
+
+        def train_dataloader(self) -> ShardedBatches:
+            return self.batches
+
+        def transfer_batch_to_device(self, batch: Batch, device, dataloader_idx: int) -> Batch:
+            return batch  # already on this rank's device
+
+        # ---- the loop ----------------------------------------------------------------------
+        def on_train_epoch_start(self) -> None:
+            self.core.epoch += 1
+            self._start = time.perf_counter()
+            self._pending: list[torch.Tensor] = []
+            self._total = torch.zeros((), device=self.core.device)
+            self._done = 0
+
+        def training_step(self, batch: Batch, batch_idx: int) -> None:
+            core, c = self.core, self.core.config
+            steps = len(self.batches)
+            step = batch_idx + 1
+            if core.kl_weight is not None:
+                core.kl_weight.factor = core._kl_factor(step, steps)
+            optimizer = self.optimizers()
+            with pyro.validation_enabled(False):
+                loss = self.loss_fn(batch)
+            self.manual_backward(loss)  # DDP averages the gradients here
+            if c.clip_norm is not None and c.optimizer != "clipped_adam":
+                torch.nn.utils.clip_grad_norm_(core.params.values(), c.clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self._pending.append(loss.detach())
+            if len(self._pending) >= c.sync_every or step == steps:
+                self._sync(step, steps)
+
+        def _sync(self, step: int, steps: int) -> None:
+            # one collective every sync_every steps: every rank sees the same mean losses,
+            # so all of them stop together if the loss diverges
+            chunk = self.trainer.strategy.reduce(torch.stack(self._pending), reduce_op="mean")
+            if not bool(torch.isfinite(chunk).all()):
+                first = int((~torch.isfinite(chunk)).nonzero()[0])
+                self.core._diverged(step - len(self._pending) + 1 + first, steps,
+                                    float(chunk[first]))
+            self._total += chunk.sum()
+            self._done += len(self._pending)
+            self._pending = []
+
+        def on_train_epoch_end(self) -> None:
+            core, c = self.core, self.core.config
+            if core.scheduler is not None:
+                core.scheduler.step()
+            row = {"epoch": core.epoch,
+                   "train_elbo": -float(self._total) / max(self._done, 1)
+                   / self.batches.num_examples,
+                   "seconds": time.perf_counter() - self._start,
+                   "lr": core.optimizer.param_groups[0]["lr"]}
+            if core.kl_weight is not None:
+                row["beta"] = core.kl_weight.factor
+            if self.val_data is not None:
+                row["val_elbo"] = self._val_elbo()
+            core.history.rows.append(row)
+            improved = core._early_stopping(row)
+            if self.trainer.is_global_zero:
+                core._save(self.batches, best=improved)
+            if c.patience is not None and core._bad_epochs >= c.patience:
+                core.history.stopped_early = True
+                self.trainer.should_stop = True
+
+        @torch.no_grad()
+        def _val_elbo(self) -> float:
+            """Validation ELBO per example: each rank evaluates its rows, sums are reduced."""
+            c, world = self.core.config, self.trainer.world_size
+            part = shard(self.val_data, self.trainer.global_rank, world)
+            args, kwargs = split_structure(part)
+            rows_n = int((args or tuple(kwargs.values()))[0].shape[0])
+            totals = torch.zeros(2, dtype=torch.float64, device=self.core.device)
+            if rows_n:
+                values = evaluate_elbo(self.core.model, self.core.guide, part,
+                                       num_particles=c.val_particles,
+                                       batch_size=max(c.batch_size, 256), plate=c.plate,
+                                       device=self.core.device, per_example=True,
+                                       progress=False)
+                totals[0], totals[1] = float(values.sum()), rows_n
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            for m in self.core._modules():
+                m.train()
+            return float(totals[0] / totals[1])
+
+    return SVIModule
+
+
+def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
+                    devices: int | str | list[int] | None = None, num_nodes: int = 1,
+                    strategy: str = "ddp", accelerator: str | None = None,
+                    out: str | Path | None = None, *, val_data: Data | None = None,
+                    resume: str | Path | bool = False, progress: bool | None = None,
+                    ) -> History:
+    """Train ``guide`` and the model's parameters with data-parallel SVI through Lightning.
+
+    Args:
+        model, guide: Pyro programs called as ``fn(*batch, size=N, subsample=idx)``.
+        data: in-memory tensors (a tensor, tuple or dict; first dim = examples). Every rank
+            holds all of it on its device and takes its share of each global minibatch.
+        config: the run's settings; ``config.batch_size`` is the *global* batch size B (each
+            of the W = devices * num_nodes ranks gets B / W examples per step).
+        devices: processes per node (``int``), a list of GPU ids, or ``"auto"``.
+        num_nodes: number of machines.
+        strategy: a Lightning strategy that starts the ranks as separate scripts (``ddp``,
+            ``ddp_find_unused_parameters_true``, ...).
+        accelerator: ``cpu`` | ``gpu`` | ``auto``; default from ``config.device``.
+        out: run folder written by rank 0 (``checkpoint.pt``, ``best.pt``, ``metrics.csv``).
+        val_data: validation data; its ELBO per example (nats) is computed over all ranks.
+        resume: ``True`` (``out/checkpoint.pt``) or a checkpoint path.
+
+    Returns:
+        :class:`~ppl_vae.training.History` (the same rows on every rank): ``train_elbo``
+        (mean over the ranks' estimates, nats per example), ``val_elbo``, ``seconds``, ``lr``.
+    """
+    L = lightning_module()
+    if not is_in_memory(data):
+        raise ValueError("distributed training needs in-memory data (a tensor, tuple or dict "
+                         "of tensors) so that every rank can take its share of each shuffled "
+                         "minibatch; streamed iterables are trained by the single-process fit")
+    if strategy in _IN_PROCESS_LAUNCH:
+        raise ValueError(f"strategy={strategy!r} trains in child processes whose parameters "
+                         "do not come back to the caller; use strategy='ddp' (Lightning "
+                         "re-runs your script for the other ranks) or launch with torchrun")
+    if isinstance(devices, int) and devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if int(num_nodes) < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    if resume is True and out is None:
+        raise ValueError("resume=True needs out= (the run folder)")
+    core = Trainer(model, guide, config, out=out)
+    resume_state = None
+    if resume:
+        path = Path(out) / "checkpoint.pt" if resume is True else Path(resume)
+        resume_state = load_checkpoint(path, "cpu")
+    done_epochs = int(resume_state["epoch"]) if resume_state else 0
+    module = _make_module_class(L)(core, data, val_data, resume_state)
+    if done_epochs >= config.epochs:
+        core.history = History(list(resume_state["history"]))  # nothing left to train
+        return core.history
+    trainer = L.Trainer(
+        accelerator=accelerator or _accelerator(config.device),
+        devices=devices if devices is not None else "auto",
+        num_nodes=int(num_nodes), strategy=strategy,
+        max_epochs=config.epochs - done_epochs,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=progress is not False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(out) if out is not None else None)
+    trainer.fit(module)
+    return core.history
+
+
+__all__ = ["fit_distributed", "ShardedBatches", "EngineELBOModule", "shard",
+           "lightning_module"]

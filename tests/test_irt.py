@@ -1,0 +1,213 @@
+"""Exam models on the shared engine: likelihoods, masking, recovery, guides, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from ppl_vae import fit
+from ppl_vae.cli.irt import load_run
+from ppl_vae.cli.main import main
+from ppl_vae.models.irt import (
+    IRT,
+    ability_posterior,
+    build_irt,
+    posterior_samples,
+    simulate,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*answered all their items")
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
+
+
+def log_lik(model: IRT, values: dict, responses, mask) -> float:
+    """log p(responses | latent values) from a conditioned model trace."""
+    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(responses, mask)
+    trace.compute_log_prob()
+    return float(trace.nodes["responses"]["log_prob_sum"])
+
+
+@pytest.mark.parametrize("kind", ["lecture", "1pl", "2pl", "3pl"])
+def test_likelihood_matches_formula_and_ignores_masked_answers(kind):
+    theta = torch.tensor([-1.0, 0.5])
+    items = {"beta": torch.tensor([0.5, 2.0, 1.0]), "difficulty": torch.tensor([0., 1., -2.]),
+             "discrimination": torch.tensor([1.5, 0.7, 1.0]),
+             "guessing": torch.tensor([0.2, 0.1, 0.3])}
+    model = IRT(3, kind)
+    values = {"ability": theta, **{k: items[k] for k in model.item_sites}}
+    if kind == "lecture":
+        values["ability_mean"] = torch.tensor(0.0)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    # the formulas, written out
+    if kind == "lecture":
+        p = torch.sigmoid(theta[:, None] * items["beta"])
+    else:
+        a = items["discrimination"] if kind in ("2pl", "3pl") else torch.ones(3)
+        p = torch.sigmoid(a * (theta[:, None] - items["difficulty"]))
+        if kind == "3pl":
+            p = items["guessing"] + (1 - items["guessing"]) * p
+    expected = float((y * p.log() + (1 - y) * (1 - p).log())[mask].sum())
+    assert log_lik(model, values, y, mask) == pytest.approx(expected, abs=1e-5)
+    # what sits in a masked cell does not matter: it is not imputed, it is left out
+    y2 = y.clone()
+    y2[~mask] = 1 - y2[~mask]
+    assert log_lik(model, values, y2, mask) == pytest.approx(expected, abs=1e-5)
+
+
+def test_student_plate_scales_minibatch_to_the_whole_exam():
+    """A minibatch of B students out of N counts N/B times (the engine's plate convention),
+    so the item parameters see an unbiased full-data likelihood."""
+    d = simulate(40, 6, "2pl", seed=3)
+    model = IRT(6, "2pl")
+    values = {"ability": d["ability"], "difficulty": d["difficulty"],
+              "discrimination": d["discrimination"]}
+    full = log_lik(model, values, d["responses"], d["mask"])
+    idx = torch.arange(40)
+    total = 0.0
+    for part in idx.split(10):
+        trace = poutine.trace(poutine.condition(model, data={**values, "ability":
+                                                             d["ability"][part]})).get_trace(
+            d["responses"][part], d["mask"][part], size=40, subsample=part)
+        trace.compute_log_prob()
+        total += float(trace.nodes["responses"]["log_prob_sum"])
+    assert total / 4 == pytest.approx(full, rel=1e-5)  # each of 4 parts scaled by 40/10
+
+
+@pytest.mark.parametrize("guide", ["amortized", "meanfield"])
+def test_2pl_recovers_simulated_abilities_and_items(guide):
+    d = simulate(500, 20, "2pl", missing=0.3, seed=0)
+    model, q = build_irt({"kind": "2pl", "num_items": 20, "guide": guide})
+    history = fit(model, q, (d["responses"], d["mask"]), epochs=60, batch_size=100, lr=0.05,
+                  lr_schedule="cosine", progress=False, device="cpu")
+    assert history["train_elbo"][-1] > history["train_elbo"][0] + 1.0
+    theta, sd = ability_posterior(q, d["responses"], d["mask"])
+    samples = posterior_samples(model, q, d["responses"], d["mask"], num_samples=200)
+    assert corr(theta, d["ability"]) > 0.85
+    assert corr(samples["difficulty"].mean(0), d["difficulty"]) > 0.95
+    assert corr(samples["discrimination"].mean(0), d["discrimination"]) > 0.6
+    assert bool((sd > 0).all()) and float(sd.mean()) < 1.0  # data shrink the prior sd 1
+    # students with fewer answers get wider posteriors
+    few = d["mask"].sum(1) <= 11
+    assert float(sd[few].mean()) > float(sd[~few].mean())
+
+
+def test_3pl_and_lecture_and_hierarchical_train():
+    d = simulate(300, 12, "3pl", seed=1)
+    for spec in ({"kind": "3pl"}, {"kind": "lecture"}, {"kind": "2pl", "hierarchical": True}):
+        model, q = build_irt({**spec, "num_items": 12, "guide": "amortized"})
+        h = fit(model, q, (d["responses"], d["mask"]), epochs=15, batch_size=100, lr=0.05,
+                progress=False, device="cpu")
+        assert h["train_elbo"][-1] > h["train_elbo"][0], spec
+        samples = posterior_samples(model, q, d["responses"], d["mask"], num_samples=50)
+        if spec["kind"] == "3pl":
+            assert bool(((samples["guessing"] > 0) & (samples["guessing"] < 1)).all())
+        if spec["kind"] == "lecture":
+            assert bool((samples["beta"] > 0).all()) and "ability_mean" in samples
+        if spec.get("hierarchical"):
+            assert samples["difficulty_sd"].shape == (50,)
+            assert bool((samples["difficulty_sd"] > 0).all())
+
+
+def test_dims_declare_every_latent_site_with_its_shape():
+    """Issue 6's ArviZ export relies on IRT.dims: names and plate sizes must match."""
+    d = simulate(7, 4, "3pl", seed=0)
+    for kind in ("lecture", "1pl", "2pl", "3pl"):
+        model = IRT(4, kind, hierarchical=kind != "lecture")
+        trace = poutine.trace(model).get_trace(d["responses"], d["mask"])
+        latent = {n: s["value"].shape for n, s in trace.nodes.items()
+                  if s["type"] == "sample" and not s["is_observed"]
+                  and not n.startswith(("students", "items"))}
+        assert set(latent) == set(model.site_dims)
+        sizes = {"student": 7, "item": 4}
+        for name, dims in model.site_dims.items():
+            assert tuple(latent[name]) == tuple(sizes[x] for x in dims), (kind, name)
+
+
+def test_amortized_guide_memory_is_flat_in_students_and_meanfield_is_not():
+    def count(n: int, guide: str) -> int:
+        pyro.clear_param_store()
+        d = simulate(n, 10, "2pl", seed=0)
+        model, q = build_irt({"kind": "2pl", "num_items": 10, "guide": guide})
+        q(d["responses"], d["mask"])
+        return sum(p.numel() for p in q.parameters())
+
+    assert count(50, "amortized") == count(500, "amortized")
+    assert count(500, "meanfield") - count(50, "meanfield") == 2 * 450
+
+
+def write_wide(path, responses: torch.Tensor, mask: torch.Tensor, prefix: str = "s") -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student"] + [f"q{j + 1}" for j in range(responses.shape[1])])
+        for s, (r, m) in enumerate(zip(responses.tolist(), mask.tolist())):
+            w.writerow([f"{prefix}{s}"] + [int(v) if ok else "" for v, ok in zip(r, m)])
+
+
+def test_cli_train_evaluate_score_and_reload(tmp_path, capsys):
+    d = simulate(300, 8, "2pl", missing=0.2, seed=2)
+    data = tmp_path / "exam.csv"
+    write_wide(data, d["responses"], d["mask"])
+    run = tmp_path / "run"
+    main(["train", "irt-2pl", "--responses", str(data), "--epochs", "15", "--out", str(run),
+          "--no-progress", "--posterior-samples", "100", "--device", "cpu"])
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "items.csv", "students.csv",
+                 "icc.png", "information.png", "difficulties.png", "abilities.png"):
+        assert (run / name).exists(), name
+    items = list(csv.DictReader(open(run / "items.csv")))
+    assert [r["item"] for r in items] == [f"q{j}" for j in range(1, 9)]
+    b = torch.tensor([float(r["difficulty_mean"]) for r in items])
+    assert corr(b, d["difficulty"]) > 0.9
+    for r in items:
+        assert float(r["difficulty_hdi_3%"]) < float(r["difficulty_mean"]) \
+            < float(r["difficulty_hdi_97%"])
+    students = list(csv.DictReader(open(run / "students.csv")))
+    assert len(students) == 300 and students[0]["student"] == "s0"
+
+    capsys.readouterr()
+    main(["evaluate", str(run), "--iwae-samples", "50", "--device", "cpu"])
+    figures = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert -8 * math.log(2) < float(figures["elbo"]) <= float(figures["log_likelihood"]) + 0.05
+    assert float(figures["log_likelihood"]) < 0
+
+    # reload: the same abilities as written at the end of training
+    _, model, guide = load_run(run)
+    mean, _ = ability_posterior(guide, d["responses"], d["mask"])
+    written = torch.tensor([float(r["ability_mean"]) for r in students])
+    assert torch.allclose(mean, written, atol=1e-4)
+
+    # score new students: a subset of items, in another order; more right -> higher ability
+    new = tmp_path / "new.csv"
+    new.write_text("student,q3,q1,q2\nhigh,1,1,1\nlow,0,0,0\n")
+    main(["score", str(run), "--responses", str(new), "--out", str(tmp_path / "scores.csv"),
+          "--device", "cpu"])
+    scores = {r["student"]: r for r in csv.DictReader(open(tmp_path / "scores.csv"))}
+    assert float(scores["high"]["ability_mean"]) > float(scores["low"]["ability_mean"]) + 0.5
+    assert float(scores["high"]["ability_sd"]) > 0
+
+
+def test_cli_rejects_bad_file_before_training_and_meanfield_score(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("student,q1,q2\na,1,0\nb,1,x\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 3, column 'q2': value 'x'"):
+        main(["train", "irt-1pl", "--responses", str(bad), "--epochs", "1",
+              "--out", str(tmp_path / "r"), "--no-progress"])
+    assert not (tmp_path / "r").exists()
+
+    d = simulate(60, 5, "1pl", seed=0)
+    data = tmp_path / "ok.csv"
+    write_wide(data, d["responses"], d["mask"])
+    run = tmp_path / "mf"
+    main(["train", "irt-1pl", "--guide", "meanfield", "--responses", str(data), "--epochs", "2",
+          "--out", str(run), "--no-progress", "--posterior-samples", "20", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="needs an amortized run"):
+        main(["score", str(run), "--responses", str(data), "--out", str(tmp_path / "s.csv")])

@@ -1,0 +1,111 @@
+"""Response files: three formats to one form, and errors that name file, line and column."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppl_vae.data.irt import ResponseDataError, from_arrays, load_responses, write_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*answered all their items")
+
+LSAT6 = Path(__file__).resolve().parents[2] / "shared" / "data" / "irt" / "lsat6.csv"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+WIDE = "student,q1,q2,q3\nann,1,0,\nbob,,1,1\ncid,0,0,1\n"
+LONG = ("student,item,response\nann,q1,1\nann,q2,0\nbob,q2,1\nbob,q3,1\n"
+        "cid,q1,0\ncid,q2,0\ncid,q3,1\n")
+
+
+def test_wide_long_and_jsonl_give_the_same_table(tmp_path):
+    wide = load_responses(write(tmp_path / "w.csv", WIDE))
+    long = load_responses(write(tmp_path / "l.csv", LONG))
+    lines = [{"subject_id": "ann", "responses": {"q1": 1, "q2": 0}},
+             {"subject_id": "bob", "responses": {"q2": 1, "q3": 1}},
+             {"subject_id": "cid", "responses": {"q1": 0, "q2": 0, "q3": 1}}]
+    jsonl = load_responses(write(tmp_path / "j.jsonl",
+                                 "\n".join(json.dumps(r) for r in lines) + "\n"))
+    for data in (long, jsonl):
+        assert data.student_ids == ["ann", "bob", "cid"]
+        assert data.item_ids == ["q1", "q2", "q3"]
+        assert torch.equal(data.mask, wide.mask)
+        assert torch.equal(data.responses, wide.responses)
+    assert wide.mask.tolist() == [[True, True, False], [False, True, True], [True, True, True]]
+    assert wide.responses[wide.mask].tolist() == [1, 0, 1, 1, 0, 0, 1]
+    # missing cells are stored as 0 and masked, not imputed
+    assert wide.responses[0, 2] == 0 and not wide.mask[0, 2]
+
+
+def test_jsonl_round_trip(tmp_path):
+    wide = load_responses(write(tmp_path / "w.csv", WIDE))
+    write_jsonl(wide, tmp_path / "out.jsonl")
+    back = load_responses(tmp_path / "out.jsonl")
+    assert torch.equal(back.mask, wide.mask) and torch.equal(back.responses, wide.responses)
+
+
+def test_lsat6_reads_with_ids_and_proportions():
+    if not LSAT6.exists():
+        pytest.skip("shared LSAT data not present")
+    data = load_responses(LSAT6)
+    assert (data.num_students, data.num_items) == (1000, 5)
+    assert data.student_ids[0] == "s0001"
+    p = data.responses.mean(0)
+    assert torch.allclose(p, torch.tensor([.924, .709, .553, .763, .870]), atol=1e-3)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("student,q1,q2\nann,1,2\nbob,0,1\n", r"w\.csv: line 2, column 'q2': value '2'"),
+    ("student,q1,q2\nann,1,0\nann,0,1\n", r"line 3, column 'student': duplicate student 'ann' "
+                                          r"\(first on line 2\)"),
+    ("student,q1,q2\nann,1,\nbob,0,\n", r"column 'q2': item has no responses"),
+    ("student,q1,q2\nann,1,0\nbob,,\n", r"line 3 \(student 'bob'\) has no responses"),
+    ("student,q1,q1\nann,1,0\n", r"line 1: duplicate item column 'q1'"),
+])
+def test_wide_errors_name_line_and_column(tmp_path, text, expected):
+    with pytest.raises(ResponseDataError, match=expected):
+        load_responses(write(tmp_path / "w.csv", text))
+
+
+def test_long_and_jsonl_errors(tmp_path):
+    with pytest.raises(ResponseDataError, match=r"line 3: duplicate response of student 'a' "
+                                                r"to item 'q1' \(first on line 2\)"):
+        load_responses(write(tmp_path / "l.csv", "student,item,response\na,q1,1\na,q1,0\n"))
+    with pytest.raises(ResponseDataError, match=r"line 2, column 'response': value 'yes'"):
+        load_responses(write(tmp_path / "l.csv", "student,item,response\na,q1,yes\n"))
+    with pytest.raises(ResponseDataError, match=r"line 2, field 'responses.q1': value 3"):
+        load_responses(write(tmp_path / "j.jsonl", '{"subject_id": "a", "responses": {"q1": 1}}'
+                             '\n{"subject_id": "b", "responses": {"q1": 3}}\n'))
+    with pytest.raises(ResponseDataError, match=r"line 2, field 'subject_id': duplicate"):
+        load_responses(write(tmp_path / "j.jsonl", '{"subject_id": "a", "responses": {"q1": 1}}'
+                             '\n{"subject_id": "a", "responses": {"q1": 0}}\n'))
+
+
+@pytest.mark.filterwarnings("default")
+def test_warns_on_all_right_students(tmp_path):
+    with pytest.warns(UserWarning, match=r"1 students answered all their items right or all "
+                                         r"wrong \(first: line 2 \(student 'ann'\)"):
+        load_responses(write(tmp_path / "w.csv", "student,q1,q2\nann,1,1\nbob,0,1\n"))
+
+
+def test_align_to_training_items(tmp_path):
+    new = load_responses(write(tmp_path / "n.csv", "id,q3,q1\nzed,1,0\n"), check=False)
+    aligned = new.align(["q1", "q2", "q3"])
+    assert aligned.mask.tolist() == [[True, False, True]]
+    assert aligned.responses.tolist() == [[0.0, 0.0, 1.0]]
+    with pytest.raises(ResponseDataError, match=r"items \['q9'\] were not in the training"):
+        load_responses(write(tmp_path / "m.csv", "id,q9\nzed,1\n"), check=False).align(["q1"])
+
+
+def test_from_arrays_nan_is_missing():
+    data = from_arrays([[1.0, float("nan")], [0.0, 1.0]])
+    assert data.mask.tolist() == [[True, False], [True, True]]
+    with pytest.raises(ResponseDataError, match="row 1, column 0: value 0.5"):
+        from_arrays([[1.0, 0.0], [0.5, 1.0]])
