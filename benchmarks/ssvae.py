@@ -12,7 +12,7 @@ and report test accuracy on the Fashion-MNIST test images (argmax of the classif
 Same threads for both sides, the order of the two alternates with the seed; medians over
 seeds. No extra dependencies:
 
-    OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 10000 --epochs 8 --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 10000 --epochs 10 --seeds 0 1
 
 Cut down to fit ~25 minutes on a 2-core CPU (a 10k-image pool instead of 60k, a few
 epochs instead of hundreds): the figures understate what M2 reaches with full training.
@@ -88,11 +88,11 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=10000, help="training images (first N)")
     p.add_argument("--test", type=int, default=10000)
     p.add_argument("--labels-per-class", type=int, nargs="+", default=[10, 100, 600])
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=500)
+    p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -13,6 +13,18 @@ from torch import nn
 GUIDES = ("diagonal", "fullcov", "iaf")
 
 
+def point_estimate(q: torch.distributions.Distribution) -> torch.Tensor:
+    """A representative z of a guide's q(z | x) (for pictures, codes): its mean, or for a
+    flow (no closed-form mean) the base distribution's mean pushed through the flow's steps.
+    Shape: batch + event."""
+    if isinstance(q, torch.distributions.TransformedDistribution):
+        z = q.base_dist.mean
+        for t in q.transforms:
+            z = t(z)
+        return z
+    return q.mean
+
+
 def build_guide(kind: str, input_dim: int, hidden: Sequence[int], latent_dim: int,
                 site: str = "z", plate: str = "data", flatten: int = 0,
                 inputs: Callable[..., torch.Tensor] | str | None = None, num_flows: int = 2,
@@ -26,7 +38,6 @@ def build_guide(kind: str, input_dim: int, hidden: Sequence[int], latent_dim: in
     from ppl_vae.guides.amortized import AmortizedNormal
     from ppl_vae.guides.fullcov import AmortizedFullCovNormal, FullCovEncoder
     from ppl_vae.guides.iaf import AmortizedIAF, ContextNormalEncoder
-
     from ppl_vae.nn import NormalEncoder
 
     hidden = list(hidden)

@@ -10,6 +10,7 @@ or ProdLDA with a Dirichlet prior, mixture weights, ...).
 from __future__ import annotations
 
 import pyro.distributions as dist
+
 from ppl_vae.guides.amortized import AmortizedNormal
 
 

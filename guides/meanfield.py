@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 from ppl_vae.guides.amortized import AmortizedNormal
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import nn
 
@@ -54,14 +54,22 @@ class MeanFieldWithAmortized(nn.Module):
     with a random subsample before calling its parts, which collides with the plate the
     amortized guide opens with the engine's ``subsample``.)
 
-    Attributes: ``globals`` (the AutoNormal), ``local`` (the AmortizedNormal).
+    ``full_rank=True`` puts one multivariate Normal (AutoMultivariateNormal) over all global
+    values instead, keeping their posterior correlations (e.g. an item's discrimination and
+    difficulty), at O(D^2) parameters for D global values.
+
+    Attributes: ``globals`` (the autoguide), ``local`` (the AmortizedNormal).
     """
 
     def __init__(self, model: Callable, local: AmortizedNormal, init_scale: float = 0.1,
-                 init_loc_fn: Callable = init_to_median):
+                 init_loc_fn: Callable = init_to_median, full_rank: bool = False):
         super().__init__()
-        self.globals = AutoNormal(poutine.block(model, hide=[local.site]),
-                                  init_loc_fn=init_loc_fn, init_scale=init_scale)
+        blocked = poutine.block(model, hide=[local.site])
+        if full_rank:  # one multivariate Normal over every global value (correlations kept)
+            self.globals = AutoMultivariateNormal(blocked, init_loc_fn=init_loc_fn,
+                                                  init_scale=init_scale)
+        else:
+            self.globals = AutoNormal(blocked, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.local = local
 
     def forward(self, *args, size: int | None = None, subsample=None, **kwargs) -> dict:
@@ -72,6 +80,8 @@ class MeanFieldWithAmortized(nn.Module):
 
 
 def mean_field_with_amortized(model: Callable, local: AmortizedNormal, init_scale: float = 0.1,
-                              init_loc_fn: Callable = init_to_median) -> MeanFieldWithAmortized:
-    """:class:`MeanFieldWithAmortized`: mean-field globals, amortized ``local.site``."""
-    return MeanFieldWithAmortized(model, local, init_scale, init_loc_fn)
+                              init_loc_fn: Callable = init_to_median, full_rank: bool = False,
+                              ) -> MeanFieldWithAmortized:
+    """:class:`MeanFieldWithAmortized`: mean-field (or with ``full_rank=True`` one
+    multivariate Normal) globals, amortized ``local.site``."""
+    return MeanFieldWithAmortized(model, local, init_scale, init_loc_fn, full_rank)

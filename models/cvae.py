@@ -23,11 +23,12 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from ppl_vae.guides.amortized import AmortizedNormal
-from ppl_vae.models.vae import VAE
 from torch import nn
 from torch.nn import functional as F
 
+from ppl_vae.guides import point_estimate
+from ppl_vae.guides.amortized import AmortizedNormal
+from ppl_vae.models.vae import VAE
 from ppl_vae.nn import MLPDecoder, NormalEncoder
 
 PRIORS = ("fixed", "learned")
@@ -57,17 +58,6 @@ def encoder_input(num_classes: int):
         return concat(x.flatten(-2), one_hot(y, num_classes))
     inputs.num_classes = num_classes  # type: ignore[attr-defined]
     return inputs
-
-
-def point_estimate(q: dist.Distribution) -> torch.Tensor:
-    """A representative z of q(z | x): its mean, or for a flow the base mean pushed through
-    the flow's steps. Shape batch + event."""
-    if isinstance(q, dist.TransformedDistribution):
-        z = q.base_dist.mean
-        for t in q.transforms:
-            z = t(z)
-        return z
-    return q.mean
 
 
 class ConditionalPrior(nn.Module):

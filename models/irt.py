@@ -200,7 +200,7 @@ class IRT(nn.Module):
 def simulate(num_students: int, num_items: int, kind: str = "2pl", missing: float = 0.0,
              seed: int = 0) -> dict[str, torch.Tensor]:
     """Draw a synthetic exam from the model's story with typical item parameters:
-    ability ~ N(0,1), difficulty ~ N(0,1), discrimination ~ LogNormal(0, 0.3),
+    ability ~ N(0,1), difficulty ~ N(0,1), discrimination ~ LogNormal(0, 0.5),
     guessing ~ Beta(5, 17), beta ~ LogNormal(0, 0.5). Answers are missing completely at
     random with probability ``missing`` (each student and item keeps at least one).
     Returns tensors: responses (N, I) float, mask (N, I) bool, ability (N,), item params (I,).
@@ -214,7 +214,7 @@ def simulate(num_students: int, num_items: int, kind: str = "2pl", missing: floa
         items["difficulty"] = torch.from_numpy(rng.standard_normal(num_items)).float()
         if kind in ("2pl", "3pl"):
             items["discrimination"] = torch.from_numpy(
-                np.exp(0.3 * rng.standard_normal(num_items))).float()
+                np.exp(0.5 * rng.standard_normal(num_items))).float()
         if kind == "3pl":
             items["guessing"] = torch.from_numpy(rng.beta(5.0, 17.0, num_items)).float()
     p = IRT.probability(kind, theta, items).numpy()
@@ -236,12 +236,14 @@ def build_irt(spec: dict) -> tuple[IRT, nn.Module]:
     ``kind`` (lecture|1pl|2pl|3pl), ``num_items``, ``hierarchical`` (bool), ``guide``
     (``amortized``: an MLP encoder maps responses*mask concatenated with mask (2I inputs) to
     q(ability_s), item parameters mean-field; ``meanfield``: a Normal per student and per item
-    value), ``hidden`` (encoder widths, default [64]), ``init_scale`` (0.1), optional
+    value), ``items`` (amortized guide only: ``meanfield`` (default), a Normal per item
+    value, or ``fullrank``, one multivariate Normal over all item values, which keeps the
+    strong posterior correlation of an item's a and b), ``hidden`` (encoder widths, default
+    [64]), ``init_scale`` (0.1), optional
     ``difficulty_scale``, ``discrimination_scale``, ``guessing_prior``.
     """
     from ppl_vae.guides.amortized import AmortizedNormal
     from ppl_vae.guides.meanfield import mean_field, mean_field_with_amortized
-
     from ppl_vae.nn import NormalEncoder
 
     options = {k: spec[k] for k in ("difficulty_scale", "discrimination_scale",
@@ -257,7 +259,8 @@ def build_irt(spec: dict) -> tuple[IRT, nn.Module]:
     encoder = NormalEncoder.mlp(2 * model.num_items, list(spec.get("hidden", [64])), 1)
     local = AmortizedNormal(encoder, site="ability", plate=IRT.student_plate, event_dim=0,
                             inputs=encoder_input)
-    return model, mean_field_with_amortized(model, local, init_scale=init_scale)
+    return model, mean_field_with_amortized(model, local, init_scale=init_scale,
+                                            full_rank=spec.get("items") == "fullrank")
 
 
 def encoder_input(responses: torch.Tensor, mask: torch.Tensor | None = None, **_) -> torch.Tensor:
@@ -310,3 +313,42 @@ def posterior_samples(model: IRT, guide: nn.Module, responses: torch.Tensor,
         if site["type"] == "sample" and name in model.site_dims and name != "ability":
             out[name] = site["value"].reshape(num_samples, -1).squeeze(-1).cpu()
     return out
+
+
+@torch.no_grad()
+def quadrature_abilities(kind: str, items: dict[str, torch.Tensor], responses: torch.Tensor,
+                         mask: torch.Tensor, num_points: int = 201, ability_mean: float = 0.0,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact posterior mean and sd of each student's ability given fixed item parameters
+    (I,), by quadrature on a grid over [-6, 6] around the N(ability_mean, 1) prior: two (N,)
+    tensors. A yardstick for the guides (with the true items: the best any method can do)."""
+    grid = torch.linspace(-6.0, 6.0, num_points, dtype=torch.float64) + ability_mean
+    p = IRT.probability(kind, grid, {k: v.double() for k, v in items.items()})  # (T, I)
+    log_p, log_q = p.clamp_min(1e-12).log(), (1 - p).clamp_min(1e-12).log()
+    y, m = responses.double(), mask.double()
+    # (N, T): sum over answered items of y log p + (1 - y) log(1 - p)
+    log_post = (y * m) @ log_p.T + ((1 - y) * m) @ log_q.T - 0.5 * (grid - ability_mean) ** 2
+    w = torch.softmax(log_post, dim=-1)
+    mean = w @ grid
+    sd = (w @ grid ** 2 - mean ** 2).clamp_min(0).sqrt()
+    return mean.float(), sd.float()
+
+
+@torch.no_grad()
+def inference_data(model: IRT, guide: nn.Module, responses: torch.Tensor, mask: torch.Tensor,
+                   num_samples: int = 500, student_ids: list[str] | None = None,
+                   item_ids: list[str] | None = None):
+    """The guide's posterior as an ``arviz.InferenceData`` (one chain of ``num_samples``
+    draws) with dims from :attr:`IRT.site_dims` and student/item coordinates. Abilities are
+    drawn from q(ability_s) = N(mean_s, sd_s); memory is num_samples x students floats."""
+    import arviz as az
+
+    draws = {k: v.numpy()[None] for k, v in
+             posterior_samples(model, guide, responses, mask, num_samples).items()}
+    mean, sd = ability_posterior(guide, responses, mask)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(num_samples, len(mean), generator=g)
+    draws["ability"] = (mean + sd * eps).numpy()[None]
+    coords = {"student": student_ids or list(range(len(mean))),
+              "item": item_ids or list(range(model.num_items))}
+    return az.from_dict(posterior=draws, coords=coords, dims=model.site_dims)

@@ -69,6 +69,7 @@ class NeuralLDA(nn.Module):
 
 def build_lda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
               alpha: float = 1.0, prior: str = "laplace"):
-    """Neural LDA and the shared amortized guide (see :func:`ppl_vae.models.prodlda.topic_guide`)."""
+    """Neural LDA and the shared amortized guide
+    (see :func:`ppl_vae.models.prodlda.topic_guide`)."""
     model = NeuralLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout)
     return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior)

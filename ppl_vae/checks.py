@@ -11,7 +11,8 @@ statistics. Files written into the run folder:
     khat.csv          PSIS k-hat per data point (local latents)
     forest.png        ``az.plot_forest`` of the global latents and the first data points'
                       local latents
-    posterior.png     ``az.plot_posterior`` densities of the same
+    posterior.png     ``az.plot_posterior`` densities of the globals and the first data
+                      point's locals (at most 40 panels)
     ppc.png, ppc.csv  posterior predictive checks (family statistics, else ``az.plot_ppc``)
     khat.png          k-hat per data point with the 0.5 / 0.7 thresholds
 
@@ -81,7 +82,8 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
     if data_dim is not None:
         plot_coords[data_dim] = idata.posterior[data_dim].values[:plot_points]
     _forest(idata, names, plot_coords, out / "forest.png")
-    _densities(idata, names, plot_coords, out / "posterior.png")
+    first = {k: v[:1] for k, v in plot_coords.items()}  # densities: one data point's locals
+    _densities(idata, names, first, out / "posterior.png")
     files += ["forest.png", "posterior.png"]
 
     if ppc:

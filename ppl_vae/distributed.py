@@ -30,6 +30,7 @@ environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``LOCAL_RANK``,
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,17 @@ from .training import FitConfig, History, Trainer
 # strategies that start the ranks from a pickled/forked copy of the caller: the trained
 # parameters and the history would stay in the children
 _IN_PROCESS_LAUNCH = ("ddp_spawn", "ddp_fork", "ddp_notebook", "spawn", "fork")
+
+
+_ONLY_RANK_ZERO_CONTINUES = False
+
+
+def set_only_rank_zero_continues(flag: bool) -> None:
+    """If set (the CLI does), every rank but 0 leaves the program with status 0 once
+    training has finished, so that what the caller does after ``fit`` (writing tables and
+    figures) happens once. Library callers keep all ranks running by default."""
+    global _ONLY_RANK_ZERO_CONTINUES
+    _ONLY_RANK_ZERO_CONTINUES = bool(flag)
 
 
 def lightning_module():
@@ -96,7 +108,7 @@ class ShardedBatches(TensorBatches):
             chunk = order[i * b:(i + 1) * b]
             if len(chunk) < w:  # too short to give every rank a row: wrap around
                 chunk = torch.cat([chunk, order[:w - len(chunk)]])
-            b_ = self.take(chunk[self.rank::w]); b_.size = n // w; yield b_
+            yield self.take(chunk[self.rank::w])
 
 
 def shard(data: Data, rank: int, world_size: int) -> Data:
@@ -343,8 +355,12 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
         use_distributed_sampler=False,
         default_root_dir=str(out) if out is not None else None)
     trainer.fit(module)
+    if _ONLY_RANK_ZERO_CONTINUES and trainer.global_rank != 0:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(0)
     return core.history
 
 
 __all__ = ["fit_distributed", "ShardedBatches", "EngineELBOModule", "shard",
-           "lightning_module"]
+           "lightning_module", "set_only_rank_zero_continues"]

@@ -170,8 +170,8 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
     out = []
     try:
         nesting = plate_name = None
-        for batch in tqdm(batches, desc="evaluating", unit="batch", disable=progress is False
-                          if progress is not None else None, leave=False):
+        for batch in tqdm(batches, desc="evaluating", unit="batch", leave=False,
+                          disable=None if progress is None else not progress):
             if nesting is None:
                 nesting = max_plate_nesting(model, guide, batch)
                 plate_name = plate or find_data_plate(model, guide, batch)

@@ -336,11 +336,11 @@ def to_arviz(model: Callable, guide: Callable, data: Data, num_samples: int = 50
     if prior:
         pri = draw(model, guide, data, num_samples, batch_size=batch_size, plate=plate,
                    device=device, prior=True)
-        latent = {k: v for k, v in pri.joined("latent").items()}
+        latent = pri.joined("latent")
         groups["prior"] = ({k: v for k, v in latent.items() if k not in post.observed},
                            pri.axes, 2)
         groups["prior_predictive"] = ({k: v for k, v in latent.items() if k in post.observed},
-                                      pri.axes, 2)
+                                      post.axes, 2)
     unknown = set(declared) - {k for g in groups.values() for k in g[0]}
     if dims and unknown & set(dims):
         raise ValueError(f"dims name sites the model does not have: {sorted(unknown & set(dims))}"

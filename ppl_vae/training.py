@@ -22,7 +22,7 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from .batching import Batch, Data, make_batches
+from .batching import Batch, Data, TensorBatches, make_batches
 from .checkpoint import (
     load_checkpoint,
     rng_state,
@@ -238,8 +238,8 @@ class Trainer:
                                drop_last=c.drop_last or c.objective == "jit",
                                num_data=num_data, name="data")
         batches.generator.manual_seed(c.seed)
-        first = next(iter(make_batches(data, c.batch_size, self.device, shuffle=False,
-                                       num_data=num_data)))
+        first = (batches.take(torch.arange(batches.batch_size, device=self.device))
+                 if isinstance(batches, TensorBatches) else next(iter(batches)))
         with pyro.validation_enabled(True):
             self._discover_params(first)
         self._make_optimizer()

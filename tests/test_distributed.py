@@ -196,3 +196,43 @@ def test_bad_settings_fail_before_training():
                                          batch_size=5)
     with pytest.raises(ValueError, match="in-memory data"):
         ppl_vae.fit(reg, ns["regression_guide"], loader, devices=2, device="cpu")
+
+
+def test_rank_shards_partition_the_single_process_batches():
+    """Same seed: at every step the ranks' rows together are exactly the single-process
+    minibatch, no row twice; every rank reports the full dataset size."""
+    from ppl_vae.batching import TensorBatches
+    from ppl_vae.distributed import ShardedBatches
+
+    x = torch.arange(50.0)[:, None]
+    single = TensorBatches(x, 12, shuffle=True)
+    single.generator.manual_seed(7)
+    ranks = [ShardedBatches(x, 12, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.generator.manual_seed(7)
+    for _ in range(2):  # two epochs: the permutations stay in step
+        steps = list(zip(single, *ranks))
+        assert len(steps) == 5
+        for whole, *parts in steps[:-1]:
+            rows = torch.cat([p.subsample for p in parts])
+            assert sorted(rows.tolist()) == sorted(whole.subsample.tolist())
+            assert all(p.size == 50 and len(p) == 4 for p in parts)
+        last = torch.cat([p.subsample for p in steps[-1][1:]])  # 2 rows left, 3 ranks
+        assert set(last.tolist()) >= set(steps[-1][0].subsample.tolist())
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        ShardedBatches(x, 3, rank=0, world_size=4)
+
+
+def test_cli_flags_reach_fit():
+    from ppl_vae.cli.main import build_parser, fit_options
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "vae", "--out", "run", "--devices", "2",
+                              "--num-nodes", "3", "--strategy", "ddp"])
+    options = fit_options(args)
+    assert (options["devices"], options["num_nodes"], options["strategy"]) == (2, 3, "ddp")
+    args = parser.parse_args(["train", "vae", "--out", "run", "--devices", "0,1"])
+    assert fit_options(args)["devices"] == [0, 1]
+    assert "devices" not in fit_options(parser.parse_args(["train", "vae", "--out", "run"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "vae", "--out", "run", "--devices", "two"])

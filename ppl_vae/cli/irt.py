@@ -220,16 +220,16 @@ def _save(fig, path: Path) -> None:
 # ---- reload a run -------------------------------------------------------------------------
 
 def load_run(run: str | Path, device: str = "cpu") -> tuple[dict, IRT, torch.nn.Module]:
-    """Config, model and guide of a run folder with the trained parameters (best.pt if
-    present). The training data are not needed: parameters are created from zeros of the
-    recorded shape."""
+    """Config, model and guide of a run folder with the final trained parameters
+    (checkpoint.pt: the state items.csv and students.csv describe; there is no validation
+    split, so best.pt only marks the best noisy training ELBO). The training data are not
+    needed: parameters are created from zeros of the recorded shape."""
     run = Path(run)
     spec = json.loads((run / "config.json").read_text())
     model, guide = build_irt(spec)
     n, i = int(spec["num_students"]), int(spec["num_items"])
     example = (torch.zeros(n, i), torch.ones(n, i, dtype=torch.bool))
-    checkpoint = run / "best.pt" if (run / "best.pt").exists() else run / "checkpoint.pt"
-    restore(model, guide, checkpoint, example, device=resolve_device(device))
+    restore(model, guide, run / "checkpoint.pt", example, device=resolve_device(device))
     return spec, model, guide
 
 
@@ -274,3 +274,52 @@ def score(run: Path, args: argparse.Namespace) -> dict:
     mean, sd = ability_posterior(guide, *data.tensors())
     write_csv(student_rows(data.student_ids, mean, sd, data), args.out)
     return {"scored": len(mean), "out": str(args.out)}
+
+
+def check(run: Path, args: argparse.Namespace) -> dict:
+    """``ppl-vae check RUN``: posterior.nc, summary.csv, forest/posterior/PPC/k-hat PNGs
+    (:func:`ppl_vae.checks.check_posterior`) with the exam's dims (ability[student],
+    item parameters[item], responses[student, item]) and predictive checks (proportion
+    correct per item, distribution of total scores); for amortized runs simulation-based
+    calibration of the ability encoder (sbc.png); with ``--nuts`` a NUTS cross-check
+    (nuts_vs_svi.csv, nuts_vs_svi_forest.png). Prints ``pareto_k`` (share of students with
+    k-hat >= 0.7) and the verdicts."""
+    import numpy as np
+
+    from ppl_vae.checks import check_posterior
+    from ppl_vae.diagnostics import nuts_crosscheck, sbc
+
+    spec, model, guide = load_run(run, args.device)
+    data = _training_data(spec).align(spec["item_ids"])
+    tensors = data.tensors()
+    items = list(spec["item_ids"])
+    dims = {"responses": ["student", "item"]}
+    coords = {"item": items, "student": list(data.student_ids)}
+    ppc = {"proportion correct per item": ("responses", lambda y: np.nanmean(y, 0), items),
+           "share of students per total score (answered items)":
+           ("responses", lambda y: np.bincount(np.nansum(y, 1).astype(int),
+                                               minlength=len(items) + 1) / len(y),
+            list(range(len(items) + 1)))}
+    torch.manual_seed(args.seed)
+    result = check_posterior(model, guide, tensors, run, dims=dims, coords=coords,
+                             num_samples=args.samples, ppc=ppc, seed=args.seed,
+                             batch_size=max(1, 200_000 // max(1, args.samples)))
+    if spec["guide"] == "amortized" and getattr(args, "sbc_simulations", 0) > 0:
+        calibration = sbc(model, guide, tensors, num_simulations=args.sbc_simulations,
+                          seed=args.seed, sites=["ability"])
+        calibration.plot(Path(run) / "sbc.png")
+        result["sbc_p_value"] = calibration.p_value
+        result["sbc"] = calibration.summary()
+    if getattr(args, "nuts", False):
+        table, _, _ = nuts_crosscheck(
+            model, guide, tensors, num_samples=args.nuts_samples,
+            warmup_steps=args.nuts_samples, num_chains=2, svi_samples=args.samples,
+            dims=dims, coords={"item": items}, out=run, seed=args.seed,
+            forest_coords={"student": [0, 1, 2]})
+        glob = table[~table.index.str.startswith("ability")]
+        result["nuts_max_abs_z_items"] = float(glob["z"].abs().max())
+        result["nuts_sd_ratio_items"] = float(glob["sd_ratio"].median())
+        result["nuts_max_abs_z_abilities"] = float(
+            table[table.index.str.startswith("ability")]["z"].abs().max())
+    write_json({k: v for k, v in result.items()}, Path(run) / "check.json")
+    return result

@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "vae": "ppl_vae.cli.vae",
     **{name: "ppl_vae.cli.irt" for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")},
     **{name: "ppl_vae.cli.topics" for name in ("prodlda", "lda")},
+    "cvae": "ppl_vae.cli.cvae", "ssvae": "ppl_vae.cli.ssvae",
 }
 
 
@@ -63,6 +64,24 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("data-parallel training through PyTorch Lightning (optional "
+                             "dependency 'lightning'; --batch-size is then the global batch)")
+    d.add_argument("--devices", type=_devices, default=None,
+                   help="processes per node on CPU, or GPUs per node: N, 'auto' or ids '0,1'")
+    d.add_argument("--num-nodes", type=int, default=None, help="machines (default 1)")
+    d.add_argument("--strategy", default=None,
+                   help="Lightning strategy (default ddp when --devices/--num-nodes is given)")
+
+
+def _devices(text: str) -> int | str | list[int]:
+    """``--devices``: an int, ``auto``, or comma-separated device ids."""
+    if text == "auto":
+        return text
+    try:
+        return [int(t) for t in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--devices {text!r}: give a number of devices, 'auto' or ids like 0,1") from None
 
 
 def fit_options(args: argparse.Namespace, kl_sites: tuple[str, ...] = ()) -> dict:
@@ -74,7 +93,9 @@ def fit_options(args: argparse.Namespace, kl_sites: tuple[str, ...] = ()) -> dic
                 (args.beta != 1.0 or args.kl_anneal_epochs) else (),
                 beta=args.beta, kl_anneal_epochs=args.kl_anneal_epochs,
                 patience=args.patience, seed=args.seed, device=args.device, out=args.out,
-                resume=args.resume, progress=False if args.no_progress else None)
+                resume=args.resume, progress=False if args.no_progress else None,
+                **{k: getattr(args, k) for k in ("devices", "num_nodes", "strategy")
+                   if getattr(args, k, None) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check", help="posterior checks with ArviZ (writes into RUN)")
     ch.add_argument("run", type=Path)
     ch.add_argument("--samples", type=int, default=500)
+    ch.add_argument("--sbc-simulations", type=int, default=1000,
+                    help="simulation-based calibration of amortized guides (0: skip)")
+    ch.add_argument("--nuts", action="store_true",
+                    help="also run NUTS and compare it with the guide (small data only)")
+    ch.add_argument("--nuts-samples", type=int, default=500,
+                    help="NUTS draws (and warmup steps) per chain, 2 chains")
     ch.add_argument("--device", default="auto")
     ch.add_argument("--seed", type=int, default=0)
     return parser
@@ -133,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
+        if any(getattr(args, k, None) is not None for k in ("devices", "num_nodes", "strategy")):
+            from ppl_vae import distributed
+
+            # only rank 0 writes the run folder's tables and figures after training
+            distributed.set_only_rank_zero_continues(True)
         family_module(args.family).train(args)
         return 0
     config = run_config(args.run)

@@ -117,7 +117,7 @@ def train(args: argparse.Namespace) -> None:
     quality = write_topics(args.out, model, corpus.vocabulary, corpus.texts)
     print(f"trained {len(history)} epochs on {train_counts.shape[0]} documents: train ELBO "
           f"{history['train_elbo'][-1]:.2f} nats/doc; NPMI {quality['npmi']:.4f}, "
-          f"diversity(25) {quality['diversity_25']:.3f}")
+          f"diversity(10) {quality['diversity_10']:.3f}")
 
 
 def write_topics(run: Path, model, vocabulary: list[str], texts) -> dict:
@@ -201,7 +201,8 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict:
         test = _rows(test, torch.arange(min(args.limit, test.shape[0])))
     torch.manual_seed(args.seed)
     result = {"npmi": float(per_topic.mean()),
-              "diversity": diversity(top_words(weights, vocabulary, 25), 25),
+              "diversity": diversity(top_words(weights, vocabulary, min(25, len(vocabulary))),
+                                     min(25, len(vocabulary))),
               "perplexity": perplexity(model, guide, test, device=device),
               "npmi_min": float(per_topic.min()), "npmi_max": float(per_topic.max()),
               "diversity_10": diversity(words10, 10), "test_documents": int(test.shape[0])}
@@ -247,3 +248,47 @@ def transform(run: Path, args: argparse.Namespace) -> dict:
         for n, row in zip(lines, theta.tolist()):
             writer.writerow([n] + [f"{v:.6g}" for v in row])
     return {"documents": int(theta.shape[0]), "empty_documents": empty, "out": str(args.out)}
+
+
+def check(run: Path, args: argparse.Namespace) -> dict:
+    """``ppl-vae check RUN`` on the first 50 held-out (test) documents: topic proportions
+    [document, topic], PPC of the 30 most frequent held-out words' shares (per-document
+    frequencies averaged, so the replicates' document lengths do not matter), k-hat per
+    document, and the held-out word log-likelihood under the posterior draws (nats per word,
+    mean over draws of sum_d log p(x_d | theta_d) / words)."""
+    import numpy as np
+
+    from ppl_vae.batching import _rows
+    from ppl_vae.checks import check_posterior
+
+    config, model, guide, device = _restore(run, args.device)
+    try:
+        corpus = _load(config)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from e
+    vocabulary = run_vocabulary(run)
+    test = corpus.counts["test"] if corpus.counts["test"].shape[0] else corpus.split("val")
+    test = _rows(test, torch.arange(min(50, test.shape[0])))
+    test = test[test.sum(-1) > 0]
+    top = torch.argsort(test.sum(0), descending=True)[:30].numpy()
+
+    def shares(counts: np.ndarray) -> np.ndarray:
+        freq = counts / np.maximum(np.nansum(counts, -1, keepdims=True), 1)
+        return np.nanmean(freq, 0)[top]
+
+    site = "logtheta" if config["prior"] == "laplace" else "theta"
+    dims = {site: ["document", "topic"], "counts": ["document", "word"]}
+    ppc = {"share of the 30 most frequent held-out words":
+           ("counts", shares, [vocabulary[i] for i in top])}
+    torch.manual_seed(args.seed)
+    result = check_posterior(model, guide, test, run, dims=dims, coords={"word": vocabulary},
+                             num_samples=min(args.samples, 100), khat_samples=args.samples,
+                             ppc=ppc, seed=args.seed, device=device, plot_points=2)
+    from ppl_vae.posterior import load_netcdf
+
+    idata = load_netcdf(run / "posterior.nc")
+    ll = idata.log_likelihood["counts"].values.sum(-1).mean()
+    result["heldout_loglik_per_word"] = float(ll / float(test.sum()))
+    result["heldout_documents"] = int(test.shape[0])
+    write_json(result, run / "check.json")
+    return result

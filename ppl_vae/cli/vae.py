@@ -150,3 +150,26 @@ def sample(run: Path, args: argparse.Namespace) -> dict:
     path = args.out or run / f"samples_{args.n}.png"
     plots.image_grid(model.sample(args.n).cpu(), path, title="samples: E[x | z], z ~ N(0, I)")
     return {"samples": str(path)}
+
+
+def check(run: Path, args: argparse.Namespace) -> dict:
+    """``ppl-vae check RUN`` on the first 50 test images (pictures, predictive draws and
+    posterior.nc stay small): codes z[image, latent_dim], PPC of the per-pixel means (the
+    mean image of the replicates vs of the data, 784 statistics), k-hat of
+    log p(x, z) - log q(z | x) per image; ``pareto_k`` is the share of images with
+    k-hat >= 0.7 (an IWAE estimate of log p(x) for those is unreliable)."""
+    import numpy as np
+
+    from ppl_vae.checks import check_posterior
+
+    config, model, guide, device = _restore(run, args.device)
+    x, _ = load_split(config, "test", limit=50)
+    dims = {"z": ["image", "latent_dim"], "x": ["image", "row", "column"]}
+    ppc = {"per-pixel mean over the 50 test images (784 pixels)":
+           ("x", lambda img: np.nanmean(img, 0).reshape(-1), None)}
+    torch.manual_seed(args.seed)
+    result = check_posterior(model, guide, x, run, dims=dims, num_samples=min(args.samples, 100),
+                             khat_samples=args.samples, ppc=ppc, seed=args.seed,
+                             device=device, plot_points=3)
+    write_json(result, run / "check.json")
+    return result

@@ -1,0 +1,250 @@
+"""Topic models: ProdLDA / neural LDA on the shared engine, corpora, metrics, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae import fit, log_likelihood
+from ppl_vae.batching import TensorBatches
+from ppl_vae.cli.main import main as cli
+from ppl_vae.data.topics import CorpusWarning, load_octis, read_documents, sparse_counts
+from ppl_vae.models.lda import build_lda
+from ppl_vae.models.prodlda import build_prodlda, laplace_prior
+from ppl_vae.topic_metrics import (
+    diversity,
+    log_multinomial_coefficient,
+    npmi_per_topic,
+    perplexity,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+
+WORDS = [f"w{i}" for i in range(30)]  # 3 planted topics of 10 words each
+
+
+def planted_corpus(n=240, length=30, k=3, seed=0):
+    """Documents mixing k disjoint word blocks; returns (counts (n, V), token lists)."""
+    g = torch.Generator().manual_seed(seed)
+    block = len(WORDS) // k
+    theta = torch.distributions.Dirichlet(torch.full((k,), 0.2)).sample((n,))
+    texts = []
+    for t in theta:
+        topics = torch.multinomial(t, length, replacement=True, generator=g)
+        words = topics * block + torch.randint(0, block, (length,), generator=g)
+        texts.append([WORDS[i] for i in words.tolist()])
+    counts = torch.zeros(n, len(WORDS))
+    for d, text in enumerate(texts):
+        for w in text:
+            counts[d, int(w[1:])] += 1
+    return counts, texts
+
+
+def recovered_blocks(topic_word: torch.Tensor, k=3) -> int:
+    """How many planted blocks are the exact top-8 set of some learned topic."""
+    block = len(WORDS) // k
+    tops = [set(row) for row in topic_word.topk(block, -1).indices.tolist()]
+    return sum(set(range(b * block, (b + 1) * block)) in tops for b in range(k))
+
+
+def test_laplace_prior_matches_the_formula():
+    k = 5
+    loc, scale = laplace_prior(torch.ones(k))
+    assert torch.allclose(loc, torch.zeros(k))
+    assert torch.allclose(scale**2, torch.full((k,), 1 - 1 / k))  # alpha = 1: 1 - 1/K
+    alpha = torch.tensor([0.5, 1.0, 2.0])
+    loc, scale = laplace_prior(alpha)
+    # by hand: mu_k = log a_k - mean log a; var_k = (1/a_k)(1 - 2/K) + sum(1/a)/K^2
+    assert torch.allclose(loc, torch.tensor([-math.log(2), 0.0, math.log(2)]), atol=1e-6)
+    assert torch.allclose(scale**2, torch.tensor([2 / 3 + 3.5 / 9, 1 / 3 + 3.5 / 9,
+                                                  1 / 6 + 3.5 / 9]), atol=1e-6)
+
+
+@pytest.mark.parametrize("builder,prior,alpha,lr", [(build_prodlda, "laplace", 1.0, 2e-2),
+                                                    (build_lda, "laplace", 1.0, 2e-2),
+                                                    (build_lda, "dirichlet", 0.5, 5e-2)])
+def test_topic_models_learn_planted_topics_from_sparse_counts(builder, prior, alpha, lr):
+    counts, _ = planted_corpus(n=180)  # theta ~ Dirichlet(0.2): sparse mixtures
+    torch.manual_seed(0)
+    model, guide = builder(len(WORDS), 3, hidden=32, prior=prior, alpha=alpha)
+    history = fit(model, guide, counts.to_sparse_csr(), epochs=20, batch_size=60, lr=lr,
+                  objective="meanfield", progress=False, seed=0)
+    assert history["train_elbo"][-1] > history["train_elbo"][0] + 2  # nats per document
+    assert recovered_blocks(model.topic_word()) >= 2
+
+
+def test_dirichlet_guide_is_reparameterized_and_on_the_simplex():
+    counts, _ = planted_corpus(n=20)
+    model, guide = build_lda(len(WORDS), 3, hidden=16, prior="dirichlet")
+    q = guide.distribution(counts)
+    assert q.has_rsample and q.batch_shape == (20,) and q.event_shape == (3,)
+    theta = q.rsample()
+    assert torch.allclose(theta.sum(-1), torch.ones(20), atol=1e-5)
+    theta.sum().backward()  # gradients reach the encoder through the sample
+    assert guide.encoder.fc1.weight.grad is not None
+
+
+def test_sparse_minibatches_are_densified_rows():
+    dense = torch.tensor([[0, 2, 0, 1], [0, 0, 0, 0], [3, 0, 0, 0], [1, 1, 1, 1.0]])
+    batches = TensorBatches(dense.to_sparse_csr(), batch_size=3)
+    seen = []
+    for batch in batches:
+        assert batch.args[0].layout == torch.strided
+        assert torch.equal(batch.args[0], dense[batch.subsample])
+        seen += batch.subsample.tolist()
+    assert sorted(seen) == [0, 1, 2, 3]
+    bad = dense.clone()
+    bad[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"data\[0\].*NaN.*row 2"):
+        TensorBatches(bad.to_sparse_csr(), batch_size=2)
+
+
+def gensim_npmi(topics, texts):
+    gensim = pytest.importorskip("gensim")
+    from gensim.models.coherencemodel import CoherenceModel
+    dictionary = gensim.corpora.Dictionary(texts)
+    cm = CoherenceModel(topics=topics, texts=texts, dictionary=dictionary,
+                        coherence="c_npmi", topn=10, processes=1)
+    return np.array(cm.get_coherence_per_topic())
+
+
+def test_npmi_equals_gensim_c_npmi():
+    _, texts = planted_corpus(n=40, length=25)
+    texts = [t[: 3 + i % 20] for i, t in enumerate(texts)]  # short and long documents
+    texts.append(["w0", "w1", "w0"] + ["w9"] * 10 + ["w0", "w1"])  # word repeats at the edge
+    texts.append([])
+    topics = [WORDS[0:10], WORDS[5:15], WORDS[12:22], [WORDS[i] for i in (0, 9, 17, 3, 22)]]
+    ours = npmi_per_topic(topics, texts)
+    assert np.allclose(ours, gensim_npmi(topics, texts), rtol=0, atol=1e-12)
+    # a planted topic is more coherent than a topic mixing the blocks
+    assert ours[0] > ours[1] or ours[2] > ours[1]
+
+
+def test_diversity():
+    assert diversity([["a", "b"], ["c", "d"]], topk=2) == 1.0
+    assert diversity([["a", "b"], ["a", "b"]], topk=2) == 0.5
+    with pytest.raises(ValueError, match="25 words"):
+        diversity([["a"]], topk=25)
+
+
+def test_perplexity_is_an_upper_bound():
+    counts, _ = planted_corpus(n=60)
+    model, guide = build_prodlda(len(WORDS), 3, hidden=16)
+    fit(model, guide, counts, epochs=5, batch_size=30, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    bound = perplexity(model, guide, counts.to_sparse_csr(), num_particles=20)
+    log_p = log_likelihood(model, guide, counts, num_samples=200, per_example=True)
+    tighter = math.exp(-float((log_p - log_multinomial_coefficient(counts)).sum())
+                       / float(counts.sum()))
+    assert tighter <= bound < len(WORDS) * 1.5  # not worse than uniform by much
+    assert bound > 1
+
+
+def write_octis(folder, lines, vocabulary=WORDS):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocabulary.txt").write_text("\n".join(vocabulary) + "\n")
+    (folder / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def octis_lines(n=120, seed=0):
+    _, texts = planted_corpus(n=n, length=20, seed=seed)
+    splits = ["train"] * (n * 7 // 10) + ["val"] * (n * 15 // 100)
+    splits += ["test"] * (n - len(splits))
+    return [f"{' '.join(t)}\t{s}\t0" for t, s in zip(texts, splits)]
+
+
+def test_octis_reader_counts_splits_and_validates(tmp_path):
+    corpus = load_octis(write_octis(tmp_path / "ok", octis_lines()))
+    assert [corpus.counts[s].shape[0] for s in ("train", "val", "test")] == [84, 18, 18]
+    assert corpus.counts["train"].layout == torch.sparse_csr
+    assert float(corpus.counts["train"].to_dense()[0].sum()) == 20
+
+    lines = octis_lines()
+    lines[3] = "w1 w2\tdev\t0"
+    with pytest.raises(ValueError, match=r"corpus.tsv line 4: field 'split' is 'dev'"):
+        load_octis(write_octis(tmp_path / "split", lines))
+    lines[3] = "w1 w2 no tab"
+    with pytest.raises(ValueError, match=r"line 4: expected 'tokens<TAB>split"):
+        load_octis(write_octis(tmp_path / "tab", lines))
+    with pytest.raises(ValueError, match=r"vocabulary.txt line 3: word 'w0' repeats line 1"):
+        load_octis(write_octis(tmp_path / "dup", octis_lines(), ["w0", "w1", "w0"]))
+
+    lines = octis_lines()
+    lines[0] = "w1 zzz w2 yyy\ttrain\t0"
+    lines[1] = "qqq\ttrain\t0"
+    with pytest.warns(CorpusWarning) as record:
+        corpus = load_octis(write_octis(tmp_path / "oov", lines))
+    messages = " | ".join(str(w.message) for w in record)
+    assert "3 out-of-vocabulary tokens in 2 documents" in messages
+    assert "1 empty documents" in messages and "lines 2" in messages
+    assert corpus.counts["train"].shape[0] == 83
+
+
+def test_new_documents_vocabulary_mismatch_and_empty(tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("alpha beta gamma\ndelta\n")
+    with pytest.raises(ValueError, match="vocabulary mismatch: none of its 4 tokens"):
+        read_documents(docs, WORDS)
+    docs.write_text("w1 w1 w2\n\nunknown\n")
+    with pytest.warns(CorpusWarning, match="1 documents have no in-vocabulary word"):
+        counts, empty = read_documents(docs, WORDS)
+    assert counts.shape == (2, len(WORDS)) and empty == 1 and counts[0, 1] == 2
+
+
+def test_sparse_counts_roundtrip():
+    ids = [np.array([0, 2, 2]), np.array([], dtype=np.int64), np.array([1])]
+    dense = sparse_counts(ids, 3).to_dense()
+    assert dense.tolist() == [[1, 0, 2], [0, 0, 0], [0, 1, 0]]
+
+
+def test_cli_train_evaluate_transform(tmp_path, capsys):
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=60))
+    run = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--epochs", "2",
+                "--hidden", "16", "--batch-size", "32", "--out", str(run), "--no-progress"]) == 0
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "topics.csv", "topics.png",
+                 "vocabulary.txt"):
+        assert (run / name).exists(), name
+    with open(run / "topics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["topic", "rank", "word", "weight"]
+    assert {r["topic"] for r in rows} == {"0", "1", "2"} and rows[0]["word"] in WORDS
+    capsys.readouterr()
+    cli(["evaluate", str(run)])
+    out = capsys.readouterr().out.splitlines()
+    values = {line.split(": ")[0]: line.split(": ")[1] for line in out}
+    assert -1 <= float(values["npmi"]) <= 1
+    assert 0 < float(values["diversity"]) <= 1
+    assert 1 < float(values["perplexity"]) < 100
+    docs = tmp_path / "new.txt"
+    docs.write_text("w0 w1 w2 w3\nw20 w21\n")
+    theta_csv = tmp_path / "theta.csv"
+    cli(["transform", str(run), "--docs", str(docs), "--out", str(theta_csv)])
+    with open(theta_csv) as f:
+        theta = list(csv.reader(f))
+    assert theta[0] == ["doc", "topic_0", "topic_1", "topic_2"] and len(theta) == 3
+    assert abs(sum(float(v) for v in theta[1][1:]) - 1) < 1e-4
+    with pytest.raises(SystemExit, match="vocabulary mismatch"):
+        docs.write_text("nothing known here\n")
+        cli(["transform", str(run), "--docs", str(docs), "--out", str(theta_csv)])
+
+
+def test_cli_trains_lda_on_plain_text(tmp_path):
+    pytest.importorskip("sklearn")
+    _, texts = planted_corpus(n=60, length=15)
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(" ".join(t) for t in texts) + "\n\n")
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli(["train", "lda", "--corpus", str(text), "--topics", "3", "--epochs", "2",
+             "--hidden", "8", "--prior", "dirichlet", "--stop-words", "none",
+             "--out", str(run), "--no-progress"])
+    vocabulary = (run / "vocabulary.txt").read_text().split()
+    assert sorted(vocabulary) == sorted(WORDS)
