@@ -38,7 +38,10 @@ FIT = dict(epochs=200, batch_size=100, lr=0.05, lr_schedule="cosine", progress=F
 
 
 def train(kind: str, guide: str, data, seed: int = 0):
-    model, q = build_irt({"kind": kind, "num_items": data.num_items, "guide": guide})
+    spec = {"kind": kind, "num_items": data.num_items, "guide": guide}
+    if guide == "fullrank":  # amortized abilities, one multivariate Normal over the items
+        spec.update(guide="amortized", items="fullrank")
+    model, q = build_irt(spec)
     start = time.perf_counter()
     fit(model, q, data.tensors(), seed=seed, **FIT)
     seconds = time.perf_counter() - start
@@ -63,26 +66,29 @@ def main() -> None:
         g_sec = time.perf_counter() - start
         g1 = girth.rasch_mml(y, discrimination=1.0)
         fits = {(k, g): train(k, g, data) for k, g in
-                (("2pl", "amortized"), ("2pl", "meanfield"), ("1pl", "amortized"),
+                (("2pl", "amortized"), ("2pl", "meanfield"), ("2pl", "fullrank"),
+                 ("1pl", "amortized"),
                  ("3pl", "amortized"), ("lecture", "amortized"))}
         print(f"\n== {name.upper()}: {data.num_students} examinees x {data.num_items} items ==")
         t_a, t_m = fits["2pl", "amortized"][3], fits["2pl", "meanfield"][3]
         print(f"girth twopl_mml: {g_sec:.2f} s; ppl-vae 2PL amortized {t_a:.1f} s, "
               f"mean-field {t_m:.1f} s "
               f"({FIT['epochs']} epochs, batch {FIT['batch_size']})")
-        print("item | a: girth MML | 2PL amortized mean (sd) | 2PL mean-field mean (sd) || "
-              "b: girth MML | 2PL amortized | 2PL mean-field || Rasch b: girth | 1PL")
-        sa, sm, s1 = (fits[k][2] for k in (("2pl", "amortized"), ("2pl", "meanfield"),
-                                            ("1pl", "amortized")))
+        print("item | a: girth MML | 2PL amortized mean (sd) | 2PL mean-field | 2PL full-rank "
+              "items || b: girth MML | 2PL amortized | 2PL mean-field | 2PL full-rank items "
+              "|| Rasch b: girth | 1PL")
+        sa, sm, sf, s1 = (fits[k][2] for k in (("2pl", "amortized"), ("2pl", "meanfield"),
+                                                ("2pl", "fullrank"), ("1pl", "amortized")))
         for j, item in enumerate(data.item_ids):
             def ms(s, site, j=j):
                 return f"{float(s[site][:, j].mean()):6.3f} ({float(s[site][:, j].std()):.3f})"
             print(f"{item} | {g2['Discrimination'][j]:6.3f} | {ms(sa, 'discrimination')} | "
-                  f"{ms(sm, 'discrimination')} || {g2['Difficulty'][j]:6.3f} | "
-                  f"{ms(sa, 'difficulty')} | {ms(sm, 'difficulty')} || "
+                  f"{ms(sm, 'discrimination')} | {ms(sf, 'discrimination')} || "
+                  f"{g2['Difficulty'][j]:6.3f} | {ms(sa, 'difficulty')} | "
+                  f"{ms(sm, 'difficulty')} | {ms(sf, 'difficulty')} || "
                   f"{g1['Difficulty'][j]:6.3f} | {ms(s1, 'difficulty')}")
         for site, key in (("discrimination", "Discrimination"), ("difficulty", "Difficulty")):
-            for label, s in (("amortized", sa), ("mean-field", sm)):
+            for label, s in (("amortized", sa), ("mean-field", sm), ("full-rank items", sf)):
                 diff = np.abs(s[site].mean(0).numpy() - g2[key])
                 print(f"max |{site} - girth| ({label}): {diff.max():.3f}")
 

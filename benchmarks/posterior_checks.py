@@ -49,10 +49,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--sbc-simulations", type=int, default=2000)
-    p.add_argument("--nuts-samples", type=int, default=500, help="draws and warmup per chain")
+    p.add_argument("--sbc-simulations", type=int, default=2000, help="0: skip SBC")
+    p.add_argument("--nuts-samples", type=int, default=500,
+                   help="draws and warmup per chain (0: skip NUTS)")
     p.add_argument("--svi-samples", type=int, default=2000)
     p.add_argument("--khat-samples", type=int, default=1000)
+    p.add_argument("--inner-samples", type=int, default=20,
+                   help="local draws per global draw for the item parameters' k-hat")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "figures" / "posterior_checks")
@@ -72,6 +75,24 @@ def main() -> None:
     print(f"SVI: {args.epochs} epochs in {svi_seconds:.1f} s")
 
     # 1. SBC of the amortized ability guide, and a control that must fail
+    if args.sbc_simulations > 0:
+        run_sbc(args, spec, tensors, model, guide)
+
+    # 2. PSIS k-hat
+    k = importance_diagnostics(model, guide, tensors, num_samples=args.khat_samples,
+                               inner_samples=args.inner_samples, seed=args.seed)
+    print(f"k-hat: {k.verdict()}")
+    if k.glob_noise is not None:
+        print(f"  item k-hat {k.glob:.2f}; sd of the inner estimate of log p(x | items) "
+              f"{k.glob_noise:.2f} nats ({args.inner_samples} ability draws per student)")
+
+    # 3. NUTS vs SVI
+    if args.nuts_samples > 0:
+        run_nuts(args, data, tensors, model, guide, svi_seconds)
+    print(f"wrote {args.out}")
+
+
+def run_sbc(args: argparse.Namespace, spec: dict, tensors: tuple, model, guide) -> None:
     result = sbc(model, guide, tensors, num_simulations=args.sbc_simulations, seed=args.seed,
                  sites=["ability"])
     result.plot(args.out / "sbc.png")
@@ -84,12 +105,9 @@ def main() -> None:
     control.plot(args.out / "sbc_control.png")
     print(f"[1-epoch encoder, control] {control.summary()}")
 
-    # 2. PSIS k-hat
-    k = importance_diagnostics(model, guide, tensors, num_samples=args.khat_samples,
-                               inner_samples=20, seed=args.seed)
-    print(f"k-hat: {k.verdict()}")
 
-    # 3. NUTS vs SVI
+def run_nuts(args: argparse.Namespace, data, tensors: tuple, model, guide,
+             svi_seconds: float) -> None:
     start = time.perf_counter()
     table, _, _ = nuts_crosscheck(model, guide, tensors, num_samples=args.nuts_samples,
                                   warmup_steps=args.nuts_samples, num_chains=2,
@@ -108,7 +126,6 @@ def main() -> None:
           f"{abilities['sd_ratio'].median():.3f}")
     print(f"time: SVI fit {svi_seconds:.1f} s, NUTS (2 x {2 * args.nuts_samples} steps) "
           f"{nuts_seconds:.1f} s, ratio NUTS/SVI {nuts_seconds / svi_seconds:.1f}")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

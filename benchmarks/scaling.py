@@ -148,24 +148,28 @@ def irt_worker(n: int, guide_kind: str, batch: int) -> dict:
 # ---- ProdLDA --------------------------------------------------------------------------------
 
 def synthetic_dblp(n: int, vocab: int = 1513, topics: int = 20, mean_len: float = 5.4,
-                   max_len: int = 16, seed: int = 0) -> torch.Tensor:
+                   max_len: int = 16, seed: int = 0, chunk: int = 100_000) -> torch.Tensor:
     """Word ids (n, max_len) int16, -1 = padding: lengths 1 + Poisson(mean_len - 1)
-    (capped at max_len), words from an LDA process with sparse topics."""
+    (capped at max_len), words from an LDA process with sparse topics. Made in chunks of
+    ``chunk`` documents so that generating does not dominate the peak memory."""
     rng = np.random.default_rng(seed)
     phi = rng.dirichlet(np.full(vocab, 0.02), size=topics)  # (K, V)
-    theta = rng.dirichlet(np.full(topics, 0.1), size=n)  # (n, K)
-    lengths = np.minimum(1 + rng.poisson(mean_len - 1, size=n), max_len)
-    ids = np.full((n, max_len), -1, dtype=np.int16)
-    doc = np.repeat(np.arange(n), lengths)
-    pos = np.arange(len(doc)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    z = (rng.random(len(doc))[:, None] > np.cumsum(theta[doc], 1)).sum(1).clip(0, topics - 1)
     cdf = np.cumsum(phi, 1)
-    words = np.empty(len(doc), dtype=np.int64)
-    u = rng.random(len(doc))
-    for k in range(topics):
-        sel = z == k
-        words[sel] = np.searchsorted(cdf[k], u[sel]).clip(0, vocab - 1)
-    ids[doc, pos] = words
+    ids = np.full((n, max_len), -1, dtype=np.int16)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        theta = rng.dirichlet(np.full(topics, 0.1), size=m)  # (m, K)
+        lengths = np.minimum(1 + rng.poisson(mean_len - 1, size=m), max_len)
+        doc = np.repeat(np.arange(m), lengths)
+        pos = np.arange(len(doc)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        z = (rng.random(len(doc))[:, None] > np.cumsum(theta, 1)[doc]).sum(1)
+        z = z.clip(0, topics - 1)
+        u = rng.random(len(doc))
+        words = np.empty(len(doc), dtype=np.int64)
+        for k in range(topics):
+            sel = z == k
+            words[sel] = np.searchsorted(cdf[k], u[sel]).clip(0, vocab - 1)
+        ids[start + doc, pos] = words
     return torch.from_numpy(ids)
 
 

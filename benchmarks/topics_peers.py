@@ -42,12 +42,17 @@ from ppl_vae.topic_metrics import diversity, npmi_per_topic, top_words  # noqa: 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "topics"
 
 
-def ours(builder, prior):
+OURS_LR = {"value": 2e-3}
+
+
+def ours(builder, prior, alpha=1.0):
     def run(corpus, k, seed, epochs):
-        model, guide = builder(corpus.vocab_size, k, prior=prior)
+        torch.manual_seed(seed)
+        model, guide = builder(corpus.vocab_size, k, prior=prior, alpha=alpha)
         start = time.perf_counter()
         history = fit(model, guide, corpus.split("train"), epochs=epochs, batch_size=64,
-                      lr=2e-3, objective="meanfield", seed=seed, device="cpu", progress=False)
+                      lr=OURS_LR["value"], objective="meanfield", seed=seed, device="cpu",
+                      progress=False)
         seconds = time.perf_counter() - start
         return model.topic_word().cpu(), seconds, len(history)
     return run
@@ -101,7 +106,7 @@ def octis_prodlda(corpus, k, seed, epochs):
 
 METHODS = {"ppl-prodlda": ours(build_prodlda, "laplace"),
            "ppl-lda": ours(build_lda, "laplace"),
-           "ppl-lda-dirichlet": ours(build_lda, "dirichlet"),
+           "ppl-lda-dirichlet": ours(build_lda, "dirichlet", alpha=0.1),  # alpha=1 collapses
            "octis-prodlda": octis_prodlda,
            "sklearn-lda": sklearn_lda,
            "gensim-lda": gensim_lda}
@@ -115,8 +120,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=50, help="epochs of the neural models")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--ours-lr", type=float, default=2e-3,
+                   help="Adam learning rate of this project's models (OCTIS: 2e-3)")
     p.add_argument("--csv", type=Path, default=None, help="append one row per fit here")
     args = p.parse_args()
+    OURS_LR["value"] = args.ours_lr
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     rows = []
@@ -130,6 +138,7 @@ def main() -> None:
                     per_topic = npmi_per_topic(top_words(weights, corpus.vocabulary, 10),
                                                corpus.texts)
                     row = {"corpus": name, "K": k, "seed": seed, "method": method,
+                           "lr": args.ours_lr if method.startswith("ppl") else "",
                            "npmi": float(per_topic.mean()),
                            "diversity25": diversity(top_words(weights, corpus.vocabulary, 25)),
                            "fit_s": seconds, "epochs": epochs, "s_per_epoch": seconds / epochs}

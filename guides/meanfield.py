@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 import pyro
 import pyro.poutine as poutine
-from ppl_vae.guides.amortized import AmortizedNormal
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_median
 from torch import nn
+
+from ppl_vae.guides.amortized import AmortizedNormal
 
 
 def data_plate(plate: str, data_arg: int = 0) -> Callable[..., pyro.plate]:

@@ -94,17 +94,19 @@ class IRT(nn.Module):
 
     # ---- the generative story -------------------------------------------------------------
     def item_parameters(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Sample the item sites; each (..., I) (leading dims: particle plates)."""
+        """Sample the item sites; each (..., I) (leading dims: particle plates). Scalar
+        population sites come out of particle plates as (..., 1), which broadcasts against
+        the item plate at dim -1 as it is."""
         zero = torch.zeros((), device=device)
         params = {}
         if self.hierarchical:
             b_mean = pyro.sample("difficulty_mean", dist.Normal(zero, self.difficulty_scale))
             b_sd = pyro.sample("difficulty_sd", dist.HalfNormal(zero + self.difficulty_scale))
-            b_prior = dist.Normal(b_mean.unsqueeze(-1), b_sd.unsqueeze(-1))
+            b_prior = dist.Normal(b_mean, b_sd)
             if "discrimination" in self.item_sites:
                 la_mean = pyro.sample("log_discrimination_mean", dist.Normal(zero, 1.0))
                 la_sd = pyro.sample("log_discrimination_sd", dist.HalfNormal(zero + 1.0))
-                a_prior = dist.LogNormal(la_mean.unsqueeze(-1), la_sd.unsqueeze(-1))
+                a_prior = dist.LogNormal(la_mean, la_sd)
         else:
             b_prior = dist.Normal(zero, self.difficulty_scale)
             a_prior = dist.LogNormal(zero, self.discrimination_scale)
@@ -155,7 +157,7 @@ class IRT(nn.Module):
         items = self.item_parameters(responses.device)
         ability_loc = torch.zeros((), device=responses.device)
         if self.kind == "lecture":
-            ability_loc = pyro.sample("ability_mean", dist.Normal(ability_loc, 2.0)).unsqueeze(-1)
+            ability_loc = pyro.sample("ability_mean", dist.Normal(ability_loc, 2.0))
         with pyro.plate(self.student_plate, size or len(responses), subsample=subsample, dim=-1):
             ability = pyro.sample("ability", dist.Normal(ability_loc, 1.0))
             answers = self.response_distribution(ability, items).mask(mask).to_event(1)

@@ -10,7 +10,10 @@ For document i with word counts x_i (V-vector, N_i words) and K topics:
 
 This is the lecture's generative story (choose a topic from theta_d, a word from that
 topic) with the topic choices summed out. Unlike ProdLDA's product of experts, each word's
-probability is a convex mixture of the topics'. The encoder and guides are ProdLDA's
+probability is a convex mixture of the topics'. With the Dirichlet prior use a sparse
+alpha (0.1): with alpha = 1 the posterior stays near the prior and all topics collapse onto
+the corpus's frequent words (BBC_News, K=20: diversity 0.09 vs 0.34 at alpha = 0.1).
+The encoder and guides are ProdLDA's
 (:func:`ppl_vae.models.prodlda.topic_guide`); the Laplace formula is in that module.
 """
 

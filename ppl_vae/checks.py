@@ -42,7 +42,7 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
                     dims: Mapping[str, Sequence[str]] | None = None,
                     coords: Mapping[str, Sequence[Any]] | None = None,
                     num_samples: int = 500, khat_samples: int | None = None,
-                    inner_samples: int = 20, ppc: PPCSpec | None = None,
+                    inner_samples: int = 50, ppc: PPCSpec | None = None,
                     var_names: Sequence[str] | None = None, plot_points: int = 5,
                     batch_size: int | None = None, plate: str | None = None,
                     device: str | torch.device | None = None, seed: int = 0) -> dict:

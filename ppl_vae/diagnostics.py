@@ -35,6 +35,7 @@ its distribution over posterior predictive replicates (interval and p-value per 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ class ParetoK:
 
 @torch.no_grad()
 def importance_diagnostics(model: Callable, guide: Callable, data: Data,
-                           num_samples: int = 1000, inner_samples: int = 20,
+                           num_samples: int = 1000, inner_samples: int = 50,
                            batch_size: int | None = None, plate: str | None = None,
                            device: str | torch.device | None = None,
                            seed: int | None = None) -> ParetoK:
@@ -358,7 +359,8 @@ class SBCResult:
                   for j in range(int(np.prod(r.shape[1:], dtype=int)))][:max_panels]
         cols = min(4, len(panels))
         rows = -(-len(panels) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 3.2 * cols), 2.6 * rows + 0.6),
+                                 squeeze=False)
         for ax, (name, j, col) in zip(axes.flat, panels):
             n = len(col)
             lo, hi = stats.binom.ppf([0.005, 0.995], n, 1 / self.bins)
@@ -370,7 +372,7 @@ class SBCResult:
             ax.set_xlabel("rank of truth")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.suptitle(self.summary(), fontsize=8)
+        fig.suptitle(textwrap.fill(self.summary(), 70 if cols == 1 else 110), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

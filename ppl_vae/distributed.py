@@ -335,6 +335,10 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
         raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
     if resume is True and out is None:
         raise ValueError("resume=True needs out= (the run folder)")
+    # check the data (shapes, NaN/inf, naming the field) before any process is started
+    TensorBatches(data, config.batch_size, "cpu", shuffle=False, name="data")
+    if val_data is not None:
+        TensorBatches(val_data, config.batch_size, "cpu", shuffle=False, name="val_data")
     core = Trainer(model, guide, config, out=out)
     resume_state = None
     if resume:

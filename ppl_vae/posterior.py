@@ -112,9 +112,11 @@ def _axes(name: str, site: dict, shape: Sequence[int], event_dim: int, kind: str
 
 
 class Draws:
-    """Site values collected from S draws: ``values[site]`` is an array (S, *site shape),
-    ``axes[site]`` the default axis names, ``data_axis[site]`` the index (without the draw
-    axis) of the data plate's axis for local sites, else None."""
+    """Site values collected from S draws, one array per minibatch: ``latent[site]``,
+    ``predictive[site]`` and ``log_lik[site]`` hold arrays (S, *site shape) (log_lik without
+    event axes), ``observed[site]`` arrays (*site shape); ``axes[site]`` are the default axis
+    names, ``data_axis[site]`` the index (draw axis excluded) of the data plate's axis for
+    local sites, else None. :meth:`joined` concatenates the minibatches."""
 
     def __init__(self) -> None:
         self.latent: dict[str, list[np.ndarray]] = {}

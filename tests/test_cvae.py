@@ -62,6 +62,7 @@ def test_learned_prior_enters_the_objective_as_kl_to_p_z_given_y():
     assert elbo(fixed, guide, data, num_particles=50, progress=False) == pytest.approx(start)
     with torch.no_grad():  # move p(z | y = 3) to mean (3, 3): items of class 3 pay for it
         model.prior_net.loc.weight[:, 3] = 3.0
+    torch.manual_seed(0)
     per_item = elbo(model, guide, data, num_particles=50, per_example=True, progress=False)
     torch.manual_seed(0)
     before = elbo(fixed, guide, data, num_particles=50, per_example=True, progress=False)

@@ -11,7 +11,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from ppl_vae import fit
+from ppl_vae import elbo, fit, log_likelihood
 from ppl_vae.cli.irt import load_run
 from ppl_vae.cli.main import main
 from ppl_vae.models.irt import (
@@ -115,6 +115,14 @@ def test_3pl_and_lecture_and_hierarchical_train():
         h = fit(model, q, (d["responses"], d["mask"]), epochs=15, batch_size=100, lr=0.05,
                 progress=False, device="cpu")
         assert h["train_elbo"][-1] > h["train_elbo"][0], spec
+        # population sites (outside both plates) broadcast right under the particle plate
+        torch.manual_seed(0)
+        ll = log_likelihood(model, q, (d["responses"], d["mask"]), num_samples=20,
+                            progress=False, device="cpu")
+        el = elbo(model, q, (d["responses"], d["mask"]), num_particles=20, progress=False,
+                  device="cpu")
+        assert el - 0.05 <= ll < 0, spec
+        assert ll > h["train_elbo"][-1] - 1.0, spec
         samples = posterior_samples(model, q, d["responses"], d["mask"], num_samples=50)
         if spec["kind"] == "3pl":
             assert bool(((samples["guessing"] > 0) & (samples["guessing"] < 1)).all())

@@ -215,3 +215,34 @@ def test_check_posterior_writes_files_and_flags_bad_guide(tmp_path):
         assert (tmp_path / "good" / name).stat().st_size > 0, name
     summary = (tmp_path / "good" / "summary.csv").read_text()
     assert "z[0]" in summary
+
+
+def test_cli_check_on_an_exam_run(tmp_path, capsys):
+    from ppl_vae.cli.main import main
+    from ppl_vae.models.irt import simulate
+
+    d = simulate(120, 4, "2pl", missing=0.1, seed=3)
+    data = tmp_path / "exam.csv"
+    rows = ["student,q1,q2,q3,q4"] + [
+        f"s{i}," + ",".join(str(int(v)) if ok else "" for v, ok in zip(r, m))
+        for i, (r, m) in enumerate(zip(d["responses"].tolist(), d["mask"].tolist()))]
+    data.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["train", "irt-2pl", "--responses", str(data), "--epochs", "5", "--out", str(run),
+              "--no-progress", "--posterior-samples", "50", "--device", "cpu"])
+        capsys.readouterr()
+        main(["check", str(run), "--samples", "60", "--sbc-simulations", "200",
+              "--device", "cpu"])
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("pareto_k: "))
+    assert 0.0 <= float(line.split(": ")[1]) <= 1.0
+    assert "pareto_k_is: share of data points" in printed and "sbc: SBC: 200" in printed
+    idata = load_netcdf(run / "posterior.nc")
+    assert idata.posterior["ability"].dims == ("chain", "draw", "student")
+    assert list(idata.posterior["item"].values) == ["q1", "q2", "q3", "q4"]
+    assert idata.observed_data["responses"].dims == ("student", "item")
+    assert np.isnan(idata.observed_data["responses"].values).sum() == int((~d["mask"]).sum())
+    for name in ("summary.csv", "forest.png", "ppc.png", "ppc.csv", "khat.png", "sbc.png"):
+        assert (run / name).exists(), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def _tiny(alpha: float = 5.0):
 
 
 def _loss(elbo, model, guide, *data):
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Trace_ELBO: "y" is not enumerated
         return float(elbo.loss(model, guide, *data))
 
 
@@ -71,13 +73,13 @@ def test_m2_learns_a_classifier_from_few_labels():
     for c in range(C):
         labelled[(y == c).nonzero()[:3, 0]] = True  # 3 labels per class
     y_in = torch.where(labelled, y, torch.full_like(y, -1))
-    model, guide = _tiny(alpha=10.0)
+    model, guide = _tiny(alpha=50.0)
     history = fit(model, guide, (x, y_in, labelled), epochs=8, batch_size=50, lr=1e-2,
                   objective="enum", progress=False, device="cpu")
     assert history["train_elbo"][-1] > history["train_elbo"][0] + 5
     xt, yt = _bars(200, seed=1)
     model.eval()
-    assert float((model.predict(xt) == yt).float().mean()) > 0.8
+    assert float((model.predict(xt) == yt).float().mean()) > 0.9  # chance: 0.25
 
 
 def test_bad_labels_are_refused():

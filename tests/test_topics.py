@@ -194,7 +194,7 @@ def test_new_documents_vocabulary_mismatch_and_empty(tmp_path):
     docs.write_text("w1 w1 w2\n\nunknown\n")
     with pytest.warns(CorpusWarning, match="1 documents have no in-vocabulary word"):
         counts, empty = read_documents(docs, WORDS)
-    assert counts.shape == (2, len(WORDS)) and empty == 1 and counts[0, 1] == 2
+    assert counts.shape == (2, len(WORDS)) and empty == 1 and counts.to_dense()[0, 1] == 2
 
 
 def test_sparse_counts_roundtrip():

@@ -48,6 +48,10 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--guide", default="amortized", choices=["amortized", "meanfield"],
                    help="amortized: an encoder maps a student's answers to q(ability) "
                    "(scores new students); meanfield: a Normal per student")
+    g.add_argument("--items", default="meanfield", choices=["meanfield", "fullrank"],
+                   help="amortized guide: item parameters mean-field, or one multivariate "
+                   "Normal over all of them (keeps each item's a-b posterior correlation; "
+                   "wider, more honest intervals for weakly identified items)")
     g.add_argument("--hidden", type=int, nargs="+", default=[64],
                    help="hidden layer sizes of the amortized encoder")
     if name != "irt-lecture":
@@ -65,7 +69,8 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
 def spec_from_args(args: argparse.Namespace, data: Responses) -> dict:
     kind = args.model.removeprefix("irt-")
     spec = {"family": "irt", "model": args.model, "kind": kind, "guide": args.guide,
-            "hidden": list(args.hidden), "hierarchical": bool(getattr(args, "hierarchical", False)),
+            "hidden": list(args.hidden), "items": args.items,
+            "hierarchical": bool(getattr(args, "hierarchical", False)),
             "num_items": data.num_items, "num_students": data.num_students,
             "item_ids": data.item_ids, "responses": str(Path(args.responses).resolve()),
             "format": args.format, "id_column": args.id_column}
@@ -77,6 +82,8 @@ def spec_from_args(args: argparse.Namespace, data: Responses) -> dict:
 
 
 def train(args: argparse.Namespace) -> None:
+    if args.items == "fullrank" and args.guide != "amortized":
+        raise SystemExit("error: --items fullrank goes with --guide amortized")
     data = load_responses(args.responses, args.format, args.id_column)
     spec = spec_from_args(args, data)
     if args.resume and (args.out / "config.json").exists():

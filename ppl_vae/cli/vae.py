@@ -12,6 +12,7 @@ from ppl_vae import elbo, fit, log_likelihood, plots, restore
 from ppl_vae.checkpoint import write_json
 from ppl_vae.cli.main import fit_options
 from ppl_vae.data.images import CLASSES, load_fashion_mnist, validate_images
+from ppl_vae.guides import GUIDES, build_guide, point_estimate
 from ppl_vae.models.vae import LIKELIHOODS, build_vae
 from ppl_vae.training import resolve_device
 
@@ -38,13 +39,25 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="folder with the Fashion-MNIST idx files (default: look in the "
                    "Debian package's folder and ~/.cache/ppl-vae)")
     g.add_argument("--download", action="store_true", help="download with torchvision if absent")
+    g.add_argument("--guide", choices=GUIDES, default="diagonal",
+                   help="q(z|x): diagonal Normal, full covariance (Algorithm 2), or IAF "
+                   "(fullcov and iaf with --architecture mlp)")
+    g.add_argument("--flows", type=int, default=2, help="IAF steps (--guide iaf)")
 
 
 def build(config: dict):
     """Model and guide from a run's config (the VAE spec)."""
-    return build_vae(latent_dim=config["latent_dim"], architecture=config["architecture"],
-                     hidden=config["hidden"], likelihood=config["likelihood"],
-                     dynamic_binarization=config["binarize"] == "dynamic")
+    model, guide = build_vae(latent_dim=config["latent_dim"],
+                             architecture=config["architecture"], hidden=config["hidden"],
+                             likelihood=config["likelihood"],
+                             dynamic_binarization=config["binarize"] == "dynamic")
+    kind = config.get("guide", "diagonal")
+    if kind != "diagonal":
+        if config["architecture"] != "mlp":
+            raise SystemExit(f"error: --guide {kind} needs --architecture mlp")
+        guide = build_guide(kind, 28 * 28, config["hidden"], config["latent_dim"], flatten=2,
+                            num_flows=config.get("flows", 2))
+    return model, guide
 
 
 def load_split(config: dict, split: str, limit: int | None = None):
@@ -76,7 +89,7 @@ def train(args: argparse.Namespace) -> None:
               "architecture": args.architecture, "hidden": list(args.hidden),
               "likelihood": args.likelihood, "binarize": binarize,
               "data": str(args.data) if args.data else None, "download": args.download,
-              "limit": limit, "val_size": val_size}
+              "limit": limit, "val_size": val_size, "guide": args.guide, "flows": args.flows}
     if args.resume and (args.out / "config.json").exists():
         saved = json.loads((args.out / "config.json").read_text())
         changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
@@ -108,13 +121,13 @@ def write_pictures(run: Path, config: dict, model, guide, rows: list[dict]) -> N
     x_test, y_test = load_split(config, "test", limit=2000)
     with torch.no_grad():
         x8 = x_test[:8].to(device)
-        plots.reconstructions(x8.cpu(), model.mean_image(guide.distribution(x8).mean).cpu(),
-                              run / "reconstructions.png")
+        recon = model.mean_image(point_estimate(guide.distribution(x8))).cpu()
+        plots.reconstructions(x8.cpu(), recon, run / "reconstructions.png")
         torch.manual_seed(0)
         plots.image_grid(model.sample(64).cpu(), run / "samples.png",
                          title="samples: E[x | z], z ~ N(0, I)")
         if config["latent_dim"] == 2:
-            z = guide.distribution(x_test.to(device)).mean.cpu()
+            z = point_estimate(guide.distribution(x_test.to(device))).cpu()
             plots.latent_scatter(z, y_test, run / "latent_scatter.png", CLASSES)
             plots.latent_grid(model.mean_image, run / "latent_grid.png", device=device)
 

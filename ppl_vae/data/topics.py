@@ -257,8 +257,8 @@ def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torc
     (an OCTIS ``corpus.tsv`` works too: text before the first tab is used), counted against
     the run's ``vocabulary``.
 
-    Returns ``(counts, empty)``: dense float32 counts (documents, V) in line order (blank
-    lines are skipped) and how many documents had no in-vocabulary word (their rows are zero;
+    Returns ``(counts, empty)``: sparse CSR float32 counts (documents, V) in line order
+    (blank lines are skipped) and how many documents had no in-vocabulary word (their rows are zero;
     a counted :class:`CorpusWarning` says so). A file that shares no word with the vocabulary
     is an error (wrong run or wrong preprocessing).
     """
@@ -288,4 +288,4 @@ def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torc
                       f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}); "
                       "their topic proportions are the encoder's answer for an empty "
                       "document", CorpusWarning, stacklevel=2)
-    return sparse_counts(ids, len(vocabulary)).to_dense(), len(empty)
+    return sparse_counts(ids, len(vocabulary)), len(empty)
