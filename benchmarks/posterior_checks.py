@@ -54,7 +54,7 @@ def main() -> None:
                    help="draws and warmup per chain (0: skip NUTS)")
     p.add_argument("--svi-samples", type=int, default=2000)
     p.add_argument("--khat-samples", type=int, default=1000)
-    p.add_argument("--inner-samples", type=int, default=20,
+    p.add_argument("--inner-samples", type=int, default=50,
                    help="local draws per global draw for the item parameters' k-hat")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -89,6 +89,8 @@ def main() -> None:
     # 3. NUTS vs SVI
     if args.nuts_samples > 0:
         run_nuts(args, data, tensors, model, guide, svi_seconds)
+    if args.sbc_simulations > 0:
+        run_sbc_control(args, spec, tensors)
     print(f"wrote {args.out}")
 
 
@@ -99,6 +101,11 @@ def run_sbc(args: argparse.Namespace, spec: dict, tensors: tuple, model, guide) 
     print(f"[trained encoder] {result.summary()}")
     ranks = result.ranks["ability"] / result.num_draws
     print(f"  rank mean {ranks.mean():.3f} (uniform 0.5), sd {ranks.std():.3f} (uniform 0.289)")
+
+
+def run_sbc_control(args: argparse.Namespace, spec: dict, tensors: tuple) -> None:
+    """Last: ``fit`` clears Pyro's param store and the AutoNormal item guide of a new pair
+    has the same parameter names, so the first pair's item parameters are gone after it."""
     c_model, c_guide, _ = train(spec, tensors, 1, args.seed)
     control = sbc(c_model, c_guide, tensors, num_simulations=args.sbc_simulations,
                   seed=args.seed, sites=["ability"])

@@ -127,6 +127,7 @@ def main() -> None:
     OURS_LR["value"] = args.ours_lr
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # first use imports torch._dynamo
     rows = []
     for name in args.corpora:
         corpus = load_octis(args.data / name)

@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
-from ppl_vae.guides.amortized import AmortizedNormal
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
 from torch.distributions import constraints
 
+from ppl_vae.guides.amortized import AmortizedNormal
 from ppl_vae.nn import ACTIVATIONS, MLP
 
 LOG_2PI = math.log(2 * math.pi)

@@ -25,11 +25,11 @@ from collections.abc import Callable, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from ppl_vae.guides.amortized import AmortizedNormal
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
+from ppl_vae.guides.amortized import AmortizedNormal
 from ppl_vae.nn import ACTIVATIONS, MLP, NormalHead
 
 

@@ -325,15 +325,20 @@ def quadrature_abilities(kind: str, items: dict[str, torch.Tensor], responses: t
     (I,), by quadrature on a grid over [-6, 6] around the N(ability_mean, 1) prior: two (N,)
     tensors. A yardstick for the guides (with the true items: the best any method can do)."""
     grid = torch.linspace(-6.0, 6.0, num_points, dtype=torch.float64) + ability_mean
-    p = IRT.probability(kind, grid, {k: v.double() for k, v in items.items()})  # (T, I)
+    p = IRT.probability(kind, grid, {k: v.double().cpu() for k, v in items.items()})  # (T, I)
     log_p, log_q = p.clamp_min(1e-12).log(), (1 - p).clamp_min(1e-12).log()
-    y, m = responses.double(), mask.double()
-    # (N, T): sum over answered items of y log p + (1 - y) log(1 - p)
-    log_post = (y * m) @ log_p.T + ((1 - y) * m) @ log_q.T - 0.5 * (grid - ability_mean) ** 2
-    w = torch.softmax(log_post, dim=-1)
-    mean = w @ grid
-    sd = (w @ grid ** 2 - mean ** 2).clamp_min(0).sqrt()
-    return mean.float(), sd.float()
+    means, sds = [], []
+    for start in range(0, len(responses), 8192):  # chunks of students: memory stays small
+        y = responses[start:start + 8192].double().cpu()
+        m = mask[start:start + 8192].double().cpu()
+        # (B, T): sum over answered items of y log p + (1 - y) log(1 - p), plus log prior
+        log_post = (y * m) @ log_p.T + ((1 - y) * m) @ log_q.T \
+            - 0.5 * (grid - ability_mean) ** 2
+        w = torch.softmax(log_post, dim=-1)
+        mean = w @ grid
+        means.append(mean.float())
+        sds.append((w @ grid ** 2 - mean ** 2).clamp_min(0).sqrt().float())
+    return torch.cat(means), torch.cat(sds)
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from ppl_vae.models.cvae import CVAE, concat, one_hot
 from torch import nn
 
+from ppl_vae.models.cvae import CVAE, concat, one_hot
 from ppl_vae.nn import MLP, MLPDecoder
 
 PINNED = -1e4  # logit of the classes other than the observed one: exp(-1e4) == 0 in float

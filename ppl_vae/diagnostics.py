@@ -186,8 +186,9 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
     if device is None:
         device = _module_device(model, guide)
     n = make_batches(data, 1, device, shuffle=False).num_examples
-    per_pass = max(1, 200_000 // max(1, n))
-    batches = make_batches(data, batch_size or n, device, shuffle=False)
+    batch_size = batch_size or min(n, 1000)
+    per_pass = max(1, 200_000 // batch_size)  # particles x examples per vectorized pass
+    batches = make_batches(data, batch_size, device, shuffle=False)
     modes = _pair_in_eval_mode(model, guide)
     local_k: list[np.ndarray] = []
     try:

@@ -208,6 +208,9 @@ def test_cli_train_evaluate_score_and_reload(tmp_path, capsys):
     scores = {r["student"]: r for r in csv.DictReader(open(tmp_path / "scores.csv"))}
     assert float(scores["high"]["ability_mean"]) > float(scores["low"]["ability_mean"]) + 0.5
     assert float(scores["high"]["ability_sd"]) > 0
+    # the encoder's one-pass scores agree with the exact posterior given the items
+    for row in students[:50]:
+        assert abs(float(row["ability_mean"]) - float(row["ability_exact_mean"])) < 0.25
 
 
 def test_cli_rejects_bad_file_before_training_and_meanfield_score(tmp_path):

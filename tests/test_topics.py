@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import warnings
 
@@ -248,3 +249,5 @@ def test_cli_trains_lda_on_plain_text(tmp_path):
              "--out", str(run), "--no-progress"])
     vocabulary = (run / "vocabulary.txt").read_text().split()
     assert sorted(vocabulary) == sorted(WORDS)
+    config = json.loads((run / "config.json").read_text())
+    assert config["prior"] == "dirichlet" and config["alpha"] == 0.1  # sparse by default

@@ -5,7 +5,8 @@
     ppl-vae score RUN --responses new.csv --out scores.csv   (amortized runs)
 
 RUN gets config.json, checkpoint.pt / best.pt, metrics.csv, items.csv (each item parameter's
-posterior mean, sd and 94% interval), students.csv (ability mean, sd, 94% interval), and the
+posterior mean, sd and 94% interval), students.csv (ability mean, sd, 94% interval from
+the guide, and the exact posterior mean and sd given the items' means by quadrature), and the
 pictures icc.png (item characteristic curves), information.png (test information curve),
 difficulties.png (forest plot), abilities.png (histogram), loss.png.
 """
@@ -23,7 +24,13 @@ from ppl_vae import elbo, fit, log_likelihood, restore
 from ppl_vae.checkpoint import write_json
 from ppl_vae.cli.main import fit_options
 from ppl_vae.data.irt import Responses, load_responses
-from ppl_vae.models.irt import IRT, ability_posterior, build_irt, posterior_samples
+from ppl_vae.models.irt import (
+    IRT,
+    ability_posterior,
+    build_irt,
+    posterior_samples,
+    quadrature_abilities,
+)
 from ppl_vae.training import resolve_device
 
 NAMES = ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")
@@ -124,14 +131,29 @@ def item_table(model: IRT, samples: dict[str, torch.Tensor], item_ids: list[str]
 
 
 def student_rows(ids: list[str], mean: torch.Tensor, sd: torch.Tensor,
-                 data: Responses) -> list[dict]:
-    """One row per student: ability mean, sd, 94% interval, items answered, number right."""
+                 data: Responses, exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> list[dict]:
+    """One row per student: ability mean, sd, 94% interval (from the guide), items
+    answered, number right; with ``exact`` also the exact posterior mean and sd given the
+    items' posterior means (quadrature: ``ability_exact_mean``, ``ability_exact_sd``)."""
     answered = data.mask.sum(1).tolist()
     right = (data.responses * data.mask).sum(1).tolist()
-    return [{"student": s, "ability_mean": float(m), "ability_sd": float(d),
+    rows = [{"student": s, "ability_mean": float(m), "ability_sd": float(d),
              "ability_hdi_3%": float(m - Z94 * d), "ability_hdi_97%": float(m + Z94 * d),
              "answered": int(a), "correct": int(r)}
             for s, m, d, a, r in zip(ids, mean.tolist(), sd.tolist(), answered, right)]
+    if exact is not None:
+        for row, m, d in zip(rows, exact[0].tolist(), exact[1].tolist()):
+            row.update(ability_exact_mean=m, ability_exact_sd=d)
+    return rows
+
+
+def exact_abilities(model: IRT, samples: dict[str, torch.Tensor], data: Responses
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact posterior of each ability given the items' posterior means (quadrature)."""
+    means = {k: samples[k].mean(0) for k in model.item_sites}
+    mu = float(samples["ability_mean"].mean()) if "ability_mean" in samples else 0.0
+    return quadrature_abilities(model.kind, means, *data.tensors(), ability_mean=mu)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -152,7 +174,8 @@ def write_outputs(run: Path, spec: dict, model: IRT, guide, data: Responses,
     items = item_table(model, samples, data.item_ids)
     write_csv(items, run / "items.csv")
     mean, sd = ability_posterior(guide, *data.tensors())
-    write_csv(student_rows(data.student_ids, mean, sd, data), run / "students.csv")
+    write_csv(student_rows(data.student_ids, mean, sd, data,
+                           exact_abilities(model, samples, data)), run / "students.csv")
     means = {k: samples[k].mean(0) for k in model.item_sites}
     if rows:
         plots.loss_curve(rows, run / "loss.png")
@@ -279,7 +302,9 @@ def score(run: Path, args: argparse.Namespace) -> dict:
                          "students needs an amortized run (--guide amortized)")
     data = load_responses(args.responses, check=False).align(spec["item_ids"])
     mean, sd = ability_posterior(guide, *data.tensors())
-    write_csv(student_rows(data.student_ids, mean, sd, data), args.out)
+    samples = posterior_samples(model, guide, *data.tensors(), num_samples=1000)
+    write_csv(student_rows(data.student_ids, mean, sd, data,
+                           exact_abilities(model, samples, data)), args.out)
     return {"scored": len(mean), "out": str(args.out)}
 
 
