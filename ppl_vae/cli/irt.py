@@ -46,7 +46,9 @@ Z94 = 1.8807936081512509  # the 97th percentile of N(0, 1): 94% central interval
 
 
 def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
-    g = p.add_argument_group("exam model")
+    g = p.add_argument_group(
+        "exam model", "exam models change the common defaults to --epochs 200 --batch-size 100 "
+        "--lr 0.05 --lr-schedule cosine (a few global item parameters, one scalar per student)")
     g.add_argument("--responses", type=Path, required=True,
                    help="wide CSV (student rows, item columns, blank = missing), long CSV "
                    "(student,item,response) or py-irt jsonlines")
