@@ -10,5 +10,13 @@ from .evaluation import elbo, log_likelihood
 from .training import FitConfig, History, Trainer, TrainingDiverged, fit, restore
 
 __all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "restore",
-           "log_likelihood", "elbo", "load_checkpoint"]
+           "log_likelihood", "elbo", "load_checkpoint", "to_arviz"]
+
+
+def __getattr__(name: str):
+    if name == "to_arviz":  # imported on first use: arviz is slow to import
+        from .posterior import to_arviz
+
+        return to_arviz
+    raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -187,3 +187,28 @@ def sample(run: Path, args: argparse.Namespace, restorer=None) -> dict:
         title = f"class {args.label}: {CLASSES[args.label]}"
     plots.image_grid(images.cpu(), path, nrow=min(args.n, 16), title=title)
     return {"samples": str(path)}
+
+
+def check(run: Path, args: argparse.Namespace) -> dict:
+    """``ppl-vae check RUN`` on the first 50 test images and their labels: codes
+    z[image, latent_dim] from q(z | x, y), PPC of the per-pixel means, k-hat of
+    log p(x, z | y) - log q(z | x, y) per image; ``pareto_k`` is the share of images with
+    k-hat >= 0.7 (see :func:`ppl_vae.checks.check_posterior`)."""
+    import numpy as np
+
+    from ppl_vae.checks import check_posterior
+
+    config, model, guide, device = _restore(run, args.device)
+    x, y = load_labelled(config, "test", limit=50)
+    if config["binarize"] == "dynamic" and config.get("likelihood", "bernoulli") == "bernoulli":
+        # grey levels under a Bernoulli likelihood: check one fixed binary draw (seed 0)
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    dims = {"z": ["image", "latent_dim"], "x": ["image", "row", "column"]}
+    ppc = {"per-pixel mean over the 50 test images (784 pixels)":
+           ("x", lambda img: np.nanmean(img, 0).reshape(-1), None)}
+    torch.manual_seed(args.seed)
+    result = check_posterior(model, guide, (x, y), run, dims=dims,
+                             num_samples=min(args.samples, 100), khat_samples=args.samples,
+                             ppc=ppc, seed=args.seed, device=device, plot_points=3)
+    write_json(result, run / "check.json")
+    return result
