@@ -109,9 +109,7 @@ def _write_ppc_csv(tables: Mapping[str, Any], path: Path) -> None:
 
 
 def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

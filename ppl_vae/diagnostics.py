@@ -263,9 +263,7 @@ def _repeat_trace(trace, rows: slice, times: int):
 def plot_khat(k: np.ndarray, path: str | Path, title: str = "PSIS k-hat per data point"
               ) -> Path:
     """Scatter of k-hat per data point with the 0.5 / 0.7 thresholds; PNG at ``path``."""
-    import matplotlib
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = np.asarray(k)
@@ -350,9 +348,7 @@ class SBCResult:
     def plot(self, path: str | Path, max_panels: int = 12) -> Path:
         """Rank histograms (up to ``max_panels`` components) with the 99% band of counts a
         uniform rank distribution gives (Talts et al. 2018, fig. 1)."""
-        import matplotlib
 
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from scipy import stats
 
@@ -548,9 +544,6 @@ def plot_forest_pair(idata_svi: Any, idata_ref: Any, path: str | Path,
                      names: tuple[str, str] = ("SVI", "NUTS")) -> Path:
     """One ``az.plot_forest`` with both posteriors (94% HDI, quartiles)."""
     import arviz as az
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     vars_ = list(var_names) if var_names else [v for v in idata_ref.posterior.data_vars
@@ -595,9 +588,7 @@ def ppc_table(idata: Any, var: str, statistic: Callable[[np.ndarray], np.ndarray
 def plot_ppc_table(tables: Mapping[str, Any], path: str | Path) -> Path:
     """One panel per table from :func:`ppc_table`: predictive 95% intervals (bars) and the
     observed statistic (red dots)."""
-    import matplotlib
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(tables), 1, figsize=(7, 2.8 * len(tables)), squeeze=False)

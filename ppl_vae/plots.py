@@ -1,6 +1,8 @@
 """Pictures shared by every family: loss curves, image grids, latent maps.
 
-All functions write a PNG and return its path; they use matplotlib's Agg backend (no screen).
+All functions write a PNG and return its path. They leave matplotlib's backend alone (a
+headless machine gets Agg by itself; notebooks keep their inline backend) and close their
+figures after saving.
 """
 
 from __future__ import annotations
@@ -8,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import make_grid
 
 
 def loss_curve(rows: Sequence[dict], path: str | Path, title: str = "ELBO per example") -> Path:

@@ -98,3 +98,15 @@ def test_cli_train_sample_evaluate(fashion_dir, tmp_path, capsys):
     main(["evaluate", str(run), "--iwae-samples", "20", "--device", "cpu"])
     lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
     assert float(lines["log_likelihood"]) >= float(lines["elbo"]) - 1.0
+
+
+def test_cli_evaluate_after_dynamic_binarization(fashion_dir, tmp_path, capsys):
+    """Training resamples binary pixels; evaluation scores one fixed binary draw."""
+    run = tmp_path / "cvae-dynamic"
+    main(["train", "cvae", "--latent-dim", "2", "--hidden", "16", "--epochs", "1",
+          "--limit", "100", "--val-size", "20", "--data", str(fashion_dir),
+          "--out", str(run), "--no-progress", "--device", "cpu"])
+    capsys.readouterr()
+    main(["evaluate", str(run), "--iwae-samples", "5", "--limit", "40", "--device", "cpu"])
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert float(lines["elbo"]) < 0 and lines["test_images"] == "40"

@@ -259,3 +259,22 @@ def test_optimizer_options_schedules_and_kl_annealing():
         fit(vae, guide, x, lr_schedule="linear", progress=False)
     with pytest.raises(TypeError, match="unknown options"):
         fit(vae, guide, x, epochz=3)
+
+
+def test_two_autoguides_with_the_same_names_keep_their_own_parameters():
+    """Pyro's global param store would let the second AutoNormal overwrite the first's
+    locs.mu; ppl-vae keeps PyroModule parameters local to each module."""
+    from pyro.infer.autoguide import AutoNormal
+
+    def model(x, size=None, subsample=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    first, second = AutoNormal(model), AutoNormal(model)
+    fit(model, first, torch.randn(200) - 3.0, epochs=40, batch_size=50, lr=0.1, progress=False)
+    fit(model, second, torch.randn(200) + 3.0, epochs=40, batch_size=50, lr=0.1, progress=False)
+    x = torch.zeros(1)
+    for guide, truth in ((first, -3.0), (second, 3.0)):
+        draws = pyro.infer.Predictive(model, guide=guide, num_samples=300)(x)["mu"]
+        assert float(draws.mean()) == pytest.approx(truth, abs=0.4)

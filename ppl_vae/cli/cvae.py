@@ -70,10 +70,11 @@ def load_labelled(config: dict, split: str, limit: int | None = None,
     (one fixed draw for test/validation when training used dynamic binarization); checked
     before any training step."""
     binarize = config["binarize"]
-    x, y = load_fashion_mnist(config.get("data"), split, limit=limit,
-                              binarize=None if binarize == "dynamic" else binarize,
+    if binarize == "dynamic":  # training resamples pixels; evaluation uses one fixed draw
+        binarize = "sample" if split == "test" else None
+    x, y = load_fashion_mnist(config.get("data"), split, limit=limit, binarize=binarize,
                               download=config.get("download", False))
-    validate_images(x, binary=binarize != "dynamic", name=f"{split} images")
+    validate_images(x, binary=binarize is not None, name=f"{split} images")
     one_hot(y, len(CLASSES))  # labels in 0..9, or an error naming the row
     return x, y
 

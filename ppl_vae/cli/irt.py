@@ -186,9 +186,7 @@ def write_outputs(run: Path, spec: dict, model: IRT, guide, data: Responses,
 
 def _pictures(run: Path, kind: str, means: dict, samples: dict, items: list[dict],
               item_ids: list[str], abilities: torch.Tensor) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     theta = torch.linspace(-4, 4, 161)

@@ -150,9 +150,7 @@ def write_topics(run: Path, model, vocabulary: list[str], texts) -> dict:
 
 def plot_topics(weights: torch.Tensor, vocabulary: list[str], path: Path, n: int = 10) -> None:
     """One panel per topic: its ``n`` top words as horizontal bars of their weights."""
-    import matplotlib
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = weights.shape[0]
