@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ppl_vae.guides.amortized import AmortizedNormal
-from ppl_vae.nn import ACTIVATIONS, MLP
+from ppl_vae.nn import mlp_body
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -123,8 +123,8 @@ class FullCovEncoder(nn.Module):
     @classmethod
     def mlp(cls, input_dim: int, hidden: Sequence[int], latent_dim: int,
             activation: str = "relu", flatten: int = 0) -> FullCovEncoder:
-        body = nn.Sequential(MLP([input_dim, *hidden], activation), ACTIVATIONS[activation]())
-        return cls(body, hidden[-1], latent_dim, flatten=flatten)
+        return cls(mlp_body(input_dim, hidden, activation), hidden[-1], latent_dim,
+                   flatten=flatten)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.flatten:

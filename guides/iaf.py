@@ -30,7 +30,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
 from ppl_vae.guides.amortized import AmortizedNormal
-from ppl_vae.nn import ACTIVATIONS, MLP, NormalHead
+from ppl_vae.nn import NormalHead, mlp_body
 
 
 class ContextNormalEncoder(nn.Module):
@@ -47,8 +47,8 @@ class ContextNormalEncoder(nn.Module):
     @classmethod
     def mlp(cls, input_dim: int, hidden: Sequence[int], latent_dim: int,
             activation: str = "relu", flatten: int = 0) -> ContextNormalEncoder:
-        body = nn.Sequential(MLP([input_dim, *hidden], activation), ACTIVATIONS[activation]())
-        return cls(body, hidden[-1], latent_dim, flatten=flatten)
+        return cls(mlp_body(input_dim, hidden, activation), hidden[-1], latent_dim,
+                   flatten=flatten)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.flatten:

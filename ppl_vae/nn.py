@@ -35,6 +35,12 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def mlp_body(input_dim: int, hidden: Sequence[int], activation: str = "relu") -> nn.Module:
+    """An encoder's trunk: MLP input_dim -> hidden[...] with the activation after every layer,
+    (..., input_dim) -> (..., hidden[-1])."""
+    return nn.Sequential(MLP([input_dim, *hidden], activation), ACTIVATIONS[activation]())
+
+
 class NormalHead(nn.Module):
     """Maps features (..., H) to the parameters (loc, scale) of a diagonal Normal, each
     (..., D); scale = softplus(.) + min_scale keeps it positive."""
@@ -64,8 +70,8 @@ class NormalEncoder(nn.Module):
     @classmethod
     def mlp(cls, input_dim: int, hidden: Sequence[int], latent_dim: int,
             activation: str = "relu", flatten: int = 0) -> NormalEncoder:
-        body = nn.Sequential(MLP([input_dim, *hidden], activation), ACTIVATIONS[activation]())
-        return cls(body, hidden[-1], latent_dim, flatten=flatten)
+        return cls(mlp_body(input_dim, hidden, activation), hidden[-1], latent_dim,
+                   flatten=flatten)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.flatten:
