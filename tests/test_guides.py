@@ -54,6 +54,20 @@ def test_fullcov_samples_have_covariance_LLt():
     assert torch.allclose(z.mean(0), q.loc, atol=0.03)
 
 
+def test_fullcov_encoder_starts_diagonal_with_a_scaled_off_diagonal_head():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    enc = FullCovEncoder.mlp(6, [16], 3)
+    assert enc.tril_scale == pytest.approx(0.25)  # 1 / sqrt(hidden)
+    loc, log_scale, tril = enc(x)
+    assert loc.shape == log_scale.shape == (4, 3) and tril.shape == (4, 3, 3)
+    assert torch.equal(tril, torch.zeros_like(tril))  # training starts from a diagonal q
+    with torch.no_grad():
+        enc.tril.bias.fill_(1.0)
+    assert torch.allclose(enc(x)[2], torch.full((4, 3, 3), 0.25))
+    assert FullCovEncoder.mlp(6, [16], 3, tril_scale=1.0).tril_scale == 1.0
+
+
 def _iaf(latent_dim: int = 2, flows: int = 2):
     torch.manual_seed(0)
     encoder = ContextNormalEncoder.mlp(3, [8], latent_dim)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-# model name -> family module (imported lazily so ``ppl-vae --help`` stays fast)
+# model name -> family module (the one place that names concrete models; imported by name)
 FAMILIES: dict[str, str] = {
     "vae": "ppl_vae.cli.vae",
     **{name: "ppl_vae.cli.irt" for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")},
