@@ -5,6 +5,8 @@ images whose other labels are hidden, train
 
     M2          models/ssvae.py with objective="enum" (y summed out exactly on unlabelled
                 rows), classifier q(y|x) = MLP 784 -> hidden -> 10, alpha = 0.1 N / N_labelled
+                per labelled image or --alpha; --labelled-share S repeats the labelled
+                rows (weight 1/k) to about S of every minibatch, same objective
     supervised  the same classifier network, cross-entropy on the labelled images only,
                 Adam with the same learning rate and the same number of optimizer steps
 
@@ -12,7 +14,8 @@ and report test accuracy on the Fashion-MNIST test images (argmax of the classif
 Same threads for both sides, the order of the two alternates with the seed; medians over
 seeds. No extra dependencies:
 
-    OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 10000 --epochs 10 --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 10000 --epochs 10 --seeds 0 1 \
+        --alpha 500
 
 Cut down to fit ~25 minutes on a 2-core CPU (a 10k-image pool instead of 60k, a few
 epochs instead of hundreds): the figures understate what M2 reaches with full training.
@@ -29,7 +32,7 @@ from torch.nn import functional as F
 
 from ppl_vae import fit
 from ppl_vae.data.images import load_fashion_mnist
-from ppl_vae.models.ssvae import build_ssvae
+from ppl_vae.models.ssvae import build_ssvae, oversample_labelled
 from ppl_vae.nn import MLP
 
 
@@ -49,15 +52,28 @@ def accuracy(classifier, xt, yt) -> float:
         return float((classifier(xt.flatten(-2)).argmax(-1) == yt).float().mean())
 
 
+def m2_data(x, y, labelled, args) -> tuple[torch.Tensor, ...]:
+    """(x, y, labelled[, weight]): labelled rows repeated to --labelled-share of the rows,
+    weighted 1/k (the same full-data objective, see oversample_labelled)."""
+    y_in = torch.where(labelled, y, torch.full_like(y, -1))  # hidden labels are not passed
+    if args.labelled_share:
+        return oversample_labelled(x, y_in, labelled, args.labelled_share)
+    return x, y_in, labelled
+
+
+def m2_steps(x, y, labelled, args) -> int:
+    return args.epochs * -(-len(m2_data(x, y, labelled, args)[0]) // args.batch_size)
+
+
 def train_m2(x, y, labelled, xt, yt, seed, args) -> tuple[float, float, int]:
     torch.manual_seed(seed)
-    alpha = 0.1 * len(x) / int(labelled.sum())
+    alpha = args.alpha if args.alpha is not None else 0.1 * len(x) / int(labelled.sum())
     model, guide = build_ssvae(latent_dim=args.latent, hidden=(args.hidden,), alpha=alpha)
-    y_in = torch.where(labelled, y, torch.full_like(y, -1))  # hidden labels are not passed
+    data = m2_data(x, y, labelled, args)
     start = time.perf_counter()
-    fit(model, guide, (x, y_in, labelled), epochs=args.epochs, batch_size=args.batch_size,
+    fit(model, guide, data, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, objective="enum", seed=seed, device="cpu", progress=False)
-    steps = args.epochs * -(-len(x) // args.batch_size)
+    steps = args.epochs * -(-len(data[0]) // args.batch_size)
     return accuracy(model.classifier, xt, yt), time.perf_counter() - start, steps
 
 
@@ -94,13 +110,20 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=16)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--labelled-share", type=float, default=0.0,
+                   help="M2: labelled rows repeated (weight 1/k) to this share of each "
+                   "epoch's rows; 0 = each labelled image once per epoch")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="M2: weight of log q(y|x) per labelled image (default 0.1 N / "
+                   "N_labelled, Kingma et al.)")
     args = p.parse_args()
     torch.set_num_threads(1)
     x, y = load_fashion_mnist(split="train", limit=args.pool, binarize="sample", seed=0)
     xt, yt = load_fashion_mnist(split="test", limit=args.test, binarize="sample", seed=1)
     print(f"binarized Fashion-MNIST: pool {len(x)} train images, {len(xt)} test images, "
           f"{args.epochs} M2 epochs, batch {args.batch_size}, D={args.latent}, hidden "
-          f"{args.hidden}, threads {torch.get_num_threads()}", flush=True)
+          f"{args.hidden}, labelled share {args.labelled_share}, alpha "
+          f"{args.alpha or '0.1 N / N_labelled'}, threads {torch.get_num_threads()}", flush=True)
     print(f"{'labels/class':>12} {'seed':>4} {'M2 acc':>7} {'sup acc':>7} {'M2 s':>7} "
           f"{'sup s':>6} {'steps':>6}", flush=True)
     rows = []
@@ -111,7 +134,7 @@ def main() -> None:
                 m2, m2_s, steps = train_m2(x, y, labelled, xt, yt, seed, args)
                 sup, sup_s = train_supervised(x, y, labelled, xt, yt, seed, steps, args)
             else:
-                steps = args.epochs * -(-len(x) // args.batch_size)
+                steps = m2_steps(x, y, labelled, args)
                 sup, sup_s = train_supervised(x, y, labelled, xt, yt, seed, steps, args)
                 m2, m2_s, _ = train_m2(x, y, labelled, xt, yt, seed, args)
             rows.append((per_class, seed, m2, sup))

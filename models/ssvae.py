@@ -25,6 +25,7 @@ maximizes  sum_i [labelled ? L(x_i, y~_i) + alpha log q(y~_i|x_i) : U(x_i)].
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import pyro
@@ -57,6 +58,35 @@ def check_labels(y: torch.Tensor, labelled: torch.Tensor, num_classes: int,
                          f"0..{num_classes - 1}")
 
 
+def _weighted(weight: torch.Tensor | None):
+    """Scale every site of the row by its weight (B,); no-op without weights."""
+    return poutine.scale(scale=weight) if weight is not None else contextlib.nullcontext()
+
+
+def oversample_labelled(x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor,
+                        share: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """Repeat the labelled rows so that they make up about ``share`` of the rows (hence of
+    every shuffled minibatch), with weight 1/k on a row repeated k times: the weighted sum
+    over the N' rows equals the sum over the N original rows, so the engine's N'/B scaling
+    keeps the ELBO an unbiased estimate of the same full-data objective; only its variance
+    (and how often the classifier sees each label) changes.
+
+    Returns ``(x, y, labelled, weight)`` with N' = N_unlabelled + k N_labelled rows, the
+    labelled rows of one draw repeated k = round(share / (1 - share) * N_u / N_l) >= 1 times
+    (k = 1, weights 1, where the labelled share is already >= ``share``).
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share must be in [0, 1), got {share}")
+    n_l = int(labelled.sum())
+    n_u = len(labelled) - n_l
+    k = max(1, round(share / (1.0 - share) * n_u / n_l)) if n_l and n_u else 1
+    rows = torch.arange(len(x))
+    if k > 1:
+        rows = torch.cat([rows, labelled.nonzero().squeeze(-1).repeat(k - 1)])
+    weight = torch.where(labelled, 1.0 / k, 1.0)[rows].to(x.dtype)
+    return x[rows], y[rows], labelled[rows], weight
+
+
 class SSVAE(CVAE):
     """M2's p(y) p(z) p(x | y, z) with the auxiliary classification term.
 
@@ -66,11 +96,14 @@ class SSVAE(CVAE):
             guide :class:`SSVAEGuide`.
         latent_dim: D; num_classes: C.
         alpha: weight of the classification term per labelled example (Kingma et al. use
-            alpha = 0.1 N / N_labelled in this per-example form).
+            alpha = 0.1 N / N_labelled in this per-example form; on Fashion-MNIST M2 only
+            matched the supervised baseline with a far larger alpha, see
+            benchmarks/RESULTS.md, issue 5).
         likelihood: as for :class:`~ppl_vae.models.vae.VAE`.
 
     Data: ``(x, y, labelled)`` -- images (N, H, W), labels (N,) int64 (any value where not
-    labelled), labelled (N,) bool.
+    labelled), labelled (N,) bool -- or ``(x, y, labelled, weight)`` with a weight (N,) per
+    row (:func:`oversample_labelled`).
     """
 
     def __init__(self, decoder: nn.Module, classifier: nn.Module, latent_dim: int,
@@ -80,12 +113,14 @@ class SSVAE(CVAE):
         self.alpha = float(alpha)
 
     def model(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor,  # type: ignore[override]
-              size: int | None = None, subsample: torch.Tensor | None = None) -> None:
-        """x (B, H, W) in [0, 1], y (B,) labels, labelled (B,) bool."""
+              weight: torch.Tensor | None = None, size: int | None = None,
+              subsample: torch.Tensor | None = None) -> None:
+        """x (B, H, W) in [0, 1], y (B,) labels, labelled (B,) bool; weight (B,) optional:
+        every term of row i counts weight_i times (see :func:`oversample_labelled`)."""
         pyro.module("ssvae_decoder", self.decoder)
         pyro.module("y_classifier", self.classifier)
         prior_y = dist.OneHotCategorical(logits=x.new_zeros(self.num_classes))
-        with pyro.plate("data", size or len(x), subsample=subsample):
+        with pyro.plate("data", size or len(x), subsample=subsample), _weighted(weight):
             y1 = pyro.sample("y", prior_y)
             z = pyro.sample("z", self.prior_distribution(y1))
             pyro.sample("x", self.pixel_distribution(self.decoder(concat(z, y1))), obs=x)
@@ -122,13 +157,14 @@ class SSVAEGuide(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor,
-                size: int | None = None, subsample: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, size: int | None = None,
+                subsample: torch.Tensor | None = None) -> torch.Tensor:
         pyro.module("y_classifier", self.classifier)
         pyro.module("ssvae_z_guide", self.z_guide)
         logits = self.classifier(x.flatten(-2))                                   # (B, C)
         pinned = (1.0 - one_hot(y.clamp(min=0), self.num_classes)) * PINNED
         logits = torch.where(labelled.unsqueeze(-1), pinned, logits)
-        with pyro.plate("data", size or len(x), subsample=subsample):
+        with pyro.plate("data", size or len(x), subsample=subsample), _weighted(weight):
             y1 = pyro.sample("y", dist.OneHotCategorical(logits=logits),
                              infer={"enumerate": "parallel"})                   # (B, C)
             return pyro.sample("z", self.z_guide.distribution(x, y1))          # (B, D)

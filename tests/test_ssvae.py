@@ -11,7 +11,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from ppl_vae import fit
 from ppl_vae.cli.main import main
-from ppl_vae.models.ssvae import build_ssvae, check_labels
+from ppl_vae.models.ssvae import build_ssvae, check_labels, oversample_labelled
 
 C = 4
 
@@ -32,10 +32,10 @@ def _tiny(alpha: float = 5.0):
                        image_shape=(8, 8))
 
 
-def _loss(elbo, model, guide, *data):
+def _loss(elbo, model, guide, *data, **kwargs):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Trace_ELBO: "y" is not enumerated
-        return float(elbo.loss(model, guide, *data))
+        return float(elbo.loss(model, guide, *data, **kwargs))
 
 
 def test_labelled_rows_count_once_with_the_observed_label():
@@ -65,6 +65,30 @@ def test_unlabelled_rows_sum_y_out_exactly():
         q = torch.softmax(model.classifier(x.flatten(-2)), -1)[0]
     expected = float((q * per_class).sum() + (q * q.log()).sum())
     assert enum == pytest.approx(expected, rel=0.01)
+
+
+def test_oversampled_labels_keep_the_objective():
+    """Labelled rows repeated k times with weight 1/k: a share of about one half of the rows,
+    and the same full-data loss as the original rows (also as a minibatch estimate)."""
+    model, guide = _tiny()
+    x, y = _bars(40)
+    labelled = torch.zeros(40, dtype=torch.bool)
+    labelled[:4] = True
+    y = torch.where(labelled, y, torch.full_like(y, -1))
+    data = oversample_labelled(x, y, labelled, share=0.5)
+    assert len(data[0]) == 36 + 9 * 4 and float(data[2].float().mean()) == 0.5
+    assert float(data[3][data[2]].sum()) == pytest.approx(4.0)
+    assert oversample_labelled(x, y, labelled, share=0.05)[3].eq(1).all()  # already >= 5%
+    kw = dict(num_particles=2000, vectorize_particles=True, max_plate_nesting=1)
+    whole = _loss(TraceEnum_ELBO(**kw), model, guide, x, y, labelled)
+    assert _loss(TraceEnum_ELBO(**kw), model, guide, *data) == pytest.approx(whole, rel=0.01)
+    torch.manual_seed(1)
+    batches = [torch.randperm(len(data[0]))[:24] for _ in range(200)]
+    estimate = sum(_loss(TraceEnum_ELBO(num_particles=10, vectorize_particles=True,
+                                        max_plate_nesting=1), model, guide,
+                         *(t[i] for t in data), size=len(data[0]), subsample=i)
+                   for i in batches) / len(batches)
+    assert estimate == pytest.approx(whole, rel=0.03)
 
 
 def test_m2_learns_a_classifier_from_few_labels():
@@ -98,9 +122,10 @@ def test_cli_train_evaluate(fashion_dir, tmp_path, capsys):
             "--device", "cpu"]
     with pytest.raises(SystemExit, match="--objective enum"):
         main(base + ["--objective", "iwae", "--particles", "2"])
-    main(base)
+    main(base + ["--labelled-share", "0.5"])
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "ssvae" and config["alpha"] == pytest.approx(0.1 * 200 / 30)
+    assert config["model"] == "ssvae" and config["alpha"] == pytest.approx(max(0.1 * 200 / 30, 500))
+    assert config["labelled_share"] == 0.5
     assert len((run / "labelled_rows.csv").read_text().split()) == 31  # header + 30 rows
     assert (run / "samples_per_class.png").stat().st_size > 0
     capsys.readouterr()

@@ -6,7 +6,10 @@
 
 The labelled images are drawn at random, ``--labels-per-class`` of each class (seed
 ``--label-seed``), from the training images; the other training images are used without
-their labels. Their row numbers are written to RUN/labelled_rows.csv.
+their labels. Their row numbers are written to RUN/labelled_rows.csv. With
+``--labelled-share S`` the labelled images are repeated, each copy weighted 1/k, so that
+they make up about S of every minibatch (the same training objective, its labelled part
+seen more often).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ppl_vae.cli.cvae import add_data_arguments, check_resume, load_labelled, sp
 from ppl_vae.cli.main import fit_options
 from ppl_vae.data.images import CLASSES
 from ppl_vae.guides import GUIDES
-from ppl_vae.models.ssvae import build_ssvae, check_labels
+from ppl_vae.models.ssvae import build_ssvae, check_labels, oversample_labelled
 from ppl_vae.training import resolve_device
 
 NAMES = ("ssvae",)
@@ -36,8 +39,15 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="labelled training images per class (the rest are unlabelled)")
     g.add_argument("--label-seed", type=int, default=0, help="which images are labelled")
     g.add_argument("--alpha", type=float, default=None,
-                   help="weight of the classification term per labelled image "
-                   "(default 0.1 N / N_labelled, Kingma et al.)")
+                   help="weight of the classification term per labelled image (default: "
+                   "the larger of Kingma et al.'s 0.1 N / N_labelled and 500; on "
+                   "Fashion-MNIST accuracy rose with alpha up to about 500, see "
+                   "benchmarks/RESULTS.md)")
+    g.add_argument("--labelled-share", type=float, default=0.0,
+                   help="repeat the labelled images (weight 1/k each, so the objective is "
+                   "unchanged) until they are about this share of every minibatch; default "
+                   "0: each labelled image once per epoch (oversampling did not help in "
+                   "benchmarks/ssvae.py)")
     g.add_argument("--latent-dim", type=int, default=50)
     g.add_argument("--hidden", type=int, nargs="+", default=[500],
                    help="hidden sizes of classifier and encoder (decoder mirrored)")
@@ -84,13 +94,16 @@ def train(args: argparse.Namespace) -> None:
             "binarize": args.binarize, "data": str(args.data) if args.data else None,
             "download": args.download, "limit": limit, "val_size": val_size,
             "labels_per_class": args.labels_per_class, "label_seed": args.label_seed}
+    if args.labelled_share:  # stored only when used, so runs from before it still resume
+        spec["labelled_share"] = args.labelled_share
     x, y = load_labelled(spec, "train")
     xv = x[-val_size:]
     x, y = x[:limit or len(x) - val_size], y[:limit or len(y) - val_size]
     labelled = pick_labelled(y, args.labels_per_class, args.label_seed)
     y = torch.where(labelled, y, torch.full_like(y, -1))  # the hidden labels are not passed
     check_labels(y, labelled, len(CLASSES), name="training labels")
-    alpha = args.alpha if args.alpha is not None else 0.1 * len(x) / int(labelled.sum())
+    alpha = args.alpha if args.alpha is not None else max(0.1 * len(x) / int(labelled.sum()),
+                                                          500.0)
     config = dict(spec, alpha=alpha)
     check_resume(args, config)
     model, guide = build(config)
@@ -98,7 +111,9 @@ def train(args: argparse.Namespace) -> None:
     write_json(config, args.out / "config.json")
     (args.out / "labelled_rows.csv").write_text(
         "row\n" + "".join(f"{i}\n" for i in labelled.nonzero().squeeze(-1).tolist()))
-    history = fit(model, guide, (x, y, labelled), val_data=unlabelled(xv), config=config,
+    data = (oversample_labelled(x, y, labelled, args.labelled_share) if args.labelled_share
+            else (x, y, labelled))  # no weight column at 0: old runs' data unchanged
+    history = fit(model, guide, data, val_data=unlabelled(xv), config=config,
                   **fit_options(args, ("z",)))
     model.eval()
     xt, yt = load_labelled(config, "test", limit=2000)
