@@ -68,13 +68,17 @@ def build(config: dict):
 
 
 def _load(config: dict):
+    """The run's corpus (counted warnings printed); a bad corpus exits with its error."""
     text_options = dict(min_df=config["min_df"], max_df=config["max_df"],
                         stop_words=None if config["stop_words"] == "none"
                         else config["stop_words"], max_features=config["max_features"],
                         seed=config["seed"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CorpusWarning)
-        corpus = load_corpus(config["corpus"], **text_options)
+        try:
+            corpus = load_corpus(config["corpus"], **text_options)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise SystemExit(f"error: {e}") from e
     for w in caught:
         if issubclass(w.category, CorpusWarning):
             print(f"warning: {w.message}")
@@ -99,10 +103,7 @@ def train(args: argparse.Namespace) -> None:
               "alpha": args.alpha, "prior": args.prior, "min_df": _min_df(args.min_df),
               "max_df": _min_df(args.max_df), "stop_words": args.stop_words,
               "max_features": args.max_features, "seed": args.seed}
-    try:
-        corpus = _load(config)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from e
+    corpus = _load(config)
     config["vocab_size"] = corpus.vocab_size
     if args.resume and (args.out / "config.json").exists():
         saved = json.loads((args.out / "config.json").read_text())
@@ -188,10 +189,7 @@ def run_vocabulary(run: Path) -> list[str]:
 def evaluate(run: Path, args: argparse.Namespace) -> dict:
     """NPMI (top-10, whole corpus), diversity (top-25) and the test perplexity bound."""
     config, model, guide, device = _restore(run, args.device)
-    try:
-        corpus = _load(config)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from e
+    corpus = _load(config)
     vocabulary = run_vocabulary(run)
     if corpus.vocabulary != vocabulary:
         raise SystemExit(f"error: vocabulary mismatch: {config['corpus']} now has "
@@ -269,10 +267,7 @@ def check(run: Path, args: argparse.Namespace) -> dict:
     from ppl_vae.checks import check_posterior
 
     config, model, guide, device = _restore(run, args.device)
-    try:
-        corpus = _load(config)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from e
+    corpus = _load(config)
     vocabulary = run_vocabulary(run)
     test = corpus.counts["test"] if corpus.counts["test"].shape[0] else corpus.split("val")
     test = _rows(test, torch.arange(min(50, test.shape[0])))

@@ -171,14 +171,23 @@ def load_octis(folder: str | os.PathLike) -> TopicCorpus:
     if not docs:
         raise ValueError(f"{corpus_path}: no documents")
     ids, texts = _tokens_to_ids(docs, index, str(corpus_path), numbers)
+    rows = {name: [i for i, s in enumerate(splits) if s == name] for name in SPLITS}
+    return _make_corpus(vocabulary, ids, numbers, rows, texts, str(corpus_path), str(folder))
+
+
+def _make_corpus(vocabulary: list[str], ids: list, numbers: list[int],
+                 rows: dict[str, list[int]], texts: list, label: str,
+                 source: str) -> TopicCorpus:
+    """Split documents (word ids, their line numbers) into train/val/test count matrices,
+    dropping empty documents with one counted warning per split; ``label`` names the file in
+    messages. Checks that the training split is usable."""
     counts, lines = {}, {}
     for name in SPLITS:
-        rows = [i for i, s in enumerate(splits) if s == name]
-        part, part_lines = _drop_empty([ids[i] for i in rows], [numbers[i] for i in rows],
-                                       f"{corpus_path} ({name})")
+        part, part_lines = _drop_empty([ids[i] for i in rows[name]],
+                                       [numbers[i] for i in rows[name]], f"{label} ({name})")
         counts[name] = sparse_counts(part, len(vocabulary))
         lines[name] = part_lines
-    corpus = TopicCorpus(vocabulary, counts, texts, lines, str(folder))
+    corpus = TopicCorpus(vocabulary, counts, texts, lines, source)
     corpus.split("train")
     return corpus
 
@@ -232,16 +241,8 @@ def load_text(path: str | os.PathLike, min_df: float = 2, max_df: float = 0.7,
     n_val = int(round(val_fraction * len(raw)))
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
              "train": order[n_test + n_val:]}
-    counts, lines = {}, {}
-    for name in SPLITS:
-        rows = sorted(parts[name].tolist())
-        part, part_lines = _drop_empty([ids[i] for i in rows], [numbers[i] for i in rows],
-                                       f"{path} ({name})")
-        counts[name] = sparse_counts(part, len(vocabulary))
-        lines[name] = part_lines
-    corpus = TopicCorpus(vocabulary, counts, tokens, lines, str(path))
-    corpus.split("train")
-    return corpus
+    rows = {name: sorted(parts[name].tolist()) for name in SPLITS}
+    return _make_corpus(vocabulary, ids, numbers, rows, tokens, str(path), str(path))
 
 
 def load_corpus(path: str | os.PathLike, **text_options) -> TopicCorpus:
