@@ -278,3 +278,20 @@ def test_two_autoguides_with_the_same_names_keep_their_own_parameters():
     for guide, truth in ((first, -3.0), (second, 3.0)):
         draws = pyro.infer.Predictive(model, guide=guide, num_samples=300)(x)["mu"]
         assert float(draws.mean()) == pytest.approx(truth, abs=0.4)
+
+
+def test_a_plain_function_model_as_in_the_readme_trains():
+    decoder = nn.Linear(8, 64)
+
+    def model(x, size=None, subsample=None):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(8), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    guide = AmortizedNormal(NormalEncoder.mlp(64, [32], 8), site="z", plate="data")
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(256, 64, generator=g) < torch.linspace(0.05, 0.95, 64)).float()
+    history = fit(model, guide, data, epochs=5, batch_size=64, lr=1e-2, progress=False)
+    assert history["train_elbo"][-1] > history["train_elbo"][0] + 5
+    assert log_likelihood(model, guide, data[:16], num_samples=50) > history["train_elbo"][-1] - 5
