@@ -119,8 +119,8 @@ class TensorBatches:
         return n // b if self.drop_last else -(-n // b)
 
     def take(self, idx: torch.Tensor) -> Batch:
-        return Batch(tuple(_rows(t, idx) for t in self.args),
-                     {k: _rows(t, idx) for k, t in self.kwargs.items()},
+        return Batch(tuple(take_rows(t, idx) for t in self.args),
+                     {k: take_rows(t, idx) for k, t in self.kwargs.items()},
                      self.num_examples, idx)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -182,7 +182,7 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` of ``t``; a sparse CSR tensor (N, D) gives a dense (len(idx), D) tensor,
     so only the minibatch is ever densified (on the data's device)."""
     if t.layout != torch.sparse_csr:

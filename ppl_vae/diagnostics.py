@@ -49,12 +49,11 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .batching import Data, make_batches, split_structure
 from .evaluation import (
-    _module_device,
-    _pair_in_eval_mode,
-    _restore_modes,
+    eval_mode,
     find_data_plate,
     log_weights,
     max_plate_nesting,
+    module_device,
 )
 from .posterior import (
     _global_trace,
@@ -184,14 +183,13 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
     if seed is not None:
         pyro.set_rng_seed(seed)
     if device is None:
-        device = _module_device(model, guide)
+        device = module_device(model, guide)
     n = make_batches(data, 1, device, shuffle=False).num_examples
     batch_size = batch_size or min(n, 1000)
     per_pass = max(1, 200_000 // batch_size)  # particles x examples per vectorized pass
     batches = make_batches(data, batch_size, device, shuffle=False)
-    modes = _pair_in_eval_mode(model, guide)
     local_k: list[np.ndarray] = []
-    try:
+    with eval_mode(model, guide):
         first = next(iter(batches))
         nesting = max_plate_nesting(model, guide, first)
         plate = plate or find_data_plate(model, guide, first)
@@ -235,8 +233,6 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
             if has_local:  # a second inner estimate for a few global draws: its noise
                 m = min(num_samples, 20)
                 noise = float(((global_log_ratios(m) - total[:m]) ** 2).mean().div(2).sqrt())
-    finally:
-        _restore_modes(modes)
     return ParetoK(np.concatenate(local_k) if local_k else None, glob_k, num_samples,
                    inner_samples, noise)
 
@@ -418,15 +414,14 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
     """
     pyro.set_rng_seed(seed)
     if device is None:
-        device = _module_device(model, guide)
+        device = module_device(model, guide)
     replace_data = replace_data or _default_replace
     full = make_batches(data, 1, device, shuffle=False)
     n = full.num_examples
     batch_size = min(batch_size, n, num_simulations)
     generator = torch.Generator().manual_seed(seed)
-    modes = _pair_in_eval_mode(model, guide)
     ranks: dict[str, list[np.ndarray]] = {}
-    try:
+    with eval_mode(model, guide):
         done = 0
         nesting = plate_name = None
         observed: set[str] = set()
@@ -470,8 +465,6 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
                 shape = tuple(value.shape[1:]) if value.shape[:1] == (b,) else (-1,)
                 ranks.setdefault(name, []).append(rank.cpu().numpy().reshape(b, *shape))
             done += b
-    finally:
-        _restore_modes(modes)
     return SBCResult({k: np.concatenate(v) for k, v in ranks.items()}, num_draws, bins, alpha)
 
 

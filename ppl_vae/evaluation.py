@@ -20,7 +20,8 @@ posterior-predictive log-likelihood of x_i, the usual held-out figure for such m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyro
 import pyro.poutine as poutine
@@ -134,18 +135,18 @@ def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Te
     return lp
 
 
-def _pair_in_eval_mode(model, guide):
-    modes = []
-    for m in (model, guide):
-        if isinstance(m, torch.nn.Module):
-            modes.append((m, m.training))
-            m.eval()
-    return modes
-
-
-def _restore_modes(modes):
-    for m, training in modes:
-        m.train(training)
+@contextmanager
+def eval_mode(*objs) -> Iterator[None]:
+    """Put the modules among ``objs`` in eval mode (no dropout, batch-norm running stats)
+    for the block, then restore each one's previous mode."""
+    modes = [(m, m.training) for m in objs if isinstance(m, torch.nn.Module)]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 @torch.no_grad()
@@ -162,13 +163,12 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
     from tqdm.auto import tqdm
 
     if device is None:
-        device = _module_device(model, guide)
+        device = module_device(model, guide)
     batches = make_batches(data, batch_size, device, shuffle=False)
     if particles_per_pass is None:
         particles_per_pass = max(1, min(num_samples, 50_000 // max(1, batches.batch_size)))
-    modes = _pair_in_eval_mode(model, guide)
     out = []
-    try:
+    with eval_mode(model, guide):
         nesting = plate_name = None
         for batch in tqdm(batches, desc="evaluating", unit="batch", leave=False,
                           disable=None if progress is None else not progress):
@@ -191,8 +191,6 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                 done += k
             acc = acc - math.log(num_samples) if reduce == "logmeanexp" else acc / num_samples
             out.append(acc.cpu())
-    finally:
-        _restore_modes(modes)
     return torch.cat(out)
 
 
@@ -224,7 +222,7 @@ def elbo(model: Callable, guide: Callable, data: Data, num_particles: int = 1,
     return values if per_example else float(values.mean())
 
 
-def _module_device(*objs) -> torch.device:
+def module_device(*objs) -> torch.device:
     for obj in objs:
         if isinstance(obj, torch.nn.Module):
             for p in obj.parameters():

@@ -41,11 +41,10 @@ from pyro.poutine.util import prune_subsample_sites
 from .batching import Batch, Data, make_batches
 from .evaluation import (
     PARTICLE_PLATE,
-    _module_device,
-    _pair_in_eval_mode,
-    _restore_modes,
+    eval_mode,
     find_data_plate,
     max_plate_nesting,
+    module_device,
 )
 
 __all__ = ["to_arviz", "save_netcdf", "load_netcdf", "model_dims", "Draws", "draw",
@@ -227,14 +226,13 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
     ``num_samples`` vectorized particles over ``data`` in minibatches, replay the model, and
     collect every sample site. Global draws are shared by all minibatches."""
     if device is None:
-        device = _module_device(model, guide)
+        device = module_device(model, guide)
     n = make_batches(data, 1, device, shuffle=False).num_examples
     if batch_size is None:
         batch_size = max(1, min(n, 100_000 // max(1, num_samples)))
     batches = make_batches(data, batch_size, device, shuffle=False)
-    modes = _pair_in_eval_mode(model, guide)
     draws = Draws()
-    try:
+    with eval_mode(model, guide):
         nesting = plate_name = glob = None
         for i, batch in enumerate(batches):
             if nesting is None:
@@ -257,8 +255,6 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                                             ).get_trace(_vectorized(model, num_samples, nesting))
             _collect(draws, model_trace, num_samples, plate_name, i == 0,
                      predictive and not prior, log_likelihood and not prior)
-    finally:
-        _restore_modes(modes)
     return draws
 
 

@@ -142,14 +142,14 @@ def perplexity(model: Callable, guide: Callable, counts: torch.Tensor,
     (``num_particles`` draws), C_d the multinomial coefficient, N_d the document's length.
     An upper bound on the true perplexity (ELBO <= log p(x)); lower is better.
     """
-    from ppl_vae.batching import _rows
+    from ppl_vae.batching import take_rows
     from ppl_vae.evaluation import elbo
 
     per_doc = elbo(model, guide, counts, num_particles=num_particles, batch_size=batch_size,
                    per_example=True, device=device, progress=False)
     coef, words = [], []
     for i in range(0, counts.shape[0], batch_size):
-        dense = _rows(counts, torch.arange(i, min(i + batch_size, counts.shape[0])))
+        dense = take_rows(counts, torch.arange(i, min(i + batch_size, counts.shape[0])))
         coef.append(log_multinomial_coefficient(dense))
         words.append(dense.sum(-1))
     log_p_words = per_doc.double() - torch.cat(coef).double()

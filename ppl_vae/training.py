@@ -31,6 +31,7 @@ from .checkpoint import (
     write_history_csv,
 )
 from .evaluation import elbo as evaluate_elbo
+from .evaluation import eval_mode
 from .objectives import make_objective
 
 
@@ -126,16 +127,10 @@ class Trainer:
         parameter: Pyro params by their param-store names, sorted for a stable order."""
         for m in self._modules():
             m.to(self.device)
-        modes = [(m, m.training) for m in self._modules()]
-        for m, _ in modes:
-            m.eval()
-        try:
-            with poutine.trace(param_only=True) as capture, torch.no_grad():
-                guide_trace = poutine.trace(batch.call).get_trace(self.guide)
-                poutine.replay(batch.call, trace=guide_trace)(self.model)
-        finally:
-            for m, training in modes:
-                m.train(training)
+        with eval_mode(self.model, self.guide), torch.no_grad(), \
+                poutine.trace(param_only=True) as capture:
+            guide_trace = poutine.trace(batch.call).get_trace(self.guide)
+            poutine.replay(batch.call, trace=guide_trace)(self.model)
         params = {name: site["value"].unconstrained()
                   for name, site in capture.trace.nodes.items() if site["type"] == "param"}
         for i, m in enumerate(self._modules()):

@@ -200,8 +200,8 @@ def evaluate(run: Path, args: argparse.Namespace) -> dict:
     per_topic = npmi_per_topic(words10, corpus.texts)
     test = corpus.counts["test"] if corpus.counts["test"].shape[0] else corpus.split("val")
     if args.limit:
-        from ppl_vae.batching import _rows
-        test = _rows(test, torch.arange(min(args.limit, test.shape[0])))
+        from ppl_vae.batching import take_rows
+        test = take_rows(test, torch.arange(min(args.limit, test.shape[0])))
     torch.manual_seed(args.seed)
     result = {"npmi": float(per_topic.mean()),
               "diversity": diversity(top_words(weights, vocabulary, min(25, len(vocabulary))),
@@ -218,12 +218,12 @@ def theta_of(model, guide, counts: torch.Tensor, batch_size: int = 1000) -> torc
     """Topic proportions (D, K) of count rows (D, V), dense or sparse CSR: the guide's
     posterior mean for the Dirichlet guide, softmax of the posterior mean of log theta (its
     mode in the logistic basis) for the logistic-normal guide."""
-    from ppl_vae.batching import _rows
+    from ppl_vae.batching import take_rows
 
     device = next(guide.parameters()).device
     out = []
     for i in range(0, counts.shape[0], batch_size):
-        x = _rows(counts, torch.arange(i, min(i + batch_size, counts.shape[0]))).to(device)
+        x = take_rows(counts, torch.arange(i, min(i + batch_size, counts.shape[0]))).to(device)
         q = guide.distribution(x)
         if model.prior == "dirichlet":
             out.append(q.mean.cpu())
@@ -263,14 +263,14 @@ def check(run: Path, args: argparse.Namespace) -> dict:
     mean over draws of sum_d log p(x_d | theta_d) / words)."""
     import numpy as np
 
-    from ppl_vae.batching import _rows
+    from ppl_vae.batching import take_rows
     from ppl_vae.checks import check_posterior
 
     config, model, guide, device = _restore(run, args.device)
     corpus = _load(config)
     vocabulary = run_vocabulary(run)
     test = corpus.counts["test"] if corpus.counts["test"].shape[0] else corpus.split("val")
-    test = _rows(test, torch.arange(min(50, test.shape[0])))
+    test = take_rows(test, torch.arange(min(50, test.shape[0])))
     test = test[test.sum(-1) > 0]
     top = torch.argsort(test.sum(0), descending=True)[:30].numpy()
 
