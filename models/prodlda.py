@@ -25,7 +25,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from torch import nn
+from torch.distributions import constraints
 from torch.nn import functional as F
 
 from ppl_vae.guides.amortized import AmortizedNormal
@@ -56,12 +58,73 @@ def topic_proportions_site(prior: str, alpha: torch.Tensor) -> torch.Tensor:
     return pyro.sample("theta", dist.Dirichlet(alpha))
 
 
-def word_counts_site(logits: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
-    """Observe the counts docs (B, V) under Multinomial(N_i, softmax(logits)); N_i is read
-    from each row (torch's log_prob uses the row sum, so one total_count serves all rows)."""
-    total = int(docs.sum(-1).max()) if docs.numel() else 0
-    return pyro.sample("counts", dist.Multinomial(max(total, 1), logits=logits,
-                                                  validate_args=False), obs=docs)
+class DocumentCounts(TorchDistribution):
+    """Word counts of documents: x_i ~ Multinomial(N_i, softmax(logits_i)), where every row
+    has its own length N_i = ``total_count[i]`` (torch's Multinomial takes one int for all).
+
+        log p(x_i) = log N_i! - sum_v log x_iv! + sum_v x_iv log softmax(logits_i)_v
+
+    Scoring reads nothing back to the host (no per-step synchronisation on a GPU).
+
+    Args:
+        logits: (..., V) log word weights, normalized here (``normalized=True``: they are
+            already log-probabilities, e.g. a log_softmax, and are used as they are).
+        total_count: (...,) document lengths, needed for sampling; scoring uses the observed
+            rows' own sums.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = constraints.independent(constraints.nonnegative_integer, 1)
+
+    def __init__(self, logits: torch.Tensor, total_count: torch.Tensor | None = None,
+                 normalized: bool = False, validate_args: bool | None = None):
+        self.logits = logits if normalized else logits - logits.logsumexp(-1, keepdim=True)
+        self.total_count = total_count
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        total = (None if self.total_count is None
+                 else self.total_count.expand(batch_shape))
+        return DocumentCounts(self.logits.expand(batch_shape + self.event_shape), total,
+                              normalized=True, validate_args=False)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.total_count is None:
+            raise ValueError("DocumentCounts needs total_count= for its mean")
+        return self.total_count.unsqueeze(-1) * self.logits.exp()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        n = value.sum(-1)
+        return (torch.lgamma(n + 1) - torch.lgamma(value + 1).sum(-1)
+                + (value * self.logits).sum(-1))
+
+    def sample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
+        """Counts (sample_shape + batch + (V,)): N_i words drawn for row i."""
+        if self.total_count is None:
+            raise ValueError("sampling documents needs their lengths: DocumentCounts(..., "
+                             "total_count=...)")
+        shape = torch.Size(sample_shape) + self.batch_shape
+        n = self.total_count.expand(shape).long()
+        longest = int(n.max()) if n.numel() else 0
+        words = torch.distributions.Categorical(logits=self.logits).sample(
+            torch.Size([longest]) + torch.Size(sample_shape))               # (L, *shape)
+        keep = torch.arange(longest, device=n.device).view(-1, *[1] * len(shape)) < n
+        counts = torch.zeros(shape + self.event_shape, dtype=self.logits.dtype,
+                             device=self.logits.device)
+        return counts.scatter_add_(-1, words.movedim(0, -1),
+                                   keep.movedim(0, -1).to(counts.dtype))
+
+
+def word_counts_site(logits: torch.Tensor, docs: torch.Tensor,
+                     normalized: bool = False) -> torch.Tensor:
+    """Observe the counts docs (B, V) under Multinomial(N_i, softmax(logits)), N_i the
+    length of row i (:class:`DocumentCounts`; ``normalized``: logits are log-probabilities
+    already)."""
+    return pyro.sample("counts", DocumentCounts(logits, docs.sum(-1), normalized), obs=docs)
 
 
 class ProdLDA(nn.Module):
@@ -99,7 +162,7 @@ class ProdLDA(nn.Module):
         pyro.module("prodlda", self)
         with pyro.plate("documents", size or len(docs), subsample=subsample):
             theta = topic_proportions_site(self.prior, self.alpha)
-            word_counts_site(self.decode(theta), docs)
+            word_counts_site(self.decode(theta), docs, normalized=True)
         return theta
 
     forward = model

@@ -205,6 +205,6 @@ def _to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
         return t if t.device == device else t.to(device)
     if t.device == device:
         return t
-    if pin and t.device.type == "cpu":
-        t = t.pin_memory()
+    if pin and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()  # DataLoader(pin_memory=True) hands over pinned rows already
     return t.to(device, non_blocking=pin)

@@ -41,7 +41,7 @@ import torch
 from pyro.infer.elbo import ELBOModule
 from torch import nn
 
-from .batching import Batch, Data, TensorBatches, is_in_memory, split_structure
+from .batching import Batch, Data, IterableBatches, TensorBatches, is_in_memory, split_structure
 from .checkpoint import load_checkpoint
 from .evaluation import elbo as evaluate_elbo
 from .training import FitConfig, History, Trainer
@@ -111,6 +111,60 @@ class ShardedBatches(TensorBatches):
             yield self.take(chunk[self.rank::w])
 
 
+class ShardedLoader(IterableBatches):
+    """A user's ``DataLoader`` over a map-style dataset, re-made for one rank: the same
+    dataset, collate function, workers and pinning, with a ``DistributedSampler`` (every rank
+    a disjoint share of one seeded permutation per epoch, reshuffled each epoch like the
+    original loader's ``RandomSampler``; a short last share is padded by repeating rows) and
+    ``loader.batch_size / W`` rows per rank and step, so ``loader.batch_size`` stays the
+    global batch size. ``Batch.size`` is the whole dataset's size on every rank."""
+
+    def __init__(self, loader: Any, device: torch.device | str, rank: int, world_size: int,
+                 seed: int, num_data: int | None = None, name: str = "data"):
+        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+        b = _check_loader_batch(loader, world_size, name)
+        self.sampler = DistributedSampler(
+            loader.dataset, num_replicas=world_size, rank=rank,
+            shuffle=isinstance(loader.sampler, RandomSampler), seed=seed,
+            drop_last=loader.drop_last)
+        workers = loader.num_workers
+        per_rank = DataLoader(
+            loader.dataset, batch_size=b // world_size, sampler=self.sampler,
+            num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last, timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            persistent_workers=loader.persistent_workers if workers else False,
+            prefetch_factor=loader.prefetch_factor if workers else None)
+        super().__init__(per_rank, device,
+                         num_data=num_data if num_data is not None else len(loader.dataset))
+        self.epoch = 0  # passes made; the sampler's shuffle seed is seed + epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        return super().__iter__()
+
+
+def _check_loader_batch(loader: Any, world_size: int, name: str = "data") -> int:
+    b = loader.batch_size
+    if b is None:
+        raise ValueError(f"{name}: a DataLoader with a custom batch_sampler cannot be "
+                         "sharded over ranks; give it batch_size= (the global batch)")
+    if b % world_size:
+        raise ValueError(f"{name}: the DataLoader's batch_size {b} is the global batch and "
+                         f"must divide evenly over {world_size} ranks")
+    return b
+
+
+def is_shardable_loader(data: Any) -> bool:
+    """A ``torch.utils.data.DataLoader`` over a map-style dataset (``__getitem__``)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    return isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset)
+
+
 def shard(data: Data, rank: int, world_size: int) -> Data:
     """Rows ``rank, rank + W, ...`` of every tensor in ``data`` (same structure)."""
     args, kwargs = split_structure(data)
@@ -139,23 +193,39 @@ def _accelerator(device: str) -> str:
     return {"cuda": "gpu"}.get(kind, kind)
 
 
+def wants_sync_batchnorm(modules: list[nn.Module], accelerator: str) -> bool:
+    """Whether Lightning should turn the BatchNorm layers into ``SyncBatchNorm``: on GPUs,
+    when the model or guide has any (ProdLDA's decoder, the document encoder). Then every
+    rank normalizes with the statistics of the whole global batch, as one process would.
+
+    PyTorch's ``SyncBatchNorm`` runs on GPUs only; on CPU (gloo) each rank normalizes with
+    its own B/W rows, and the running statistics used at evaluation are rank 0's (DDP
+    broadcasts rank 0's buffers before every step), an estimate from every W-th row."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for module in modules for m in module.modules())
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto"
+                                                and torch.cuda.is_available())
+    return has_bn and on_gpu
+
+
 def _make_module_class(L):
     class SVIModule(L.LightningModule):
         """One SVI step per Lightning step (manual optimization, mirrors Trainer._run_epoch)."""
 
         def __init__(self, core: Trainer, data: Data, val_data: Data | None,
-                     resume_state: dict | None):
+                     resume_state: dict | None, num_data: int | None = None):
             super().__init__()
             self.automatic_optimization = False
             self.core = core
             self.data = data
             self.val_data = val_data
             self.resume_state = resume_state
+            self.num_data = num_data
             self.loss_fn = EngineELBOModule(core.model, core.guide, core.objective)
             # Pyro params outside any nn.Module (pyro.param in a model or guide), registered
             # here so that DDP averages their gradients too
             self.store_params = nn.ParameterDict()
-            self.batches: ShardedBatches | None = None
+            self.batches: ShardedBatches | ShardedLoader | None = None
             self._ready = False
 
         # ---- set-up on every rank, before DDP wraps the module -----------------------------
@@ -168,12 +238,18 @@ def _make_module_class(L):
             if c.clear_param_store:
                 pyro.clear_param_store()
             pyro.set_rng_seed(c.seed)
-            self.batches = ShardedBatches(
-                self.data, c.batch_size, core.device, shuffle=True,
-                drop_last=c.drop_last or c.objective == "jit", rank=rank, world_size=world)
-            self.batches.generator.manual_seed(c.seed)
-            first = self.batches.take(torch.arange(self.batches.batch_size,
-                                                   device=core.device))
+            if is_in_memory(self.data):
+                self.batches = ShardedBatches(
+                    self.data, c.batch_size, core.device, shuffle=True,
+                    drop_last=c.drop_last or c.objective == "jit", rank=rank,
+                    world_size=world)
+                self.batches.generator.manual_seed(c.seed)
+                first = self.batches.take(torch.arange(self.batches.batch_size,
+                                                       device=core.device))
+            else:
+                self.batches = ShardedLoader(self.data, core.device, rank, world, c.seed,
+                                             num_data=self.num_data)
+                first = next(iter(self.batches))
             with pyro.validation_enabled(True):
                 core._discover_params(first)
             self._register_store_params()
@@ -182,6 +258,8 @@ def _make_module_class(L):
             core._make_optimizer()
             if self.resume_state is not None:
                 core.load_state_dict(self.resume_state, self.batches)
+            if isinstance(self.batches, ShardedLoader):
+                self.batches.epoch = core.epoch  # a resumed run goes on with the next shuffle
             # the same shuffling on every rank, different latent draws on every rank
             pyro.set_rng_seed(c.seed + 7919 * core.epoch + rank)
             for m in core._modules():
@@ -298,13 +376,16 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
                     strategy: str = "ddp", accelerator: str | None = None,
                     out: str | Path | None = None, *, val_data: Data | None = None,
                     resume: str | Path | bool = False, progress: bool | None = None,
-                    ) -> History:
+                    num_data: int | None = None) -> History:
     """Train ``guide`` and the model's parameters with data-parallel SVI through Lightning.
 
     Args:
         model, guide: Pyro programs called as ``fn(*batch, size=N, subsample=idx)``.
-        data: in-memory tensors (a tensor, tuple or dict; first dim = examples). Every rank
-            holds all of it on its device and takes its share of each global minibatch.
+        data: in-memory tensors (a tensor, tuple or dict; first dim = examples): every rank
+            holds all of it on its device and takes its share of each global minibatch; or a
+            ``DataLoader`` over a map-style dataset, re-made per rank with a
+            ``DistributedSampler`` (:class:`ShardedLoader`; its ``batch_size`` is the global
+            batch) and streamed to the device (pinned, non-blocking copies on GPU).
         config: the run's settings; ``config.batch_size`` is the *global* batch size B (each
             of the W = devices * num_nodes ranks gets B / W examples per step).
         devices: processes per node (``int``), a list of GPU ids, or ``"auto"``.
@@ -315,16 +396,20 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
         out: run folder written by rank 0 (``checkpoint.pt``, ``best.pt``, ``metrics.csv``).
         val_data: validation data; its ELBO per example (nats) is computed over all ranks.
         resume: ``True`` (``out/checkpoint.pt``) or a checkpoint path.
+        num_data: the dataset size N for a DataLoader (default ``len(loader.dataset)``).
 
     Returns:
         :class:`~ppl_vae.training.History` (the same rows on every rank): ``train_elbo``
         (mean over the ranks' estimates, nats per example), ``val_elbo``, ``seconds``, ``lr``.
     """
     L = lightning_module()
-    if not is_in_memory(data):
-        raise ValueError("distributed training needs in-memory data (a tensor, tuple or dict "
-                         "of tensors) so that every rank can take its share of each shuffled "
-                         "minibatch; streamed iterables are trained by the single-process fit")
+    if not is_in_memory(data) and not is_shardable_loader(data):
+        raise ValueError(
+            "distributed training needs in-memory data (a tensor, tuple or dict of tensors) or "
+            "a torch DataLoader over a map-style dataset, so that every rank can take its "
+            f"share of each shuffled minibatch; got {type(data).__name__} (an iterable "
+            "dataset cannot be sharded here: shard it by rank yourself and give each rank "
+            "its own in-memory part, or train it with the single-process fit)")
     if strategy in _IN_PROCESS_LAUNCH:
         raise ValueError(f"strategy={strategy!r} trains in child processes whose parameters "
                          "do not come back to the caller; use strategy='ddp' (Lightning "
@@ -336,7 +421,13 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
     if resume is True and out is None:
         raise ValueError("resume=True needs out= (the run folder)")
     # check the data (shapes, NaN/inf, naming the field) before any process is started
-    TensorBatches(data, config.batch_size, "cpu", shuffle=False, name="data")
+    if is_in_memory(data):
+        TensorBatches(data, config.batch_size, "cpu", shuffle=False, name="data")
+    else:
+        world = (devices if isinstance(devices, int) else
+                 len(devices) if isinstance(devices, (list, tuple)) else None)
+        if world is not None:
+            _check_loader_batch(data, world * int(num_nodes))
     if val_data is not None:
         TensorBatches(val_data, config.batch_size, "cpu", shuffle=False, name="val_data")
     core = Trainer(model, guide, config, out=out)
@@ -345,12 +436,14 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
         path = Path(out) / "checkpoint.pt" if resume is True else Path(resume)
         resume_state = load_checkpoint(path, "cpu")
     done_epochs = int(resume_state["epoch"]) if resume_state else 0
-    module = _make_module_class(L)(core, data, val_data, resume_state)
+    module = _make_module_class(L)(core, data, val_data, resume_state, num_data)
     if done_epochs >= config.epochs:
         core.history = History(list(resume_state["history"]))  # nothing left to train
         return core.history
+    accelerator = accelerator or _accelerator(config.device)
     trainer = L.Trainer(
-        accelerator=accelerator or _accelerator(config.device),
+        accelerator=accelerator,
+        sync_batchnorm=wants_sync_batchnorm(core._modules(), accelerator),
         devices=devices if devices is not None else "auto",
         num_nodes=int(num_nodes), strategy=strategy,
         max_epochs=config.epochs - done_epochs,
@@ -366,5 +459,6 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
     return core.history
 
 
-__all__ = ["fit_distributed", "ShardedBatches", "EngineELBOModule", "shard",
-           "lightning_module", "set_only_rank_zero_continues"]
+__all__ = ["fit_distributed", "ShardedBatches", "ShardedLoader", "is_shardable_loader",
+           "EngineELBOModule", "shard", "wants_sync_batchnorm", "lightning_module",
+           "set_only_rank_zero_continues"]

@@ -89,14 +89,13 @@ def _pad_to_32(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (left, 32 - w - left, top, 32 - h - top))
 
 
-class ConvEncoder(nn.Module):
-    """The lecture notebook's encoder: pad to 32x32, three 3x3 convs with stride 2
-    (32, 64, 128 channels, ReLU), flatten (128*4*4 = 2048) -> NormalHead.
+class ConvBody(nn.Module):
+    """The lecture notebook's convolutional trunk: pad to 32x32, three 3x3 convs with stride
+    2 (32, 64, 128 channels, ReLU), flatten: (..., H, W) or (..., C, H, W) grey images ->
+    features (..., 128*4*4 = 2048 = ``out_features``). Any encoder head can sit on it (the
+    diagonal, full-covariance and IAF guides take it as their ``body``)."""
 
-    Input (..., H, W) or (..., C, H, W) grey images; output (loc, scale), each (..., D).
-    """
-
-    def __init__(self, latent_dim: int, channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
+    def __init__(self, channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
         super().__init__()
         layers, c = [], channels
         for w in widths:
@@ -104,15 +103,26 @@ class ConvEncoder(nn.Module):
             c = w
         self.convs = nn.Sequential(*layers, nn.Flatten())
         self.channels = channels
-        self.head = NormalHead(c * 4 * 4, latent_dim)
+        self.out_features = c * 4 * 4
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels == 1 and (x.dim() < 4 or x.shape[-3] != 1):
             x = x.unsqueeze(-3)
         batch = x.shape[:-3]
         h = self.convs(_pad_to_32(x.reshape(-1, *x.shape[-3:])))
-        loc, scale = self.head(h)
-        return loc.reshape(*batch, -1), scale.reshape(*batch, -1)
+        return h.reshape(*batch, self.out_features)
+
+
+class ConvEncoder(ConvBody):
+    """:class:`ConvBody` -> NormalHead: input (..., H, W) or (..., C, H, W) grey images;
+    output (loc, scale), each (..., D)."""
+
+    def __init__(self, latent_dim: int, channels: int = 1, widths: Sequence[int] = (32, 64, 128)):
+        super().__init__(channels, widths)
+        self.head = NormalHead(self.out_features, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(super().forward(x))
 
 
 class ConvDecoder(nn.Module):

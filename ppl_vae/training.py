@@ -133,6 +133,16 @@ class Trainer:
             poutine.replay(batch.call, trace=guide_trace)(self.model)
         params = {name: site["value"].unconstrained()
                   for name, site in capture.trace.nodes.items() if site["type"] == "param"}
+        if self.config.objective == "jit":
+            store = pyro.get_param_store()
+            local = [name for name in params if name not in store]
+            if local:
+                raise ValueError(
+                    f"objective='jit' (Pyro's JitTrace_ELBO) reads parameters from the global "
+                    f"param store, but {local[0]!r} ({len(local)} in all) belongs to a "
+                    "PyroModule (e.g. an AutoNormal guide) whose parameters stay in the module "
+                    "(ppl_vae sets module_local_params=True); use objective='trace' or "
+                    "'meanfield' for this model and guide")
         for i, m in enumerate(self._modules()):
             for name, p in m.named_parameters():
                 if not any(p is q for q in params.values()):
@@ -405,7 +415,7 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
         return fit_distributed(model, guide, data, cfg, devices=devices,
                                num_nodes=num_nodes or 1, strategy=strategy or "ddp",
                                accelerator=None, out=out, val_data=val_data, resume=resume,
-                               progress=progress)
+                               progress=progress, num_data=num_data)
     return Trainer(model, guide, cfg, out=out).fit(data, val_data, resume=resume,
                                                    num_data=num_data, progress=progress)
 

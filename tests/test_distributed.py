@@ -1,5 +1,7 @@
 """Data-parallel SVI through Lightning: 2 CPU processes (gloo) against one process.
 
+A second launch starts two one-process "nodes" with torchrun (``--nnodes 2``) on this host.
+
 Launched the way a multi-node job is (Lightning's environment variables: MASTER_ADDR,
 MASTER_PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK), two worker processes each call
 ``ppl_vae.fit(..., devices=2, strategy="ddp", device="cpu")``. Skips without ``lightning``.
@@ -58,6 +60,12 @@ PAIRS = textwrap.dedent('''
         y = 1.5 + x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * torch.randn(64, generator=g)
         return x, y
 
+    def regression_loader():
+        """Global batch 16, not shuffled: rank r reads rows r, r+2, ... (DistributedSampler),
+        so each step covers the same 16 rows as one process reading this loader."""
+        from torch.utils.data import DataLoader, TensorDataset
+        return DataLoader(TensorDataset(*regression_data()), batch_size=16, shuffle=False)
+
     def vae_data():
         g = torch.Generator().manual_seed(2)
         proto = (torch.rand(4, 6, 6, generator=g) > 0.5).float()
@@ -83,10 +91,16 @@ WORKER = PAIRS + textwrap.dedent('''
     h1 = ppl_vae.fit(reg, regression_guide, regression_data(), devices=2, strategy="ddp",
                      **REG)
     reg_params = regression_params(reg)  # before the next fit clears the param store
+    # the same pair fed by a DataLoader (re-made per rank with a DistributedSampler)
+    torch.manual_seed(0)
+    reg_loader = Regression()
+    ppl_vae.fit(reg_loader, regression_guide, regression_loader(), devices=2,
+                strategy="ddp", **REG)
+    loader_params = regression_params(reg_loader)
     vae, guide = build_vae(latent_dim=2, hidden=(16,), image_shape=(6, 6))
     h2 = ppl_vae.fit(vae, guide, vae_data(), val_data=vae_data()[:20], devices=2,
                      strategy="ddp", out=os.path.join(out, "vae_run"), **VAE)
-    torch.save({"regression": reg_params,
+    torch.save({"regression": reg_params, "regression_loader": loader_params,
                 "vae": {k: v.detach().clone() for k, v in
                         {**vae.state_dict(), **guide.state_dict()}.items()},
                 "history_regression": h1.rows, "history_vae": h2.rows},
@@ -129,6 +143,45 @@ def two_ranks(tmp_path_factory) -> dict:
                            for r in range(2)}}
 
 
+NODE_WORKER = PAIRS + textwrap.dedent('''
+    import os, sys
+    import ppl_vae
+    torch.manual_seed(0)
+    reg = Regression()
+    ppl_vae.fit(reg, regression_guide, regression_data(), devices=1, num_nodes=2,
+                strategy="ddp", **REG)
+    torch.save(regression_params(reg),
+               os.path.join(sys.argv[1], f"node{os.environ['GROUP_RANK']}.pt"))
+''')
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> dict:
+    """Two "nodes" on this host, one process each, started the way a multi-node job is:
+    ``torchrun --nnodes 2 --node-rank i --nproc-per-node 1 --master-addr ... worker.py``."""
+    out = tmp_path_factory.mktemp("nodes")
+    script = out / "node_worker.py"
+    script.write_text(NODE_WORKER)
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+         str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+         port, str(script), str(out)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=150)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("torchrun nodes did not finish in 150 s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return {node: torch.load(out / f"node{node}.pt", weights_only=True) for node in range(2)}
+
+
 def _namespace() -> dict:
     ns: dict = {}
     exec(PAIRS, ns)
@@ -164,6 +217,29 @@ def test_matches_single_process_with_same_global_batch(two_ranks):
         assert abs(a["train_elbo"] - b["train_elbo"]) < 1e-3 * (1 + abs(a["train_elbo"]))
 
 
+def test_dataloader_is_sharded_like_in_memory_data(two_ranks):
+    """A DataLoader (global batch 16) on 2 ranks follows one process reading the same
+    loader, within 1e-4: each rank got its half of every global batch."""
+    ns = _namespace()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    reg = ns["Regression"]()
+    ppl_vae.fit(reg, ns["regression_guide"], ns["regression_loader"](), **ns["REG"])
+    single = ns["regression_params"](reg)
+    ddp = two_ranks[0]["regression_loader"]
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, atol=1e-4, rtol=1e-4)
+        assert torch.equal(ddp[name], two_ranks[1]["regression_loader"][name])
+
+
+def test_two_nodes_under_torchrun_match_one_node(two_nodes, two_ranks):
+    """num_nodes=2 x devices=1 (torchrun, static rendezvous) trains the same parameters as
+    devices=2 on one node: the same 2 ranks, the same shards."""
+    for name, value in two_ranks[0]["regression"].items():
+        assert torch.equal(two_nodes[0][name], two_nodes[1][name]), name
+        torch.testing.assert_close(two_nodes[0][name], value, atol=1e-6, rtol=1e-6)
+
+
 def test_vae_trains_and_run_folder_restores(two_ranks):
     ns = _namespace()
     rows = two_ranks[0]["history_vae"]
@@ -194,14 +270,25 @@ def test_bad_settings_fail_before_training():
     with pytest.raises(ValueError, match="strategy='ddp_spawn'"):
         ppl_vae.fit(reg, ns["regression_guide"], (x, x[:, 0]), devices=2,
                     strategy="ddp_spawn", device="cpu")
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(x, x[:, 0])
+
+    with pytest.raises(ValueError, match="got DataLoader .*iterable dataset cannot be sharded"):
+        ppl_vae.fit(reg, ns["regression_guide"], DataLoader(Stream(), batch_size=4),
+                    devices=2, device="cpu")
     bad = x.clone()
     bad[4, 1] = float("nan")
     with pytest.raises(ValueError, match=r"data\[0\] contains NaN .* index \[4, 1\]"):
         ppl_vae.fit(reg, ns["regression_guide"], (bad, x[:, 0]), devices=2, device="cpu")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, 0]),
                                          batch_size=5)
-    with pytest.raises(ValueError, match="in-memory data"):
+    with pytest.raises(ValueError, match="batch_size 5 is the global batch .* over 2 ranks"):
         ppl_vae.fit(reg, ns["regression_guide"], loader, devices=2, device="cpu")
+    with pytest.raises(ValueError, match="batch_size 5 .* over 4 ranks"):
+        ppl_vae.fit(reg, ns["regression_guide"], loader, devices=2, num_nodes=2, device="cpu")
 
 
 def test_rank_shards_partition_the_single_process_batches():
@@ -242,3 +329,17 @@ def test_cli_flags_reach_fit():
     assert "devices" not in fit_options(parser.parse_args(["train", "vae", "--out", "run"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "vae", "--out", "run", "--devices", "two"])
+
+
+def test_batchnorm_is_synchronised_on_gpus_only():
+    """ProdLDA's BatchNorm layers become SyncBatchNorm under DDP on GPUs (global-batch
+    statistics); PyTorch has no CPU SyncBatchNorm, and models without BatchNorm are left as
+    they are."""
+    from ppl_vae.distributed import wants_sync_batchnorm
+    from ppl_vae.models.prodlda import build_prodlda
+    from ppl_vae.models.vae import build_vae
+
+    topics = list(build_prodlda(vocab_size=30, num_topics=3, hidden=8))
+    assert wants_sync_batchnorm(topics, "gpu")
+    assert not wants_sync_batchnorm(topics, "cpu")
+    assert not wants_sync_batchnorm(list(build_vae(latent_dim=2, hidden=(8,))), "gpu")

@@ -129,6 +129,21 @@ def test_each_guide_trains_a_vae(kind):
 
 
 @pytest.mark.parametrize("kind", ["fullcov", "iaf"])
+def test_richer_guides_train_on_the_conv_trunk(kind):
+    """--architecture conv: the full-covariance and IAF heads on the lecture's conv net."""
+    from ppl_vae.nn import ConvDecoder
+
+    torch.manual_seed(0)
+    x = _bars(128)
+    model = VAE(ConvDecoder(2, (8, 8), widths=(16, 8, 8)), 2)
+    guide = build_guide(kind, 64, [32], 2, architecture="conv")
+    assert guide.encoder.body.out_features == 2048
+    before = elbo(model, guide, x, num_particles=5, progress=False)
+    fit(model, guide, x, epochs=20, batch_size=32, lr=3e-3, progress=False, device="cpu")
+    assert elbo(model, guide, x, num_particles=5, progress=False) > before + 8
+
+
+@pytest.mark.parametrize("kind", ["fullcov", "iaf"])
 def test_richer_guides_work_with_iwae_and_evaluation(kind):
     x = _bars(64)
     model = VAE(MLPDecoder(2, [16], (8, 8)), 2)
@@ -179,6 +194,8 @@ def test_fullcov_guide_closes_the_elbo_gap_of_a_correlated_posterior():
 def test_build_guide_rejects_unknown_kind():
     with pytest.raises(ValueError, match="unknown guide 'flow'"):
         build_guide("flow", 4, [8], 2)
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'"):
+        build_guide("iaf", 4, [8], 2, architecture="resnet")
 
 
 def test_iaf_guide_is_restored_from_a_checkpoint(tmp_path):
@@ -197,12 +214,14 @@ def test_iaf_guide_is_restored_from_a_checkpoint(tmp_path):
                               guide2.distribution(x[:1]).log_prob(z), atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["fullcov", "iaf"])
-def test_vae_cli_trains_with_a_richer_guide(kind, fashion_dir, tmp_path, capsys):
+@pytest.mark.parametrize("kind, architecture", [("fullcov", "mlp"), ("iaf", "mlp"),
+                                                ("fullcov", "conv")])
+def test_vae_cli_trains_with_a_richer_guide(kind, architecture, fashion_dir, tmp_path, capsys):
     from ppl_vae.cli.main import main
 
     run = tmp_path / kind
-    main(["train", "vae", "--guide", kind, "--latent-dim", "2", "--hidden", "16",
+    main(["train", "vae", "--guide", kind, "--architecture", architecture,
+          "--latent-dim", "2", "--hidden", "16",
           "--epochs", "2", "--limit", "100", "--val-size", "20", "--batch-size", "50",
           "--data", str(fashion_dir), "--out", str(run), "--no-progress", "--device", "cpu"])
     assert (run / "reconstructions.png").stat().st_size > 0

@@ -108,6 +108,16 @@ def test_2pl_recovers_simulated_abilities_and_items(guide):
     assert float(sd[few].mean()) > float(sd[~few].mean())
 
 
+def test_jit_objective_with_an_autonormal_guide_fails_with_a_clear_message():
+    """JitTrace_ELBO cannot see module-local PyroModule parameters (AutoNormal's): the run
+    stops before its first step and says which objective to use instead."""
+    sim = simulate(64, 5, seed=0)
+    model, guide = build_irt({"kind": "2pl", "num_items": 5})
+    with pytest.raises(ValueError, match="objective='jit'.*AutoNormal.*use objective='trace'"):
+        fit(model, guide, (sim["responses"], sim["mask"]), epochs=1, batch_size=32,
+            objective="jit", progress=False, device="cpu")
+
+
 def test_3pl_and_lecture_and_hierarchical_train():
     d = simulate(300, 12, "3pl", seed=1)
     for spec in ({"kind": "3pl"}, {"kind": "lecture"}, {"kind": "2pl", "hierarchical": True}):

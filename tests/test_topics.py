@@ -16,7 +16,7 @@ from ppl_vae.batching import TensorBatches
 from ppl_vae.cli.main import main as cli
 from ppl_vae.data.topics import CorpusWarning, load_octis, read_documents, sparse_counts
 from ppl_vae.models.lda import build_lda
-from ppl_vae.models.prodlda import build_prodlda, laplace_prior
+from ppl_vae.models.prodlda import DocumentCounts, build_prodlda, laplace_prior
 from ppl_vae.topic_metrics import (
     diversity,
     log_multinomial_coefficient,
@@ -77,6 +77,28 @@ def test_topic_models_learn_planted_topics_from_sparse_counts(builder, prior, al
                   objective="meanfield", progress=False, seed=0)
     assert history["train_elbo"][-1] > history["train_elbo"][0] + 2  # nats per document
     assert recovered_blocks(model.topic_word()) >= 2
+
+
+def test_document_counts_score_and_sample_each_documents_own_length():
+    """Every row is Multinomial(N_i, softmax(logits_i)) with its own N_i: log-densities equal
+    torch's Multinomial row by row; samples keep each row's length and have mean N_i p_i."""
+    import pyro.distributions as dist
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7)
+    lengths = [3, 10, 1, 25]
+    x = torch.stack([dist.Multinomial(n, logits=logits[i]).sample()
+                     for i, n in enumerate(lengths)])
+    counts = DocumentCounts(logits + 5.0, x.sum(-1))  # unnormalized logits are fine
+    expected = torch.stack([dist.Multinomial(n, logits=logits[i]).log_prob(x[i])
+                            for i, n in enumerate(lengths)])
+    torch.testing.assert_close(counts.log_prob(x), expected)
+    draws = counts.sample((4000,))
+    assert draws.shape == (4000, 4, 7)
+    assert torch.equal(draws.sum(-1), torch.tensor(lengths).float().expand(4000, 4))
+    torch.testing.assert_close(draws.mean(0), counts.mean, atol=0.25, rtol=0.05)
+    with pytest.raises(ValueError, match="needs their lengths"):
+        DocumentCounts(logits).sample()
 
 
 def test_dirichlet_guide_is_reparameterized_and_on_the_simplex():

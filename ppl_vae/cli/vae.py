@@ -41,7 +41,7 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--download", action="store_true", help="download with torchvision if absent")
     g.add_argument("--guide", choices=GUIDES, default="diagonal",
                    help="q(z|x): diagonal Normal, full covariance (Algorithm 2), or IAF "
-                   "(fullcov and iaf with --architecture mlp)")
+                   "(on the MLP or conv encoder trunk)")
     g.add_argument("--flows", type=int, default=2, help="IAF steps (--guide iaf)")
 
 
@@ -53,10 +53,9 @@ def build(config: dict):
                              dynamic_binarization=config["binarize"] == "dynamic")
     kind = config.get("guide", "diagonal")
     if kind != "diagonal":
-        if config["architecture"] != "mlp":
-            raise SystemExit(f"error: --guide {kind} needs --architecture mlp")
         guide = build_guide(kind, 28 * 28, config["hidden"], config["latent_dim"], flatten=2,
-                            num_flows=config.get("flows", 2))
+                            num_flows=config.get("flows", 2),
+                            architecture=config["architecture"])
     return model, guide
 
 
