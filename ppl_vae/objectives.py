@@ -88,7 +88,7 @@ class IWAEObjective:
         self.kl_weight = kl_weight
         self.plate = plate
         self._nesting: int | None = None
-        self._warned = False
+        self._checked_globals = False
 
     def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
         if self._nesting is None:
@@ -100,11 +100,12 @@ class IWAEObjective:
             weight = lambda name, site: factor if name in sites else 1.0
         local, glob = log_weights(model, guide, batch, self.num_particles, self.plate,
                                   self._nesting, weight=weight)
-        if not self._warned and bool((glob != 0).any()):
-            warnings.warn("iwae objective: the model has global latents; they get one draw per "
-                          "particle, which is not the IWAE bound of the whole dataset",
-                          stacklevel=2)
-            self._warned = True
+        if not self._checked_globals:  # once: a host read every step would stall a GPU
+            self._checked_globals = True
+            if bool((glob != 0).any()):
+                warnings.warn("iwae objective: the model has global latents; they get one "
+                              "draw per particle, which is not the IWAE bound of the whole "
+                              "dataset", stacklevel=2)
         bound = local.logsumexp(0) - math.log(self.num_particles)
         return -(bound.sum() * (batch.size / len(batch)) + glob.mean())
 

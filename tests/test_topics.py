@@ -136,6 +136,18 @@ def gensim_npmi(topics, texts):
     return np.array(cm.get_coherence_per_topic())
 
 
+def test_sparse_counts_stay_sparse_on_cpu_and_are_densified_on_a_gpu_when_small():
+    from ppl_vae.batching import keeps_sparse
+
+    small = sparse_counts([np.array([0, 2, 2])], vocab_size=5)
+    assert keeps_sparse(small, torch.device("cpu"))
+    assert not keeps_sparse(small, torch.device("cuda"))  # a decision only: no GPU needed
+    huge = torch.sparse_csr_tensor(torch.zeros(2 * 10**5 + 1, dtype=torch.int64),
+                                   torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                                   size=(2 * 10**5, 3 * 10**3))      # 2.4 GB dense
+    assert keeps_sparse(huge, torch.device("cuda"))
+
+
 def test_npmi_equals_gensim_c_npmi():
     _, texts = planted_corpus(n=40, length=25)
     texts = [t[: 3 + i % 20] for i, t in enumerate(texts)]  # short and long documents
