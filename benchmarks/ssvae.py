@@ -19,8 +19,11 @@ seeds. No extra dependencies:
     OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 10000 --epochs 10 --seeds 0 1 \
         --alpha 500
 
-Cut down to fit ~25 minutes on a 2-core CPU (a 10k-image pool instead of 60k, a few
-epochs instead of hundreds): the figures understate what M2 reaches with full training.
+That command is cut down to fit ~25 minutes on a 2-core CPU (a 10k-image pool). The
+full-data figures in RESULTS.md take ~9 minutes per M2 run on one thread:
+
+    OMP_NUM_THREADS=1 python benchmarks/ssvae.py --pool 60000 --epochs 20 --seeds 0 1 2 \
+        --labels-per-class 100 --alpha 500
 """
 
 from __future__ import annotations

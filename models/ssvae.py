@@ -96,8 +96,8 @@ class SSVAE(CVAE):
             guide :class:`SSVAEGuide`.
         latent_dim: D; num_classes: C.
         alpha: weight of the classification term per labelled example (Kingma et al. use
-            alpha = 0.1 N / N_labelled in this per-example form; on Fashion-MNIST M2 only
-            matched the supervised baseline with a far larger alpha, see
+            alpha = 0.1 N / N_labelled in this per-example form; on Fashion-MNIST M2 needed
+            about 50 times that, see ``ppl_vae.cli.ssvae.default_alpha`` and
             benchmarks/RESULTS.md, issue 5).
         likelihood: as for :class:`~ppl_vae.models.vae.VAE`.
 

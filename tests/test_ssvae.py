@@ -124,7 +124,7 @@ def test_cli_train_evaluate(fashion_dir, tmp_path, capsys):
         main(base + ["--objective", "iwae", "--particles", "2"])
     main(base + ["--labelled-share", "0.5"])
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "ssvae" and config["alpha"] == pytest.approx(max(0.1 * 200 / 30, 500))
+    assert config["model"] == "ssvae" and config["alpha"] == pytest.approx(max(5 * 200 / 30, 500))
     assert config["labelled_share"] == 0.5
     assert len((run / "labelled_rows.csv").read_text().split()) == 31  # header + 30 rows
     assert (run / "samples_per_class.png").stat().st_size > 0
