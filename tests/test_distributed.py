@@ -114,6 +114,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait(procs: list[subprocess.Popen], what: str, timeout: int = 150) -> None:
+    """Wait for every process; fail with the log of the first that failed or timed out."""
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{what} did not finish in {timeout} s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     """Run the worker on 2 processes; return {rank: saved results} plus the run folder."""
@@ -129,16 +143,7 @@ def two_ranks(tmp_path_factory) -> dict:
         procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers did not finish in 150 s")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    _wait(procs, "distributed workers")
     return {"out": out, **{r: torch.load(out / f"rank{r}.pt", weights_only=True)
                            for r in range(2)}}
 
@@ -169,16 +174,7 @@ def two_nodes(tmp_path_factory) -> dict:
          str(node), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
          port, str(script), str(out)], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for node in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("torchrun nodes did not finish in 150 s")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    _wait(procs, "torchrun nodes")
     return {node: torch.load(out / f"node{node}.pt", weights_only=True) for node in range(2)}
 
 
