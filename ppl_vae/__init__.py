@@ -14,9 +14,17 @@ pyro.settings.set(module_local_params=True)
 
 from .checkpoint import load_checkpoint  # noqa: E402
 from .evaluation import elbo, log_likelihood  # noqa: E402
-from .training import FitConfig, History, Trainer, TrainingDiverged, fit, restore  # noqa: E402
+from .training import (  # noqa: E402
+    FitConfig,
+    History,
+    SetupError,
+    Trainer,
+    TrainingDiverged,
+    fit,
+    restore,
+)
 
-__all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "restore",
+__all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "SetupError", "restore",
            "log_likelihood", "elbo", "load_checkpoint", "to_arviz"]
 
 

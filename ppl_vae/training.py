@@ -39,6 +39,11 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; training stopped before corrupting checkpoints."""
 
 
+class SetupError(ValueError):
+    """The model, guide and settings cannot be trained together; raised before the first
+    step (the CLI prints it as ``error: ...``)."""
+
+
 @dataclass
 class FitConfig:
     """Settings of a run (stored in the checkpoint; JSON-able)."""
@@ -137,7 +142,7 @@ class Trainer:
             store = pyro.get_param_store()
             local = [name for name in params if name not in store]
             if local:
-                raise ValueError(
+                raise SetupError(
                     f"objective='jit' (Pyro's JitTrace_ELBO) reads parameters from the global "
                     f"param store, but {local[0]!r} ({len(local)} in all) belongs to a "
                     "PyroModule (e.g. an AutoNormal guide) whose parameters stay in the module "
@@ -148,7 +153,7 @@ class Trainer:
                 if not any(p is q for q in params.values()):
                     params[f"_module{i}.{name}"] = p
         if not params:
-            raise ValueError("the model and guide have no parameters to train")
+            raise SetupError("the model and guide have no parameters to train")
         self.params = dict(sorted(params.items()))
 
     def _make_optimizer(self) -> None:

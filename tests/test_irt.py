@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 
 import numpy as np
 import pyro
@@ -11,7 +12,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from ppl_vae import elbo, fit, log_likelihood
+from ppl_vae import SetupError, elbo, fit, log_likelihood
 from ppl_vae.cli.irt import load_run
 from ppl_vae.cli.main import main
 from ppl_vae.models.irt import (
@@ -113,7 +114,7 @@ def test_jit_objective_with_an_autonormal_guide_fails_with_a_clear_message():
     stops before its first step and says which objective to use instead."""
     sim = simulate(64, 5, seed=0)
     model, guide = build_irt({"kind": "2pl", "num_items": 5})
-    with pytest.raises(ValueError, match="objective='jit'.*AutoNormal.*use objective='trace'"):
+    with pytest.raises(SetupError, match="objective='jit'.*AutoNormal.*use objective='trace'"):
         fit(model, guide, (sim["responses"], sim["mask"]), epochs=1, batch_size=32,
             objective="jit", progress=False, device="cpu")
 
@@ -223,13 +224,23 @@ def test_cli_train_evaluate_score_and_reload(tmp_path, capsys):
         assert abs(float(row["ability_mean"]) - float(row["ability_exact_mean"])) < 0.25
 
 
-def test_cli_rejects_bad_file_before_training_and_meanfield_score(tmp_path):
+def test_cli_rejects_bad_file_before_training_and_meanfield_score(tmp_path, monkeypatch,
+                                                                 capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("student,q1,q2\na,1,0\nb,1,x\n")
     with pytest.raises(ValueError, match=r"bad\.csv: line 3, column 'q2': value 'x'"):
         main(["train", "irt-1pl", "--responses", str(bad), "--epochs", "1",
               "--out", str(tmp_path / "r"), "--no-progress"])
     assert not (tmp_path / "r").exists()
+    # the ppl-vae command prints the same message as one line, exit status 2, no traceback
+    from ppl_vae.cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["ppl-vae", "train", "irt-1pl", "--responses", str(bad),
+                                      "--out", str(tmp_path / "r"), "--no-progress"])
+    monkeypatch.delenv("PPL_VAE_DEBUG", raising=False)
+    assert run() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {bad}: line 3, column 'q2': value 'x' is not 0, 1 or blank")
 
     d = simulate(60, 5, "1pl", seed=0)
     data = tmp_path / "ok.csv"

@@ -183,5 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The ``ppl-vae`` command: :func:`main`, with bad input (a ValueError naming the file,
+    line, field or setting) and a diverged run (TrainingDiverged) reported as one
+    ``error: ...`` line and exit status 2 instead of a traceback (``PPL_VAE_DEBUG=1`` keeps
+    the traceback). Tests and scripts call :func:`main`, which raises."""
+    import os
+
+    try:
+        return main()
+    except (ValueError, FloatingPointError) as e:
+        if os.environ.get("PPL_VAE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
