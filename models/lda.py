@@ -24,7 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppl_vae.models.prodlda import PRIORS, topic_guide, topic_proportions_site, word_counts_site
+from ppl_vae.models.prodlda import (
+    prior_concentration,
+    topic_guide,
+    topic_proportions_site,
+    word_counts_site,
+)
 
 
 class NeuralLDA(nn.Module):
@@ -37,12 +42,8 @@ class NeuralLDA(nn.Module):
     def __init__(self, vocab_size: int, num_topics: int, alpha: float = 1.0,
                  prior: str = "laplace", dropout: float = 0.2):
         super().__init__()
-        if prior not in PRIORS:
-            raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
         self.vocab_size, self.num_topics, self.prior = vocab_size, num_topics, prior
-        self.register_buffer("alpha", torch.full((num_topics,), float(alpha)))
+        self.register_buffer("alpha", prior_concentration(prior, alpha, num_topics))
         self.beta = nn.Parameter(torch.randn(num_topics, vocab_size) * 0.02)
         self.drop = nn.Dropout(dropout)
 

@@ -48,6 +48,16 @@ def laplace_prior(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return loc, var.sqrt()
 
 
+def prior_concentration(prior: str, alpha: float, num_topics: int) -> torch.Tensor:
+    """The symmetric Dirichlet concentration (K,) behind either prior; a clear error for an
+    unknown prior or alpha <= 0."""
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    return torch.full((num_topics,), float(alpha))
+
+
 def topic_proportions_site(prior: str, alpha: torch.Tensor) -> torch.Tensor:
     """Sample the document's topic proportions theta (..., K) at site ``logtheta``
     (logistic normal, ``prior="laplace"``) or ``theta`` (``prior="dirichlet"``)."""
@@ -141,12 +151,8 @@ class ProdLDA(nn.Module):
     def __init__(self, vocab_size: int, num_topics: int, alpha: float = 1.0,
                  prior: str = "laplace", dropout: float = 0.2):
         super().__init__()
-        if prior not in PRIORS:
-            raise ValueError(f"unknown prior {prior!r}; choose one of {PRIORS}")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
         self.vocab_size, self.num_topics, self.prior = vocab_size, num_topics, prior
-        self.register_buffer("alpha", torch.full((num_topics,), float(alpha)))
+        self.register_buffer("alpha", prior_concentration(prior, alpha, num_topics))
         self.beta = nn.Linear(num_topics, vocab_size, bias=False)
         self.bn = nn.BatchNorm1d(vocab_size, affine=False)
         self.drop = nn.Dropout(dropout)
