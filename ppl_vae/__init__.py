@@ -5,19 +5,12 @@
     log_likelihood(model, guide, test_data, num_samples=1000)   # nats per example
 """
 
-import pyro
-
-# Every PyroModule (e.g. an AutoNormal guide) keeps its parameters in the module itself,
-# Pyro's setting for module-based training. Without it, two guides whose parameters share
-# names (two AutoNormals) silently read each other's values through the global param store.
-pyro.settings.set(module_local_params=True)
-
-from .checkpoint import load_checkpoint  # noqa: E402
-from .evaluation import elbo, log_likelihood  # noqa: E402
-from .training import (  # noqa: E402
+from .checkpoint import load_checkpoint
+from .evaluation import elbo, log_likelihood
+from .program import SetupError
+from .training import (
     FitConfig,
     History,
-    SetupError,
     Trainer,
     TrainingDiverged,
     fit,

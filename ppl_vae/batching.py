@@ -126,7 +126,9 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         n = self.num_examples
-        if self.shuffle:
+        if self.shuffle and self.batch_size < n:  # one full batch keeps the rows in order:
+            # Pyro indexes per-row parameters only when a plate's subsample is shorter than
+            # its size, so a permuted full batch would pair them with the wrong rows
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
             order = torch.arange(n, device=self.device)

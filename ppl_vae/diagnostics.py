@@ -49,11 +49,12 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .batching import Data, make_batches, split_structure
 from .evaluation import (
+    as_pair,
     eval_mode,
     find_data_plate,
     log_weights,
-    max_plate_nesting,
     module_device,
+    pair_log_weights,
 )
 from .posterior import (
     _global_trace,
@@ -122,6 +123,19 @@ class ParetoK:
     num_samples: int
     inner_samples: int
     glob_noise: float | None = None  # sd (nats) of the inner estimate of sum_i log p(x_i | g)
+    local_halves: np.ndarray | None = None  # k-hat per data point from each half: (2, N)
+    glob_halves: tuple[float, float] | None = None
+
+    @property
+    def uncertainty(self) -> float | None:
+        """How far k-hat moves between two independent halves of the draws: the median
+        |k(first S/2) - k(second S/2)| over data points (or of the globals' k). A k-hat from
+        S draws is about 1/sqrt(2) as uncertain."""
+        if self.local_halves is not None:
+            return float(np.median(np.abs(self.local_halves[0] - self.local_halves[1])))
+        if self.glob_halves is not None:
+            return abs(self.glob_halves[0] - self.glob_halves[1])
+        return None
 
     @property
     def share_bad(self) -> float | None:
@@ -140,7 +154,9 @@ class ParetoK:
         return float(self.glob), "k-hat of the global latents"
 
     def verdict(self) -> str:
-        parts = []
+        parts = [f"from {self.num_samples} draws"
+                 + (f" (halves of {self.num_samples // 2} differ by {self.uncertainty:.2f})"
+                    if self.uncertainty is not None else "")]
         if self.glob is not None:
             text = "global latents: " + khat_verdict(self.glob)
             if self.glob_noise is not None and self.glob_noise > NOISY:
@@ -165,6 +181,9 @@ class ParetoK:
             out["pareto_k_share_bad"] = self.share_bad
             out["pareto_k_share_good"] = self.share_ok
             out["pareto_k_local_max"] = float(np.max(self.local))
+        out["pareto_k_draws"] = self.num_samples
+        if self.uncertainty is not None:
+            out["pareto_k_halves_gap"] = self.uncertainty
         out["pareto_k_verdict"] = self.verdict()
         return out
 
@@ -189,37 +208,46 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
     per_pass = max(1, 200_000 // batch_size)  # particles x examples per vectorized pass
     batches = make_batches(data, batch_size, device, shuffle=False)
     local_k: list[np.ndarray] = []
+    local_halves: list[np.ndarray] = []
+    glob_halves = None
+    half = num_samples // 2
+    pair = as_pair(model, guide, plate)
     with eval_mode(model, guide):
         first = next(iter(batches))
-        nesting = max_plate_nesting(model, guide, first)
-        plate = plate or find_data_plate(model, guide, first)
+        nesting = pair.inspect(first).nesting
+        plate = find_data_plate(pair.model, pair.guide, first)
         with poutine.block():
-            probe = poutine.trace(first.call).get_trace(_vectorized(guide, 2, nesting))
+            probe = poutine.trace(first.call).get_trace(pair.guide)
         sites = [s for s in prune_subsample_sites(probe).nodes.values()
                  if s["type"] == "sample" and not s["is_observed"]]
         has_local = any(_in_plate(s, plate) for s in sites)
         has_global = any(not _in_plate(s, plate) for s in sites)
         if has_local:
             for batch in batches:
-                chunks = [log_weights(model, guide, batch, k, plate, nesting)[0]
+                chunks = [pair_log_weights(pair, batch, k, plate)[0]
                           for k in _chunks(num_samples, max(1, 200_000 // len(batch)))]
-                local_k.append(pareto_khat(torch.cat(chunks)))
+                ratios = torch.cat(chunks)
+                local_k.append(pareto_khat(ratios))
+                if half >= 10:
+                    local_halves.append(np.stack([pareto_khat(ratios[:half]),
+                                                  pareto_khat(ratios[half:2 * half])]))
         glob_k = noise = None
         if has_global:
             inner = inner_samples if has_local else 1
             with poutine.block():
                 gtrace = poutine.trace(first.call).get_trace(
-                    _vectorized(guide, num_samples, nesting))
+                    _vectorized(pair.guide, num_samples, nesting))
             glob = _global_trace(gtrace, plate)
 
             def global_log_ratios(rows: int) -> torch.Tensor:
                 total = torch.zeros(rows, dtype=torch.float64)
                 start = 0
                 for s in _chunks(rows, max(1, per_pass // inner)):
-                    g = poutine.replay(guide, trace=_repeat_trace(glob, slice(start, start + s),
-                                                                  inner))
+                    g = poutine.replay(pair.guide, trace=_repeat_trace(
+                        glob, slice(start, start + s), inner))
                     for b, batch in enumerate(batches):
-                        loc, gl = log_weights(model, g, batch, s * inner, plate, nesting)
+                        loc, gl = log_weights(pair.model, g, batch, s * inner, plate, nesting,
+                                              enumerated=bool(pair.structure.enumerated))
                         loc = loc.double().reshape(s, inner, -1)
                         total[start:start + s] += (loc.logsumexp(1) - math.log(inner)
                                                    ).sum(-1).cpu()
@@ -230,11 +258,15 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
 
             total = global_log_ratios(num_samples)
             glob_k = float(pareto_khat(total))
+            if half >= 10:
+                glob_halves = (float(pareto_khat(total[:half])),
+                               float(pareto_khat(total[half:2 * half])))
             if has_local:  # a second inner estimate for a few global draws: its noise
                 m = min(num_samples, 20)
                 noise = float(((global_log_ratios(m) - total[:m]) ** 2).mean().div(2).sqrt())
     return ParetoK(np.concatenate(local_k) if local_k else None, glob_k, num_samples,
-                   inner_samples, noise)
+                   inner_samples, noise,
+                   np.concatenate(local_halves, axis=1) if local_halves else None, glob_halves)
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -421,6 +453,8 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
     batch_size = min(batch_size, n, num_simulations)
     generator = torch.Generator().manual_seed(seed)
     ranks: dict[str, list[np.ndarray]] = {}
+    pair = as_pair(model, guide, plate)
+    model, guide = pair.model, pair.guide
     with eval_mode(model, guide):
         done = 0
         nesting = plate_name = None
@@ -431,8 +465,8 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
             batch = full.take(idx)
             args, kwargs = batch.args, batch.kwargs
             if nesting is None:
-                nesting = max_plate_nesting(model, guide, batch)
-                plate_name = plate or find_data_plate(model, guide, batch)
+                nesting = pair.inspect(batch).nesting
+                plate_name = find_data_plate(model, guide, batch)
                 with poutine.block():
                     plain = poutine.trace(model).get_trace(*args, **kwargs)
                 observed = {name for name, site in plain.nodes.items()
@@ -489,7 +523,8 @@ def nuts_crosscheck(model: Callable, guide: Callable, data: Data, *, num_samples
     from pyro.infer import MCMC, NUTS
 
     args, kwargs = split_structure(data)
-    nesting = max_plate_nesting(model, guide, next(iter(make_batches(data, 8, "cpu", False))))
+    nesting = as_pair(model, guide).inspect(
+        next(iter(make_batches(data, 8, "cpu", False))), check=False).nesting
     runs = []
     for c in range(num_chains):
         pyro.set_rng_seed(seed + c)

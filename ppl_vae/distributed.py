@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-from pyro.infer.elbo import ELBOModule
 from torch import nn
 
 from .batching import Batch, Data, IterableBatches, TensorBatches, is_in_memory, split_structure
@@ -175,14 +174,22 @@ def shard(data: Data, rank: int, world_size: int) -> Data:
     return kwargs if kwargs and not args else args
 
 
-class EngineELBOModule(ELBOModule):
-    """Pyro's ``ELBOModule`` (model and guide as submodules, so their parameters are this
-    module's) whose loss is an engine objective (:mod:`ppl_vae.objectives`: KL weights, jit,
-    iwae), called on a :class:`~ppl_vae.batching.Batch`. Returns the negative full-data ELBO
-    estimate in nats (a scalar)."""
+class EngineELBOModule(nn.Module):
+    """The loss as a module, in the shape of Pyro's ``ELBOModule``: the modules behind the
+    model and guide are submodules (so their parameters are this module's), the loss is an
+    engine objective (:mod:`ppl_vae.objectives`: KL weights, jit, iwae) of the pair's
+    programs (:class:`ppl_vae.program.Program`), called on a
+    :class:`~ppl_vae.batching.Batch`. Returns the negative full-data ELBO estimate in nats."""
 
-    def forward(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
-        return self.elbo(self.model, self.guide, batch)
+    def __init__(self, model: Callable, guide: Callable, objective: Callable,
+                 modules: list[nn.Module]):
+        super().__init__()
+        self.programs = (model, guide)  # a tuple: not registered twice
+        self.parts = nn.ModuleList(modules)
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.objective(*self.programs, batch)
 
 
 def _accelerator(device: str) -> str:
@@ -221,7 +228,8 @@ def _make_module_class(L):
             self.val_data = val_data
             self.resume_state = resume_state
             self.num_data = num_data
-            self.loss_fn = EngineELBOModule(core.model, core.guide, core.objective)
+            self.loss_fn = EngineELBOModule(core.model, core.guide, core.objective,
+                                            core._modules())
             # Pyro params outside any nn.Module (pyro.param in a model or guide), registered
             # here so that DDP averages their gradients too
             self.store_params = nn.ParameterDict()

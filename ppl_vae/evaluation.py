@@ -20,6 +20,8 @@ posterior-predictive log-likelihood of x_i, the usual held-out figure for such m
 from __future__ import annotations
 
 import math
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,55 +29,49 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.util import prune_subsample_sites
 
 from .batching import Batch, Data, make_batches
+from .program import PARTICLE_PLATE, Pair, Program, SetupError, modules_of
 
-PARTICLE_PLATE = "_ppl_vae_particles"
+
+def as_pair(model: Callable, guide: Callable | None, plate: str | None = None) -> Pair:
+    """``model`` and ``guide`` as the engine calls them (:class:`ppl_vae.program.Pair`)."""
+    if isinstance(model, Program) and model.pair.raw_guide is _raw(guide) \
+            and (plate is None or plate == model.pair.plate):
+        return model.pair
+    return Pair(model, guide, plate)
+
+
+def _raw(fn):
+    return fn.fn if isinstance(fn, Program) else fn
 
 
 def max_plate_nesting(model: Callable, guide: Callable, batch: Batch) -> int:
     """How many plate dims the pair uses (one blocked run of guide and model)."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(batch.call).get_trace(guide)
-        model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(model)
-    deepest = 0
-    for trace in (guide_trace, model_trace):
-        for site in prune_subsample_sites(trace).nodes.values():
-            if site["type"] == "sample":
-                for frame in site["cond_indep_stack"]:
-                    if frame.vectorized and frame.dim is not None:
-                        deepest = max(deepest, -frame.dim)
-    return deepest
+    return as_pair(model, guide).inspect(batch, check=False).nesting
 
 
 def find_data_plate(model: Callable, guide: Callable, batch: Batch) -> str:
-    """The name of the plate over examples: the vectorized plate of the observed sites whose
-    full size is the dataset size. Raises if there is no such plate or more than one."""
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(batch.call).get_trace(guide)
-        model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(model)
-    full_size = {name: site["fn"].size for name, site in model_trace.nodes.items()
-                 if site["type"] == "sample" and isinstance(site["fn"], _Subsample)}
-    candidates: set[str] | None = None
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample" and site["is_observed"]:
-            names = {f.name for f in site["cond_indep_stack"]
-                     if f.vectorized and full_size.get(f.name) == batch.size
-                     and f.size == len(batch)}
-            candidates = names if candidates is None else candidates & names
-    if not candidates or len(candidates) != 1:
-        raise ValueError(
-            "could not tell which plate runs over examples (plates of full size "
-            f"{batch.size} around every observed site: {sorted(candidates or [])}); open the "
-            "data plate as pyro.plate(name, size, subsample=subsample) and/or pass plate=name")
-    return candidates.pop()
+    """The name of the plate over examples (see :func:`ppl_vae.program.inspect_pair`).
+    Raises if no plate runs over the rows of the data."""
+    structure = as_pair(model, guide).inspect(batch, check=False)
+    if structure.plate is None:
+        raise SetupError(
+            "could not tell which plate runs over the rows of the data: no plate of length "
+            f"{len(batch)} surrounds every observed site; wrap the observations in "
+            "`with pyro.plate(\"data\", len(x)):` or pass plate=NAME")
+    return structure.plate
 
 
 def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: int,
                 plate: str, nesting: int,
                 weight: Callable[[str, dict], float] | None = None,
+                enumerated: bool = False, kind: str = "weights", vectorize: bool = True,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example log importance weights of one minibatch.
 
@@ -83,21 +79,31 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
     plate (observations, local latents), ``glob`` has shape (K,) -- the terms of sites outside
     it (global latents' log p - log q). Units: nats. Not scaled by size/B.
     ``weight(name, site)`` optionally multiplies a latent site's terms (a KL weight beta).
+    ``model`` and ``guide`` are called as :class:`ppl_vae.program.Program` s (``batch.call``).
+
+    ``enumerated=True``: discrete sites marked for parallel enumeration (``config_enumerate``)
+    are summed out exactly with Pyro's tensor contraction: model-side ones inside
+    log p(x_i, z_i) = log sum_y p(x_i, y, z_i); guide-side ones give ``kind="weights"``
+    log sum_y p(x_i, y, z_iy) / q(z_iy | y) (an importance weight of log p(x_i)) or
+    ``kind="elbo"`` sum_y q(y | x_i) [log p(x_i, y, z_iy) - log q(y | x_i) - log q(z_iy | y)].
+    ``vectorize=False`` runs the K particles one after another (for programs that do not
+    broadcast over an extra leading dim, e.g. ``locs[assignment]`` or ``x @ w``).
     Differentiable: used both for evaluation (under no_grad) and by the IWAE objective.
     """
-    particle_dim = -nesting - 1
-
-    def vectorized(fn):
-        def run(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-                return fn(*args, **kwargs)
-        return run
-
+    if not vectorize:
+        parts = [log_weights(model, guide, batch, None, plate, nesting, weight, enumerated, kind)
+                 for _ in range(num_particles)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if enumerated:
+        return _enumerated_log_weights(model, guide, batch, num_particles, plate, nesting,
+                                       kind)
+    vectorized = _particles(num_particles, nesting)
+    k = num_particles or 1
     guide_trace = poutine.trace(batch.call).get_trace(vectorized(guide))
     model_trace = poutine.trace(
         poutine.replay(batch.call, trace=guide_trace)).get_trace(vectorized(model))
-    local = torch.zeros(num_particles, len(batch), device=batch.subsample.device)
-    glob = torch.zeros(num_particles, device=batch.subsample.device)
+    local = torch.zeros(k, len(batch), device=batch.subsample.device)
+    glob = torch.zeros(k, device=batch.subsample.device)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in prune_subsample_sites(trace).nodes.items():
             if site["type"] != "sample":
@@ -116,6 +122,209 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
             else:
                 glob = glob + sign * lp.reshape(-1)
     return local, glob
+
+
+def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
+                            num_particles: int, plate: str, nesting: int, kind: str
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_weights` with enumerated discrete sites summed out (its docstring)."""
+    vectorized = _particles(num_particles, nesting)
+
+    # the guide enumerates from the first free dim, the model to the left of the guide's
+    # dims (Pyro's TraceEnum_ELBO does the same)
+    guide_trace = poutine.trace(
+        EnumMessenger(first_available_dim=-nesting - 2)(batch.call)).get_trace(
+        vectorized(guide))
+    model_trace = poutine.trace(EnumMessenger()(
+        poutine.replay(batch.call, trace=guide_trace))).get_trace(vectorized(model))
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    model_trace.pack_tensors()
+    guide_trace.pack_tensors(model_trace.plate_to_symbol)
+    symbols = model_trace.plate_to_symbol
+    data_symbol = symbols.get(plate)
+    if data_symbol is None:
+        raise SetupError(f"plate {plate!r} is not a plate of the model")
+    target = frozenset({data_symbol} | ({symbols[PARTICLE_PLATE]} if num_particles else set()))
+    sizes = {data_symbol: len(batch)}
+    if num_particles:
+        sizes[symbols[PARTICLE_PLATE]] = num_particles
+    local_tree: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
+    glob_terms: list[torch.Tensor] = []
+    enum_dims: set[str] = set()
+    guide_enum: list[torch.Tensor] = []
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]):
+                continue
+            p = site["packed"]
+            term = packed.scale_and_mask(p["unscaled_log_prob"], mask=p["mask"])
+            is_enum = site["infer"].get("_enumerate_dim") is not None
+            if is_enum:
+                enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
+            if trace is guide_trace and is_enum:
+                guide_enum.append(term)  # summed exactly: its q(y) leaves the weight
+                continue
+            if sign < 0:
+                term = packed.neg(term)
+            ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"]
+                                if f.vectorized)
+            if data_symbol in ordinal:
+                local_tree.setdefault(ordinal, []).append(term)
+            else:
+                glob_terms.append((name, term))
+    symbol_to_dim = model_trace.symbol_to_dim
+    k = num_particles or 1
+    glob = torch.zeros(k, device=batch.subsample.device)
+    for name, term in glob_terms:
+        if any(d in enum_dims for d in term._pyro_dims):
+            raise SetupError(f"site {name!r} depends on an enumerated discrete site outside the "
+                             f"data plate {plate!r}; evaluation sums out per-row discrete "
+                             "sites only")
+        lp = packed.unpack(term, symbol_to_dim)
+        glob = glob + _keep_dims(lp, nesting, None).reshape(-1)
+    guide_dims = {d for t in guide_enum for d in t._pyro_dims if d in enum_dims}
+    if kind == "elbo" and guide_enum:
+        keep = guide_dims
+    else:
+        keep = set()
+    parts = [packed.unpack(t, symbol_to_dim)
+             for t in _contract(local_tree, enum_dims, target, sizes, keep)]
+    value = parts[0]
+    for part in parts[1:]:
+        value = value + part
+    if keep:
+        log_q = sum(packed.unpack(t, symbol_to_dim) for t in guide_enum)
+        value, log_q = torch.broadcast_tensors(value, log_q)
+        value = log_q.exp() * (value - log_q)
+        dims = [d for d in range(-value.dim(), -nesting - 1)]
+        value = value.sum(dims, keepdim=True) if dims else value
+    width = nesting + 1
+    value = value.reshape(value.shape[-width:]) if value.dim() > width else value
+    lp = _keep_dims(value, nesting, symbol_to_dim[data_symbol])
+    local = lp.reshape(lp.shape[0], -1).expand(k, len(batch))
+    return local, glob
+
+
+def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particles: int | None,
+                              plate: str, nesting: int) -> dict[str, torch.Tensor]:
+    """log p(x_i | z_i, globals) of each row with the model's enumerated discrete sites
+    summed out, for the guide's draws in ``guide_trace``: ``{first observed site: (K, B)}``
+    (nats; all observed sites of the row together, under the first one's name)."""
+    vectorized = _particles(num_particles, nesting)
+    model_trace = poutine.trace(EnumMessenger(first_available_dim=-nesting - 2)(
+        poutine.replay(batch.call, trace=guide_trace))).get_trace(vectorized(pair.model))
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    model_trace.pack_tensors()
+    symbols = model_trace.plate_to_symbol
+    data_symbol = symbols[plate]
+    tree: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
+    enum_dims: set[str] = set()
+    first = None
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        is_enum = site["infer"].get("_enumerate_dim") is not None
+        ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+        if not (site["is_observed"] or is_enum) or data_symbol not in ordinal:
+            continue
+        if site["is_observed"] and first is None:
+            first = name
+        p = site["packed"]
+        term = packed.scale_and_mask(p["unscaled_log_prob"], mask=p["mask"])
+        if is_enum:
+            enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
+        tree.setdefault(ordinal, []).append(term)
+    if first is None:
+        return {}
+    target = frozenset({data_symbol} | ({symbols[PARTICLE_PLATE]} if num_particles else set()))
+    sizes = {data_symbol: len(batch)}
+    if num_particles:
+        sizes[symbols[PARTICLE_PLATE]] = num_particles
+    value = packed.unpack(_contract(tree, enum_dims, target, sizes)[0],
+                          model_trace.symbol_to_dim)
+    lp = _keep_dims(value, nesting, model_trace.symbol_to_dim[data_symbol])
+    return {first: lp.reshape(lp.shape[0], -1).expand(num_particles or 1, len(batch))}
+
+
+def _contract(tree: OrderedDict, sum_dims: set[str], target: frozenset, sizes: dict[str, int],
+              keep: set[str] | None = None) -> list[torch.Tensor]:
+    """Sum out ``sum_dims`` (log space, Pyro's tensor message passing) down to the plates
+    ``target``, keeping the dims ``keep``. Without ``keep``: one packed tensor. With it: one
+    per connected group of terms (Pyro's contract_to_tensor would drop the groups that do
+    not touch ``keep``; here they are contracted fully), to be added. ``sizes``: the
+    lengths of the target plates' symbols."""
+    dim_to_size: dict[str, int] = dict(sizes)
+    for terms in tree.values():
+        for t in terms:
+            dim_to_size.update(zip(t._pyro_dims, t.shape))
+    ring = LogRing(dim_to_size=dim_to_size)
+    if not keep:
+        return [contract_to_tensor(tree, set(sum_dims), target_ordinal=target, ring=ring)]
+    groups: list[tuple[set[str], list]] = []  # terms joined by the sum dims they share
+    for ordinal, terms in tree.items():
+        for t in terms:
+            dims = set(t._pyro_dims) & sum_dims
+            joined = [g for g in groups if g[0] & dims]
+            group = (set(dims), [(ordinal, t)])
+            for g in joined:
+                group[0].update(g[0])
+                group[1].extend(g[1])
+                groups.remove(g)
+            groups.append(group)
+    out = []
+    for dims, members in groups:
+        sub: OrderedDict = OrderedDict()
+        for ordinal, t in members:
+            sub.setdefault(ordinal, []).append(t)
+        out.append(contract_to_tensor(sub, set(sum_dims), target_ordinal=target,
+                                      target_dims=set(keep) & dims, ring=ring))
+    return out
+
+
+def _particles(num_particles: int | None, nesting: int) -> Callable:
+    """``fn`` -> ``fn`` run inside a plate of ``num_particles`` particles at the dim left of
+    the program's plates (None: ``fn`` itself, one particle)."""
+    def vectorized(fn: Callable) -> Callable:
+        if num_particles is None:
+            return fn
+
+        def run(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, num_particles, dim=-nesting - 1):
+                return fn(*args, **kwargs)
+        return run
+    return vectorized
+
+
+def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
+                     weight: Callable[[str, dict], float] | None = None, kind: str = "weights",
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_weights` of a :class:`~ppl_vae.program.Pair`, vectorized over particles
+    when the program broadcasts over an extra leading dim, else one particle at a time
+    (found out on the first call and remembered, with a warning)."""
+    structure = pair.inspect(batch)
+    common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind)
+    if pair.vectorizable is not False:
+        try:
+            out = log_weights(pair.model, pair.guide, batch, num_particles, plate,
+                              structure.nesting, **common)
+            pair.vectorizable = True
+            return out
+        except (ValueError, RuntimeError, IndexError) as e:
+            if pair.vectorizable:
+                raise
+            pair.vectorizable = False
+            warnings.warn(
+                "the model or guide does not broadcast over an extra leading particle dim "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); evaluating its "
+                f"{num_particles} particles one at a time (slower). Write it "
+                "batch-shape-agnostic (e.g. Vindex(locs)[..., a], x @ w.unsqueeze(-1)) for "
+                "speed", stacklevel=3)
+    return log_weights(pair.model, pair.guide, batch, num_particles, plate,
+                       structure.nesting, vectorize=False, **common)
 
 
 def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Tensor:
@@ -139,7 +348,7 @@ def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Te
 def eval_mode(*objs) -> Iterator[None]:
     """Put the modules among ``objs`` in eval mode (no dropout, batch-norm running stats)
     for the block, then restore each one's previous mode."""
-    modes = [(m, m.training) for m in objs if isinstance(m, torch.nn.Module)]
+    modes = [(m, m.training) for m in modules_of(*objs)]
     for m, _ in modes:
         m.eval()
     try:
@@ -164,30 +373,33 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
 
     if device is None:
         device = module_device(model, guide)
+    pair = as_pair(model, guide, plate)
     batches = make_batches(data, batch_size, device, shuffle=False)
     if particles_per_pass is None:
         particles_per_pass = max(1, min(num_samples, 50_000 // max(1, batches.batch_size)))
+    if reduce not in ("logmeanexp", "mean"):
+        raise ValueError(f"reduce must be 'logmeanexp' or 'mean', not {reduce!r}")
     out = []
     with eval_mode(model, guide):
-        nesting = plate_name = None
+        structure = None
         for batch in tqdm(batches, desc="evaluating", unit="batch", leave=False,
                           disable=None if progress is None else not progress):
-            if nesting is None:
-                nesting = max_plate_nesting(model, guide, batch)
-                plate_name = plate or find_data_plate(model, guide, batch)
+            if structure is None:
+                structure = pair.inspect(batch)
+                plate_name = find_data_plate(pair.model, pair.guide, batch)
             acc = None
             done = 0
             while done < num_samples:
                 k = min(particles_per_pass, num_samples - done)
-                local, glob = log_weights(model, guide, batch, k, plate_name, nesting)
+                local, _ = pair_log_weights(pair, batch, k, plate_name,
+                                            kind="weights" if reduce == "logmeanexp"
+                                            else "elbo")
                 if reduce == "logmeanexp":
                     part = local.logsumexp(0)
                     acc = part if acc is None else torch.logaddexp(acc, part)
-                elif reduce == "mean":
+                else:
                     part = local.sum(0)
                     acc = part if acc is None else acc + part
-                else:
-                    raise ValueError(f"reduce must be 'logmeanexp' or 'mean', not {reduce!r}")
                 done += k
             acc = acc - math.log(num_samples) if reduce == "logmeanexp" else acc / num_samples
             out.append(acc.cpu())
@@ -223,8 +435,8 @@ def elbo(model: Callable, guide: Callable, data: Data, num_particles: int = 1,
 
 
 def module_device(*objs) -> torch.device:
-    for obj in objs:
-        if isinstance(obj, torch.nn.Module):
-            for p in obj.parameters():
-                return p.device
+    """The device of the first parameter of the modules behind ``objs`` (CPU if none)."""
+    for m in modules_of(*objs):
+        for p in m.parameters():
+            return p.device
     return torch.device("cpu")

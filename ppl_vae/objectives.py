@@ -16,7 +16,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from .batching import Batch
-from .evaluation import find_data_plate, log_weights, max_plate_nesting
+from .evaluation import as_pair, find_data_plate, pair_log_weights
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae")
 
@@ -91,15 +91,16 @@ class IWAEObjective:
         self._checked_globals = False
 
     def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
+        pair = as_pair(model, guide, self.plate)
         if self._nesting is None:
-            self._nesting = max_plate_nesting(model, guide, batch)
-            self.plate = self.plate or find_data_plate(model, guide, batch)
+            self._nesting = pair.inspect(batch).nesting
+            self.plate = find_data_plate(pair.model, pair.guide, batch)
         weight = None
         if self.kl_weight is not None and self.kl_weight.factor != 1.0:
             sites, factor = self.kl_weight.sites, self.kl_weight.factor
             weight = lambda name, site: factor if name in sites else 1.0
-        local, glob = log_weights(model, guide, batch, self.num_particles, self.plate,
-                                  self._nesting, weight=weight)
+        local, glob = pair_log_weights(pair, batch, self.num_particles, self.plate,
+                                       weight=weight)
         if not self._checked_globals:  # once: a host read every step would stall a GPU
             self._checked_globals = True
             if bool((glob != 0).any()):

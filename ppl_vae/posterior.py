@@ -34,6 +34,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.infer import infer_discrete
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
@@ -41,9 +42,10 @@ from pyro.poutine.util import prune_subsample_sites
 from .batching import Batch, Data, make_batches
 from .evaluation import (
     PARTICLE_PLATE,
+    as_pair,
+    enumerated_log_likelihood,
     eval_mode,
     find_data_plate,
-    max_plate_nesting,
     module_device,
 )
 
@@ -63,7 +65,10 @@ def model_dims(model: Any, dims: Mapping[str, Sequence[str]] | None = None
 
 # ---- drawing ---------------------------------------------------------------------------------
 
-def _vectorized(fn: Callable, num: int, nesting: int) -> Callable:
+def _vectorized(fn: Callable, num: int | None, nesting: int) -> Callable:
+    if num is None:
+        return fn
+
     def run(*args, **kwargs):
         with pyro.plate(PARTICLE_PLATE, num, dim=-nesting - 1):
             return fn(*args, **kwargs)
@@ -126,6 +131,20 @@ class Draws:
         self.lik_axes: dict[str, list[str]] = {}
         self.data_axis: dict[str, int | None] = {}
 
+    def extend_draws(self, parts: Sequence[Draws]) -> None:
+        """Append one minibatch given as one :class:`Draws` per draw (the draws of a program
+        run once per draw), joined along the draw axis."""
+        first = parts[0]
+        for group in ("latent", "predictive", "log_lik"):
+            for name in getattr(first, group):
+                joined = np.concatenate([getattr(p, group)[name][0] for p in parts], axis=0)
+                getattr(self, group).setdefault(name, []).append(joined)
+        for name, arrays in first.observed.items():
+            self.observed.setdefault(name, []).append(arrays[0])
+        for attr in ("axes", "lik_axes", "data_axis"):
+            for name, value in getattr(first, attr).items():
+                getattr(self, attr).setdefault(name, value)
+
     def joined(self, group: str) -> dict[str, np.ndarray]:
         out = {}
         for name, parts in getattr(self, group).items():
@@ -139,7 +158,14 @@ class Draws:
 
 
 def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool,
-             predictive: bool, log_likelihood: bool) -> None:
+             predictive: bool, log_likelihood: bool,
+             enumerated_lik: dict[str, torch.Tensor] | None = None,
+             vectorized: bool = True) -> None:
+    """Add the sites of one pass's model trace to ``draws`` (``num`` draws in its leading
+    dim; ``vectorized=False``: one draw without that dim). ``enumerated_lik`` (site ->
+    (num, B) nats) replaces the log-likelihood of observed sites that depend on enumerated
+    discrete sites."""
+    lead = (lambda t: t) if vectorized else (lambda t: t.unsqueeze(0))
     for name, site in prune_subsample_sites(model_trace).nodes.items():
         if site["type"] != "sample" or name.startswith("_"):
             continue
@@ -155,7 +181,9 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
             full = tuple(torch.broadcast_shapes(tuple(fn.batch_shape) + tuple(fn.event_shape),
                                                 full))
         vec = value.expand(full) if value.shape != full else value
-        if vec.dim() == 0 or vec.shape[0] != num:
+        if not vectorized:
+            vec = vec.unsqueeze(0)
+        elif vec.dim() == 0 or vec.shape[0] != num:
             vec = vec.expand(num, *vec.shape)
         shape = tuple(vec.shape[1:])
         kind = "latent" if not observed else "observed"
@@ -192,10 +220,17 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
         draws.observed.setdefault(name, []).append(keep(obs)[0])
         if predictive:
             with torch.no_grad():
-                draws.predictive.setdefault(name, []).append(keep(fn.sample()))
-        if log_likelihood:
-            lp = fn.log_prob(value)
-            lp = lp.expand(batch_full) if lp.shape != batch_full else lp
+                draws.predictive.setdefault(name, []).append(keep(lead(fn.sample())))
+        if log_likelihood and enumerated_lik is not None and name in enumerated_lik:
+            lp = enumerated_lik[name]  # summed over the enumerated sites, per row
+            draws.log_lik.setdefault(name, []).append(
+                lp.reshape(num, -1).detach().cpu().numpy())
+            draws.lik_axes.setdefault(name, [names[data_axis]] if data_axis is not None
+                                      else [f"{name}_row"])
+        elif log_likelihood and not enumerated_lik:
+            lp = lead(fn.log_prob(value))
+            target = batch_full if vectorized else (1,) + batch_full
+            lp = lp.expand(target) if lp.shape != target else lp
             if mask_t is not None:
                 lp = lp.masked_fill(~mask_t, 0.0)
             draws.log_lik.setdefault(name, []).append(keep(lp))
@@ -224,44 +259,77 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
          log_likelihood: bool = True, prior: bool = False) -> Draws:
     """Run ``guide`` (or, with ``prior=True``, nothing: the model's prior) with
     ``num_samples`` vectorized particles over ``data`` in minibatches, replay the model, and
-    collect every sample site. Global draws are shared by all minibatches."""
+    collect every sample site. Global draws are shared by all minibatches.
+
+    A program that does not broadcast over an extra leading particle dim is run once per
+    draw instead. Discrete sites the model enumerates (``config_enumerate``) and the guide
+    leaves out are drawn from their exact conditional posterior (Pyro's ``infer_discrete``),
+    and the observed sites' ``log_likelihood`` sums them out (per row).
+    """
     if device is None:
         device = module_device(model, guide)
+    pair = as_pair(model, guide, plate)
     n = make_batches(data, 1, device, shuffle=False).num_examples
     if batch_size is None:
         batch_size = max(1, min(n, 100_000 // max(1, num_samples)))
     batches = make_batches(data, batch_size, device, shuffle=False)
     draws = Draws()
     with eval_mode(model, guide):
-        nesting = plate_name = glob = None
+        globs: dict[int | None, Trace] = {}
+        plate_name = structure = None
         for i, batch in enumerate(batches):
-            if nesting is None:
-                nesting, plate_name = _structure(model, guide, batch, plate)
-            if prior:
-                fn = poutine.uncondition(model)
-                if glob is not None:
-                    fn = poutine.replay(fn, trace=glob)
-                model_trace = poutine.trace(batch.call).get_trace(
-                    _vectorized(fn, num_samples, nesting))
-                if glob is None:
-                    glob = _global_trace(model_trace, plate_name)
-            else:
-                g = guide if glob is None else poutine.replay(guide, trace=glob)
-                guide_trace = poutine.trace(batch.call).get_trace(
-                    _vectorized(g, num_samples, nesting))
-                if glob is None:
-                    glob = _global_trace(guide_trace, plate_name)
-                model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)
-                                            ).get_trace(_vectorized(model, num_samples, nesting))
-            _collect(draws, model_trace, num_samples, plate_name, i == 0,
-                     predictive and not prior, log_likelihood and not prior)
+            if plate_name is None:
+                structure = pair.inspect(batch)
+                plate_name = find_data_plate(pair.model, pair.guide, batch)
+            args = (pair, batch, structure, plate_name, globs, prior)
+            collect = dict(plate=plate_name, first=i == 0, predictive=predictive and not prior,
+                           log_likelihood=log_likelihood and not prior)
+            if pair.vectorizable is not False:
+                try:
+                    model_trace, lik = _draw_pass(*args, num_samples)
+                    pair.vectorizable = True
+                    _collect(draws, model_trace, num_samples, enumerated_lik=lik, **collect)
+                    continue
+                except (ValueError, RuntimeError, IndexError):
+                    if pair.vectorizable:
+                        raise
+                    pair.vectorizable = False
+                    globs.clear()
+            one = [Draws() for _ in range(num_samples)]
+            for s, part in enumerate(one):
+                model_trace, lik = _draw_pass(*args, None, s)
+                _collect(part, model_trace, 1, enumerated_lik=lik, vectorized=False, **collect)
+            draws.extend_draws(one)
     return draws
 
 
-def _structure(model: Callable, guide: Callable, batch: Batch, plate: str | None
-               ) -> tuple[int, str]:
-    nesting = max_plate_nesting(model, guide, batch)
-    return nesting, plate or find_data_plate(model, guide, batch)
+def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,
+               prior: bool, num: int | None, index: int | None = None
+               ) -> tuple[Trace, dict[str, torch.Tensor] | None]:
+    """One pass of ``num`` vectorized draws (None: one plain draw, number ``index``): the
+    model's trace, and for enumerated models the per-row log-likelihood of each observed
+    site with the enumerated sites summed out (site -> (num, B) nats)."""
+    nesting = structure.nesting
+    glob = globs.get(index)
+    if prior:
+        fn = poutine.uncondition(pair.model)
+        if glob is not None:
+            fn = poutine.replay(fn, trace=glob)
+        model_trace = poutine.trace(batch.call).get_trace(_vectorized(fn, num, nesting))
+        if glob is None:
+            globs[index] = _global_trace(model_trace, plate)
+        return model_trace, None
+    g = pair.guide if glob is None else poutine.replay(pair.guide, trace=glob)
+    guide_trace = poutine.trace(batch.call).get_trace(_vectorized(g, num, nesting))
+    if glob is None:
+        globs[index] = _global_trace(guide_trace, plate)
+    model = poutine.replay(pair.model, trace=guide_trace)
+    lik = None
+    if any(name not in guide_trace.nodes for name in structure.enumerated):
+        lik = enumerated_log_likelihood(pair, batch, guide_trace, num, plate, nesting)
+        model = infer_discrete(model, first_available_dim=-nesting - 2)
+    model_trace = poutine.trace(batch.call).get_trace(_vectorized(model, num, nesting))
+    return model_trace, lik
 
 
 # ---- InferenceData ---------------------------------------------------------------------------

@@ -33,15 +33,14 @@ from .checkpoint import (
 from .evaluation import elbo as evaluate_elbo
 from .evaluation import eval_mode
 from .objectives import make_objective
+from .program import Pair, SetupError, modules_of, needs_full_prototype
+
+__all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged", "fit",
+           "restore", "resolve_device"]
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; training stopped before corrupting checkpoints."""
-
-
-class SetupError(ValueError):
-    """The model, guide and settings cannot be trained together; raised before the first
-    step (the CLI prints it as ``error: ...``)."""
 
 
 @dataclass
@@ -102,9 +101,10 @@ class Trainer:
 
     def __init__(self, model: Callable, guide: Callable, config: FitConfig | None = None,
                  out: str | Path | None = None):
-        self.model = model
-        self.guide = guide
         self.config = config or FitConfig()
+        self.pair = Pair(model, guide, plate=self.config.plate)
+        self.model = self.pair.model  # called the engine's way (ppl_vae.program.Program)
+        self.guide = self.pair.guide
         self.out = Path(out) if out is not None else None
         self.device = resolve_device(self.config.device)
         self.params: dict[str, torch.Tensor] = {}
@@ -125,19 +125,46 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
     def _modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.model, self.guide) if isinstance(m, torch.nn.Module)]
+        return self.pair.modules
 
-    def _discover_params(self, batch: Batch) -> None:
+    def _owner(self, role: str) -> torch.nn.Module | None:
+        """The module behind the model (or guide): itself, or a bound method's owner; the
+        guide's is None when it is the model's (``vae.model`` / ``vae.guide``)."""
+        owners = modules_of(self.pair.raw_model if role == "model" else self.pair.raw_guide)
+        if role == "guide" and owners and modules_of(self.pair.raw_model) \
+                and owners[0] is modules_of(self.pair.raw_model)[0]:
+            return None
+        return owners[0] if owners else None
+
+    def _discover_params(self, batch: Batch, full: Batch | None = None) -> None:
         """Run guide and model once (eval mode, no grad) to create and collect every
-        parameter: Pyro params by their param-store names, sorted for a stable order."""
+        parameter: Pyro params by their param-store names, sorted for a stable order.
+
+        The pair's structure is checked on ``batch`` first (:func:`ppl_vae.program.inspect_pair`).
+        ``full`` (all rows) is given when an autoguide over a model that does not subsample
+        must see every row once to hold one parameter per row.
+        """
         for m in self._modules():
             m.to(self.device)
+        if full is not None:
+            with eval_mode(self.model, self.guide), torch.no_grad(), poutine.block():
+                full.call(self.guide)
+        with eval_mode(self.model, self.guide):
+            self.pair.inspect(batch)
         with eval_mode(self.model, self.guide), torch.no_grad(), \
                 poutine.trace(param_only=True) as capture:
             guide_trace = poutine.trace(batch.call).get_trace(self.guide)
             poutine.replay(batch.call, trace=guide_trace)(self.model)
-        params = {name: site["value"].unconstrained()
-                  for name, site in capture.trace.nodes.items() if site["type"] == "param"}
+        params = {}
+        for name, site in capture.trace.nodes.items():
+            if site["type"] != "param":
+                continue
+            value = site["value"]
+            # a param-store value carries its unconstrained leaf; a module-local nn.Parameter
+            # (module_local_params=True) is its own leaf
+            leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+            if isinstance(leaf, torch.Tensor) and leaf.is_leaf and leaf.requires_grad:
+                params[name] = leaf
         if self.config.objective == "jit":
             store = pyro.get_param_store()
             local = [name for name in params if name not in store]
@@ -145,8 +172,8 @@ class Trainer:
                 raise SetupError(
                     f"objective='jit' (Pyro's JitTrace_ELBO) reads parameters from the global "
                     f"param store, but {local[0]!r} ({len(local)} in all) belongs to a "
-                    "PyroModule (e.g. an AutoNormal guide) whose parameters stay in the module "
-                    "(ppl_vae sets module_local_params=True); use objective='trace' or "
+                    "PyroModule whose parameters stay in the module "
+                    "(pyro.settings module_local_params=True); use objective='trace' or "
                     "'meanfield' for this model and guide")
         for i, m in enumerate(self._modules()):
             for name, p in m.named_parameters():
@@ -195,8 +222,8 @@ class Trainer:
         return {
             "config": _jsonable(asdict(self.config)),
             "epoch": self.epoch,
-            "model": self.model.state_dict() if isinstance(self.model, torch.nn.Module) else {},
-            "guide": self.guide.state_dict() if isinstance(self.guide, torch.nn.Module) else {},
+            "model": self._owner("model").state_dict() if self._owner("model") else {},
+            "guide": self._owner("guide").state_dict() if self._owner("guide") else {},
             "params": {k: v.detach().cpu() for k, v in self._free_params().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
@@ -207,10 +234,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, batches=None, rng: bool = True) -> None:
-        if isinstance(self.model, torch.nn.Module):
-            self.model.load_state_dict(state["model"])
-        if isinstance(self.guide, torch.nn.Module):
-            self.guide.load_state_dict(state["guide"])
+        for role in ("model", "guide"):
+            owner = self._owner(role)
+            if owner is not None:
+                owner.load_state_dict(state[role])
         free = self._free_params()
         missing = [k for k in free if k not in state["params"]]
         if missing:
@@ -250,8 +277,13 @@ class Trainer:
         batches.generator.manual_seed(c.seed)
         first = (batches.take(torch.arange(batches.batch_size, device=self.device))
                  if isinstance(batches, TensorBatches) else next(iter(batches)))
+        full = None
+        if isinstance(batches, TensorBatches) and needs_full_prototype(
+                self.pair, batches.num_examples, batches.batch_size):
+            full = batches.take(torch.arange(batches.num_examples, device=self.device))
         with pyro.validation_enabled(True):
-            self._discover_params(first)
+            self._discover_params(first, full)
+        pyro.set_rng_seed(c.seed)  # training draws do not depend on the set-up's traces
         self._make_optimizer()
         if resume:
             path = self.out / "checkpoint.pt" if resume is True else Path(resume)
@@ -437,8 +469,13 @@ def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, dat
     pyro.clear_param_store()
     cfg = FitConfig(device=str(device), plate=state["config"].get("plate"))
     trainer = Trainer(model, guide, cfg)
-    first = next(iter(make_batches(data, 8, trainer.device, shuffle=False)))
-    trainer._discover_params(first)
+    batches = make_batches(data, 8, trainer.device, shuffle=False)
+    first = next(iter(batches))
+    full = None
+    if isinstance(batches, TensorBatches) and needs_full_prototype(
+            trainer.pair, batches.num_examples, batches.batch_size):
+        full = batches.take(torch.arange(batches.num_examples, device=trainer.device))
+    trainer._discover_params(first, full)
     trainer.load_state_dict(state, rng=False)
     for m in trainer._modules():
         m.eval()

@@ -134,7 +134,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 class Exploding(nn.Module):
-    """A model whose likelihood turns NaN after ``after`` calls: a stand-in for divergence."""
+    """A model whose likelihood turns NaN after ``after`` training calls (with gradients;
+    the engine's set-up traces run without): a stand-in for divergence."""
 
     def __init__(self, after):
         super().__init__()
@@ -144,7 +145,7 @@ class Exploding(nn.Module):
 
     def forward(self, x, size=None, subsample=None):
         pyro.module("exploding", self)
-        self.calls += 1
+        self.calls += torch.is_grad_enabled()
         loc = self.loc * (math.nan if self.calls > self.after else 1.0)
         with pyro.plate("data", size or len(x), subsample=subsample):
             pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
@@ -152,7 +153,7 @@ class Exploding(nn.Module):
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     x = torch.randn(40)
-    model = Exploding(after=1 + 4 + 2)  # discovery run + epoch 1 (4 steps) + 2 steps
+    model = Exploding(after=4 + 2)  # epoch 1 (4 steps) + 2 steps
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 3 of 4") as err:
         fit(model, lambda *a, **k: None, x, epochs=5, batch_size=10, out=tmp_path,
             progress=False, sync_every=2)
@@ -262,8 +263,9 @@ def test_optimizer_options_schedules_and_kl_annealing():
 
 
 def test_two_autoguides_with_the_same_names_keep_their_own_parameters():
-    """Pyro's global param store would let the second AutoNormal overwrite the first's
-    locs.mu; ppl-vae keeps PyroModule parameters local to each module."""
+    """Pyro's global param store shares values between two AutoNormals by name; with Pyro's
+    module_local_params=True (set before building them) each keeps its own, and the engine
+    trains and reads them there."""
     from pyro.infer.autoguide import AutoNormal
 
     def model(x, size=None, subsample=None):
@@ -271,13 +273,19 @@ def test_two_autoguides_with_the_same_names_keep_their_own_parameters():
         with pyro.plate("data", size or len(x), subsample=subsample):
             pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
 
-    first, second = AutoNormal(model), AutoNormal(model)
-    fit(model, first, torch.randn(200) - 3.0, epochs=40, batch_size=50, lr=0.1, progress=False)
-    fit(model, second, torch.randn(200) + 3.0, epochs=40, batch_size=50, lr=0.1, progress=False)
-    x = torch.zeros(1)
-    for guide, truth in ((first, -3.0), (second, 3.0)):
-        draws = pyro.infer.Predictive(model, guide=guide, num_samples=300)(x)["mu"]
-        assert float(draws.mean()) == pytest.approx(truth, abs=0.4)
+    pyro.settings.set(module_local_params=True)
+    try:
+        first, second = AutoNormal(model), AutoNormal(model)
+        fit(model, first, torch.randn(200) - 3.0, epochs=40, batch_size=50, lr=0.1,
+            progress=False)
+        fit(model, second, torch.randn(200) + 3.0, epochs=40, batch_size=50, lr=0.1,
+            progress=False)
+        x = torch.zeros(1)
+        for guide, truth in ((first, -3.0), (second, 3.0)):
+            draws = pyro.infer.Predictive(model, guide=guide, num_samples=300)(x)["mu"]
+            assert float(draws.mean()) == pytest.approx(truth, abs=0.4)
+    finally:
+        pyro.settings.set(module_local_params=False)
 
 
 def test_a_plain_function_model_as_in_the_readme_trains():

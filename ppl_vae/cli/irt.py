@@ -334,7 +334,8 @@ def check(run: Path, args: argparse.Namespace) -> dict:
             list(range(len(items) + 1)))}
     torch.manual_seed(args.seed)
     result = check_posterior(model, guide, tensors, run, dims=dims, coords=coords,
-                             num_samples=args.samples, ppc=ppc, seed=args.seed,
+                             num_samples=args.samples, khat_samples=args.khat_samples, ppc=ppc,
+                             seed=args.seed,
                              batch_size=max(1, 200_000 // max(1, args.samples)))
     if spec["guide"] == "amortized" and getattr(args, "sbc_simulations", 0) > 0:
         calibration = sbc(model, guide, tensors, num_simulations=args.sbc_simulations,

@@ -145,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("check", help="posterior checks with ArviZ (writes into RUN)")
     ch.add_argument("run", type=Path)
-    ch.add_argument("--samples", type=int, default=500)
+    ch.add_argument("--samples", type=int, default=500,
+                    help="guide draws written to posterior.nc")
+    ch.add_argument("--khat-samples", type=int, default=1000,
+                    help="draws per data point for PSIS k-hat (Pyro's psis_diagnostic "
+                         "default; fewer make k-hat noisy and biased upwards)")
     ch.add_argument("--sbc-simulations", type=int, default=1000,
                     help="simulation-based calibration of amortized guides (0: skip)")
     ch.add_argument("--nuts", action="store_true",

@@ -284,7 +284,7 @@ def check(run: Path, args: argparse.Namespace) -> dict:
            ("counts", shares, [vocabulary[i] for i in top])}
     torch.manual_seed(args.seed)
     result = check_posterior(model, guide, test, run, dims=dims, coords={"word": vocabulary},
-                             num_samples=min(args.samples, 100), khat_samples=args.samples,
+                             num_samples=min(args.samples, 100), khat_samples=args.khat_samples,
                              ppc=ppc, seed=args.seed, device=device, plot_points=2)
     from ppl_vae.posterior import load_netcdf
 

@@ -181,7 +181,7 @@ def check(run: Path, args: argparse.Namespace) -> dict:
            ("x", lambda img: np.nanmean(img, 0).reshape(-1), None)}
     torch.manual_seed(args.seed)
     result = check_posterior(model, guide, x, run, dims=dims, num_samples=min(args.samples, 100),
-                             khat_samples=args.samples, ppc=ppc, seed=args.seed,
+                             khat_samples=args.khat_samples, ppc=ppc, seed=args.seed,
                              device=device, plot_points=3)
     write_json(result, run / "check.json")
     return result

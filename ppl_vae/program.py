@@ -1,0 +1,441 @@
+"""The contract between the engine and a user's Pyro program, written in code.
+
+A model and its guide are called the way their signatures ask:
+
+* a function that names ``size`` and/or ``subsample`` (the library's own families, or any
+  program written ``model(x, size=None, subsample=None)`` with
+  ``pyro.plate("data", size or len(x), subsample=subsample)``) receives them: ``size`` is
+  the number of rows N of the whole dataset, ``subsample`` the minibatch's row indices;
+* any other program -- Pyro's examples as written, ``model(x)`` with
+  ``pyro.plate("data", len(x))`` -- is called with the data alone. Autoguides (whose
+  ``forward(*args, **kwargs)`` passes everything on to the model) follow the model.
+
+Whatever the call, the engine makes the data plate (the plate over rows, found by
+:func:`inspect_pair`) mean the whole dataset: a plate opened at the minibatch's length B is
+rewritten to full size N and its sites are scaled by N / B (:class:`DataPlate`), so a
+minibatch ELBO is an unbiased estimate of the full-data ELBO whether or not the program
+subsamples itself. An autoguide built without ``create_plates`` gets the minibatch's rows as
+its data plate's subsample, so per-example parameters (AutoNormal's, AutoDelta's) always
+pair with their own rows.
+
+:func:`inspect_pair` traces the pair once and returns its :class:`Structure` (the data
+plate, plate nesting, enumerated sites), refusing pairs that cannot train together -- a
+guide site the model lacks, plates that disagree, a joint autoguide over per-example
+latents on minibatches -- with a :class:`SetupError` that names the site and the fix.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import prune_subsample_sites
+
+CALL_KEYWORDS = ("size", "subsample")
+PARTICLE_PLATE = "_ppl_vae_particles"
+
+
+class SetupError(ValueError):
+    """The model, guide and settings cannot be trained or evaluated together; raised before
+    the first step (the CLI prints it as ``error: ...``)."""
+
+
+def call_keywords(fn: Callable) -> frozenset[str]:
+    """Which of ``size`` / ``subsample`` the signature of ``fn`` names (for an nn.Module,
+    its ``forward``). A bare ``**kwargs`` names neither."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(k for k in CALL_KEYWORDS if k in params)
+
+
+def _takes_var_keywords(fn: Callable) -> bool:
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def modules_of(*fns: Callable | None) -> list[torch.nn.Module]:
+    """The nn.Modules behind programs: a module itself, the owner of a bound method
+    (``vae.model``), the function wrapped by a :class:`Program`; each once."""
+    out: list[torch.nn.Module] = []
+    for fn in fns:
+        fn = fn.fn if isinstance(fn, Program) else fn
+        owner = getattr(fn, "__self__", fn)
+        if isinstance(owner, torch.nn.Module) and not any(owner is m for m in out):
+            out.append(owner)
+    return out
+
+
+# ---- the data plate --------------------------------------------------------------------------
+
+_CALL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ppl_vae_call",
+                                                                    default=None)
+
+
+class DataPlate(Messenger):
+    """Make the data plate ``name`` stand for the whole dataset of ``size`` rows.
+
+    A site inside a plate called ``name`` that the program opened at the minibatch's length
+    ``batch`` (with no larger full size) gets its scale multiplied by ``size / batch`` and
+    its plate frame's ``full_size`` set to ``size`` -- what ``pyro.plate(name, size,
+    subsample=rows)`` would have given. Sites of a plate already opened at full size are
+    left alone.
+    """
+
+    def __init__(self, name: str, size: int, batch: int):
+        super().__init__()
+        self.name, self.size, self.batch = name, int(size), int(batch)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+            return
+        stack = msg["cond_indep_stack"]
+        for i, frame in enumerate(stack):
+            if frame.name == self.name and frame.size == self.batch \
+                    and (frame.full_size or frame.size) == self.batch:
+                msg["scale"] = msg["scale"] * (self.size / self.batch)
+                msg["cond_indep_stack"] = stack[:i] + (frame._replace(full_size=self.size),) \
+                    + stack[i + 1:]
+                return
+
+
+class SharedPlates(Messenger):
+    """Let one call open a plate of the same name and size more than once (an AutoGuideList
+    whose parts each open the data plate, two ``with pyro.plate("data", n)`` blocks): the
+    later ones reuse the first one's rows and record no second subsample site."""
+
+    def __enter__(self):
+        self.seen: dict[str, dict] = {}
+        return super().__enter__()
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or not isinstance(msg["fn"], _Subsample):
+            return
+        first = self.seen.get(msg["name"])
+        if first is None:
+            self.seen[msg["name"]] = msg
+            return
+        rows = first["value"]
+        if rows is None or msg["value"] is not None:
+            return
+        same = (first["fn"].size, first["fn"].subsample_size) == (msg["fn"].size,
+                                                                  msg["fn"].subsample_size)
+        # or the later plate was opened at the minibatch's length (the data plate of a part
+        # that does not subsample): it stands for the same rows
+        at_batch = msg["fn"].size == len(rows) and msg["fn"].subsample_size in (None, len(rows))
+        if same or at_batch:
+            msg["value"] = rows
+            msg["stop"] = True  # outer handlers (the trace) never see the repeat
+
+    def _postprocess_message(self, msg) -> None:
+        pass
+
+
+def engine_plates(*args, **kwargs) -> list:
+    """``create_plates`` the engine gives an autoguide built without one: inside an engine
+    call on a minibatch, the data plate subsampled at the minibatch's rows; elsewhere
+    (``guide.median()``, Predictive) nothing, so the autoguide's own plates apply."""
+    call = _CALL.get()
+    if call is None:
+        return []
+    plate, dim, size, subsample = call
+    if plate is None or size is None or subsample is None or len(subsample) == size:
+        return []
+    return [pyro.plate(plate, size, subsample=subsample, dim=dim)]
+
+
+class Program:
+    """A model or guide called the engine's way: ``program(*args, size=N, subsample=idx,
+    **kwargs)`` calls ``fn`` with the keywords its signature names and the data plate made
+    to mean the whole dataset (module docstring)."""
+
+    def __init__(self, fn: Callable, keywords: frozenset[str], pair: Pair):
+        self.fn = fn
+        self.keywords = keywords
+        self.pair = pair
+
+    def __call__(self, *args, size: int | None = None, subsample: torch.Tensor | None = None,
+                 **kwargs):
+        extra = {}
+        if "size" in self.keywords:
+            extra["size"] = size
+        if "subsample" in self.keywords:
+            extra["subsample"] = subsample
+        pair = self.pair
+        token = _CALL.set((pair.plate, pair.plate_dim, size, subsample))
+        try:
+            with SharedPlates():
+                if pair.plate is not None and size is not None and subsample is not None \
+                        and len(subsample) != size:
+                    with DataPlate(pair.plate, size, len(subsample)):
+                        return self.fn(*args, **extra, **kwargs)
+                return self.fn(*args, **extra, **kwargs)
+        finally:
+            _CALL.reset(token)
+
+    def __repr__(self) -> str:
+        return f"Program({self.fn!r}, keywords={sorted(self.keywords)})"
+
+
+@dataclass
+class Structure:
+    """What one trace of a pair on a minibatch shows.
+
+    ``plate``: the data plate's name (None: no plate runs over rows -- only for full-batch
+    training); ``plate_dim``: its dim; ``nesting``: plate dims used (Pyro's
+    ``max_plate_nesting``, the particle plate excluded); ``enumerated``: sites marked for
+    parallel enumeration (model or guide); ``local_latents`` / ``global_latents``: latent
+    sites of the guide inside / outside the data plate.
+    """
+
+    plate: str | None
+    plate_dim: int | None
+    nesting: int
+    enumerated: list[str] = field(default_factory=list)
+    local_latents: list[str] = field(default_factory=list)
+    global_latents: list[str] = field(default_factory=list)
+
+
+class Pair:
+    """A model and its guide as the engine calls them (``pair.model``, ``pair.guide``:
+    :class:`Program`), with the structure found on the first batch (:meth:`inspect`)."""
+
+    def __init__(self, model: Callable, guide: Callable | None, plate: str | None = None):
+        model = model.fn if isinstance(model, Program) else model
+        guide = guide.fn if isinstance(guide, Program) else guide
+        self.raw_model, self.raw_guide = model, guide
+        self.plate = plate
+        self.plate_dim: int | None = None
+        self.structure: Structure | None = None
+        self.vectorizable: bool | None = None  # broadcasts over a leading particle dim?
+        model_keys = call_keywords(model)
+        guide_keys = frozenset()
+        if guide is not None:
+            guide_keys = call_keywords(guide)
+            if not guide_keys and _takes_var_keywords(guide):
+                guide_keys = model_keys  # an autoguide passes its call on to the model
+        self.model = Program(model, model_keys, self)
+        self.guide = Program(guide, guide_keys, self) if guide is not None else None
+        self.model_subsamples = "subsample" in model_keys
+        if isinstance(guide, AutoGuide) and getattr(guide, "master", None) is None \
+                and guide.create_plates is None:
+            # Pyro's advice for subsampling with autoguides is create_plates=; the engine
+            # gives the one that opens the data plate at the minibatch's rows.
+            guide.create_plates = engine_plates
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return modules_of(self.raw_model, self.raw_guide)
+
+    def inspect(self, batch, check: bool = True) -> Structure:
+        """Trace the pair once on ``batch`` and keep its :class:`Structure`."""
+        if self.structure is None:
+            self.structure = inspect_pair(self, batch, check=check)
+        return self.structure
+
+
+def _vectorized_frames(site: dict) -> list:
+    return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+
+
+def _traces(pair: Pair, batch) -> tuple:
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(batch.call).get_trace(pair.guide)
+        model_trace = poutine.trace(
+            poutine.replay(batch.call, trace=guide_trace)).get_trace(pair.model)
+    return model_trace, guide_trace
+
+
+def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
+    """The plate around every observed site that runs over the dataset's rows: opened at
+    full size n with b rows, or (a program that does not subsample) at the batch's b rows."""
+    observed = [s for s in model_trace.nodes.values()
+                if s["type"] == "sample" and s["is_observed"]
+                and not s["infer"].get("_deterministic")]
+    if not observed:
+        return None, None
+    full, local = None, None
+    for site in observed:
+        frames = _vectorized_frames(site)
+        f = {fr.name: fr.dim for fr in frames if (fr.full_size or fr.size) == n and fr.size == b}
+        g = {fr.name: fr.dim for fr in frames if fr.size == b}
+        full = f if full is None else {k: v for k, v in full.items() if k in f}
+        local = g if local is None else {k: v for k, v in local.items() if k in g}
+    for candidates in (full, local):
+        if len(candidates) == 1:
+            return next(iter(candidates.items()))
+        if len(candidates) > 1:
+            raise SetupError(
+                f"several plates of length {b} surround every observed site "
+                f"({', '.join(sorted(candidates))}); say which runs over the rows of the data "
+                "with plate=NAME")
+    return None, None
+
+
+def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
+    """One blocked trace of guide and model on ``batch``: the data plate, plate nesting,
+    enumerated sites, and (``check=True``) the checks Pyro's validation would make, as
+    :class:`SetupError` before any training step (module docstring)."""
+    n, b = batch.size, len(batch)
+    try:
+        with poutine.block(), torch.no_grad():  # the model alone: its own plates
+            prior_trace = poutine.trace(batch.call).get_trace(pair.model)
+        if pair.plate is None:  # the guide's plates follow from the model's
+            pair.plate, pair.plate_dim = _find_plate(prior_trace, n, b)
+        if check:
+            _check_joint_autoguide(pair, n, b)
+        model_trace, guide_trace = _traces(pair, batch)
+    except TypeError as e:
+        raise SetupError(f"calling the model or guide with the data failed: {e}. The engine "
+                         "calls model(*data) for a tensor or tuple and model(**data) for a "
+                         "dict; size= and subsample= only if the signature names them") from e
+    if pair.plate is not None:
+        dims = {f.name: f.dim for s in model_trace.nodes.values() if s["type"] == "sample"
+                for f in _vectorized_frames(s)}
+        if pair.plate not in dims:
+            raise SetupError(f"plate={pair.plate!r} is not a plate of the model (its plates: "
+                             f"{sorted(dims) or 'none'})")
+        pair.plate_dim = dims[pair.plate]
+    plate = pair.plate
+    nesting = 0
+    enumerated: list[str] = []
+    for trace in (guide_trace, model_trace):
+        for name, site in prune_subsample_sites(trace).nodes.items():
+            if site["type"] != "sample":
+                continue
+            for f in _vectorized_frames(site):
+                if f.dim is not None:
+                    nesting = max(nesting, -f.dim)
+            if site["infer"].get("enumerate") == "parallel" and name not in enumerated:
+                enumerated.append(name)
+    guide_latents = {name: site for name, site in prune_subsample_sites(guide_trace).nodes.items()
+                     if site["type"] == "sample" and not site["is_observed"]
+                     and not site["infer"].get("is_auxiliary")}
+    local = [k for k, s in guide_latents.items()
+             if any(f.name == plate for f in _vectorized_frames(s))]
+    structure = Structure(plate, pair.plate_dim, nesting, enumerated, local,
+                          [k for k in guide_latents if k not in local])
+    if check:
+        _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
+    return structure
+
+
+def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents: dict,
+                structure: Structure, n: int, b: int) -> None:
+    model_sites = {name: site for name, site in prune_subsample_sites(model_trace).nodes.items()
+                   if site["type"] == "sample"}
+    model_latents = {k for k, s in model_sites.items() if not s["is_observed"]}
+    stray = [k for k in guide_latents if k not in model_sites]
+    if stray:
+        raise SetupError(
+            f"guide site {stray[0]!r} is not a sample site of the model (model latent sites: "
+            f"{', '.join(sorted(model_latents)) or 'none'}); name the guide's "
+            f"pyro.sample({stray[0]!r}, ...) after the model site it approximates")
+    observed_in_guide = [k for k in guide_latents if model_sites[k]["is_observed"]]
+    if observed_in_guide:
+        raise SetupError(f"guide samples {observed_in_guide[0]!r}, which the model observes")
+    missing = [k for k in model_latents if k not in guide_latents
+               and model_sites[k]["infer"].get("enumerate") != "parallel"
+               and not model_sites[k]["infer"].get("_deterministic")]
+    if missing:
+        warnings.warn(
+            f"model latent site(s) {', '.join(sorted(missing))} are not in the guide: they are "
+            "drawn from the prior at every step (mark discrete ones with config_enumerate and "
+            "use objective='enum', or add them to the guide)", stacklevel=4)
+    for name, site in guide_latents.items():
+        alone = prior_trace.nodes.get(name, model_sites[name])  # plates not replayed
+        g = {f.name: f.size for f in _vectorized_frames(site)}
+        m = {f.name: f.size for f in _vectorized_frames(alone)}
+        if g != m:
+            def show(d: dict) -> str:
+                return ", ".join(f"{k!r} (size {v})" for k, v in d.items()) or "no plate"
+            raise SetupError(
+                f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
+                "open the same plates, with the same names and sizes, in both")
+    if b >= n:
+        return
+    plate = structure.plate
+    if plate is None:
+        observed = [repr(k) for k, s in model_sites.items() if s["is_observed"]]
+        raise SetupError(
+            f"training on minibatches of {b} of {n} rows, but the observed site(s) "
+            f"{', '.join(observed)} are not inside a plate over the rows, so the engine "
+            "cannot scale them to the dataset; wrap them in `with pyro.plate(\"data\", "
+            "len(x)):` (or train full-batch: batch_size >= number of rows)")
+    guide = pair.raw_guide
+    if structure.local_latents and not pair.model_subsamples:
+        for part in _autoguide_parts(guide):
+            if isinstance(part, AutoGuide) and part.prototype_trace is not None:
+                frame = next((f for s in part.prototype_trace.nodes.values()
+                              if s["type"] == "sample" for f in s["cond_indep_stack"]
+                              if f.name == plate), None)
+                if frame is not None and (frame.full_size or frame.size) != n:
+                    raise SetupError(
+                        f"{type(part).__name__} holds one value per row of a "
+                        f"{frame.full_size or frame.size}-row call of the model, but the "
+                        f"data has {n} rows: build the guide anew before fit (or train "
+                        f"full-batch: batch_size >= {n})")
+    if structure.local_latents and "subsample" not in pair.guide.keywords \
+            and not isinstance(guide, AutoGuide):
+        per_row = [name for name, site in guide_trace.nodes.items()
+                   if site["type"] == "param" and "$$$" not in name
+                   and b in tuple(site["value"].shape)
+                   and not any(site["value"].unconstrained() is p if
+                               hasattr(site["value"], "unconstrained") else site["value"] is p
+                               for m in pair.modules for p in m.parameters())]
+        if per_row:
+            raise SetupError(
+                f"guide parameter {per_row[0]!r} has one entry per row of the minibatch "
+                f"({b}), but the guide is not told which rows it gets: add a subsample "
+                "argument, guide(x, subsample=None), and open its plate as "
+                f"pyro.plate({plate!r}, {n}, subsample=subsample) (or train full-batch: "
+                f"batch_size >= {n})")
+
+
+def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
+    """Refuse an AutoContinuous guide (one joint distribution over every latent) whose
+    latents include per-row ones, on minibatches: it cannot be subsampled."""
+    plate = pair.plate
+    if b >= n or plate is None:
+        return
+    for part in _autoguide_parts(pair.raw_guide):
+        if not isinstance(part, AutoContinuous) or part.prototype_trace is None:
+            continue
+        local = [name for name, s in part.prototype_trace.iter_stochastic_nodes()
+                 if any(f.name == plate for f in s["cond_indep_stack"])]
+        if local:
+            raise SetupError(
+                f"{type(part).__name__} keeps one joint distribution over all latents, "
+                f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}; it "
+                f"cannot be trained on minibatches of {b} of {n} rows: train full-batch "
+                f"(batch_size >= {n}), or use AutoNormal / AutoDelta for the per-row latents")
+
+
+def _autoguide_parts(guide) -> list:
+    if isinstance(guide, AutoGuideList):
+        return [p for part in guide for p in _autoguide_parts(part)]
+    return [guide] if isinstance(guide, AutoGuide) else []
+
+
+def needs_full_prototype(pair: Pair, n: int, b: int) -> bool:
+    """Whether the guide is an autoguide still to be set up over a model that does not
+    subsample: then its first call must see all rows, so that it holds one parameter per
+    row of the dataset (not of the first minibatch)."""
+    if b >= n or pair.model_subsamples:
+        return False
+    return any(p.prototype_trace is None for p in _autoguide_parts(pair.raw_guide))
