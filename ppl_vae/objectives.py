@@ -43,14 +43,36 @@ class ELBOObjective:
         self.elbo = elbo
         self.kl_weight = kl_weight
         self._flat: tuple[Callable, Callable] | None = None
+        self._checked = not getattr(elbo, "vectorize_particles", False)
 
     def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
         if self.kl_weight is not None and self.kl_weight.factor != 1.0:
             model, guide = self.kl_weight(model), self.kl_weight(guide)
         if isinstance(self.elbo, infer.JitTrace_ELBO):
             return self._jit_loss(model, guide, batch)
+        if not self._checked:
+            return self._first_vectorized_loss(model, guide, batch)
         return self.elbo.differentiable_loss(
             model, guide, *batch.args, size=batch.size, subsample=batch.subsample, **batch.kwargs)
+
+    def _first_vectorized_loss(self, model: Callable, guide: Callable, batch: Batch
+                               ) -> torch.Tensor:
+        """The first step with several particles in one vectorized pass; a program that does
+        not broadcast over the extra particle dim gets Pyro's particle loop instead."""
+        self._checked = True
+        try:
+            return self(model, guide, batch)
+        except (ValueError, RuntimeError, IndexError) as e:
+            warnings.warn(
+                f"the model or guide does not broadcast over the extra dim of "
+                f"{type(self.elbo).__name__}'s vectorized particles ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); drawing the {self.elbo.num_particles} "
+                "particles one after another (slower)", stacklevel=3)
+            kwargs = {k: getattr(self.elbo, k) for k in ("num_particles", "max_plate_nesting")}
+            if kwargs["max_plate_nesting"] == float("inf"):
+                del kwargs["max_plate_nesting"]
+            self.elbo = type(self.elbo)(vectorize_particles=False, **kwargs)
+            return self(model, guide, batch)
 
     def _jit_loss(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
         """JitTrace_ELBO traces tensors passed positionally only: flatten the call to

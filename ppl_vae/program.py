@@ -432,6 +432,15 @@ def _autoguide_parts(guide) -> list:
     return [guide] if isinstance(guide, AutoGuide) else []
 
 
+def per_row_autoguide_sites(pair: Pair) -> list[str]:
+    """Latent sites of the data plate that an autoguide keeps one parameter per row for
+    (AutoNormal, AutoDelta ...): they need the rows' ids, which streamed data lacks."""
+    plate = pair.plate
+    return [name for part in _autoguide_parts(pair.raw_guide) if part.prototype_trace is not None
+            for name, site in part.prototype_trace.iter_stochastic_nodes()
+            if any(f.name == plate for f in site["cond_indep_stack"])]
+
+
 def needs_full_prototype(pair: Pair, n: int, b: int) -> bool:
     """Whether the guide is an autoguide still to be set up over a model that does not
     subsample: then its first call must see all rows, so that it holds one parameter per

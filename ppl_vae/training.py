@@ -33,7 +33,13 @@ from .checkpoint import (
 from .evaluation import elbo as evaluate_elbo
 from .evaluation import eval_mode
 from .objectives import make_objective
-from .program import Pair, SetupError, modules_of, needs_full_prototype
+from .program import (
+    Pair,
+    SetupError,
+    modules_of,
+    needs_full_prototype,
+    per_row_autoguide_sites,
+)
 
 __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged", "fit",
            "restore", "resolve_device"]
@@ -163,7 +169,8 @@ class Trainer:
             # a param-store value carries its unconstrained leaf; a module-local nn.Parameter
             # (module_local_params=True) is its own leaf
             leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
-            if isinstance(leaf, torch.Tensor) and leaf.is_leaf and leaf.requires_grad:
+            if isinstance(leaf, torch.Tensor) and leaf.is_leaf and leaf.requires_grad \
+                    and not any(leaf is p for p in params.values()):  # one name per tensor
                 params[name] = leaf
         if self.config.objective == "jit":
             store = pyro.get_param_store()
@@ -281,8 +288,16 @@ class Trainer:
         if isinstance(batches, TensorBatches) and needs_full_prototype(
                 self.pair, batches.num_examples, batches.batch_size):
             full = batches.take(torch.arange(batches.num_examples, device=self.device))
-        with pyro.validation_enabled(True):
-            self._discover_params(first, full)
+        streamed = not isinstance(batches, TensorBatches)
+        try:
+            with pyro.validation_enabled(True):
+                self._discover_params(first, full)
+        except ValueError as e:
+            if streamed and per_row_autoguide_sites(self.pair):
+                raise self._streamed_error() from e
+            raise
+        if streamed and per_row_autoguide_sites(self.pair):
+            raise self._streamed_error()
         pyro.set_rng_seed(c.seed)  # training draws do not depend on the set-up's traces
         self._make_optimizer()
         if resume:
@@ -320,6 +335,12 @@ class Trainer:
         finally:
             bar.close()
         return self.history
+
+    def _streamed_error(self) -> SetupError:
+        return SetupError(
+            f"the guide keeps one parameter per row for {per_row_autoguide_sites(self.pair)}, "
+            "but streamed minibatches carry positions within the epoch, not row ids: pass the "
+            "data as tensors (a tensor, tuple or dict), or use an amortized guide")
 
     def _run_epoch(self, batches, bar) -> dict:
         c = self.config

@@ -169,3 +169,16 @@ def test_import_leaves_pyro_settings_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_per_row_autoguide_on_streamed_data_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    loader = DataLoader(TensorDataset(torch.randn(40)), batch_size=10)
+    with pytest.raises(SetupError, match=r"one parameter per row.*\['z'\].*tensors"):
+        fit(model, AutoNormal(model), loader, epochs=1, progress=False)

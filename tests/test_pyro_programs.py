@@ -1,0 +1,741 @@
+"""Pyro's own examples and tutorials, written the way Pyro users write them, through ppl_vae.
+
+Every model here is a plain Pyro program: ``model(x)`` (or ``model(y, sigma)``, or a method of
+an ``nn.Module``) opening its data plate as ``pyro.plate("data", len(x))``, with no ``size=``
+or ``subsample=`` keywords. Each test checks the trained guide against an answer computed
+here exactly: Gaussian conditioning in float64 for the linear-Gaussian models, exact sums
+over the mixture components for the Gaussian mixtures.
+
+Tolerances are in units of the exact posterior standard deviation (sd) unless said
+otherwise; each is justified where it is set. Training runs are kept to a few hundred
+steps of a vectorized multi-particle ELBO with a decaying learning rate (the engine's
+``lr_schedule="exponential"``), which settles the guides' means to a few hundredths of a
+posterior sd (measured with Pyro's own SVI on the same programs, and with ppl_vae.fit
+over several seeds; the numbers are given where each run is set up).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro.contrib.easyguide import easy_guide
+from pyro.infer import config_enumerate
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoGuide,
+    AutoGuideList,
+    AutoIAFNormal,
+    AutoLaplaceApproximation,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from torch import nn
+from torch.distributions import constraints
+
+import ppl_vae
+from ppl_vae import SetupError, elbo, fit, log_likelihood
+
+F64 = torch.float64
+ONE_SD = (0.158655, 0.841345)  # Normal quantiles at -1 and +1 standard deviations
+
+
+# ---- exact answers ---------------------------------------------------------------------------
+
+def gaussian_posterior(prior_cov, design, noise_sd, y, prior_mean=None):
+    """Exact posterior of z ~ N(prior_mean, prior_cov) given y = design @ z + e, with
+    e ~ N(0, diag(noise_sd ** 2)); everything in float64. Returns (mean, cov)."""
+    prior_cov = torch.as_tensor(prior_cov, dtype=F64)
+    design = torch.as_tensor(design, dtype=F64)
+    y = torch.as_tensor(y, dtype=F64).reshape(-1)
+    noise_var = torch.as_tensor(noise_sd, dtype=F64).expand(y.shape) ** 2
+    prior_mean = (torch.zeros(len(prior_cov), dtype=F64) if prior_mean is None
+                  else torch.as_tensor(prior_mean, dtype=F64))
+    prior_prec = torch.linalg.inv(prior_cov)
+    cov = torch.linalg.inv(prior_prec + design.T @ (design / noise_var[:, None]))
+    cov = (cov + cov.T) / 2
+    mean = cov @ (prior_prec @ prior_mean + design.T @ (y / noise_var))
+    return mean, cov
+
+
+def mixture_log_lik(x, weights, locs, scale):
+    """Exact per-example log-likelihood of a 1-D Gaussian mixture (float64):
+    log p(x_i) = logsumexp_k [log w_k + log N(x_i; loc_k, scale)]."""
+    x = torch.as_tensor(x, dtype=F64)[:, None]
+    w, mu = weights.detach().to(F64), locs.detach().to(F64)
+    s = torch.as_tensor(scale).detach().to(F64)
+    return torch.logsumexp(w.log() + dist.Normal(mu, s).log_prob(x), dim=-1)
+
+
+# ---- eight schools with known tau ------------------------------------------------------------
+
+Y_SCHOOLS = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SIGMA_SCHOOLS = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+TAU = 5.0
+
+
+def schools_model(y, sigma):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("data", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, TAU))
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def schools_exact():
+    """Exact posterior of (mu, theta_1..8): prior mu ~ N(0, 25), theta_j = mu + N(0, tau^2),
+    y_j = theta_j + N(0, sigma_j^2). Returns (mean, sd) of theta (8 values each).
+
+    Checked once offline against NUTS (4000 draws): means and sds agree within its Monte
+    Carlo error (e.g. theta_1: exact 6.71 +- 5.62, NUTS 6.42 +- 5.61)."""
+    j = len(Y_SCHOOLS)
+    prior_cov = 25.0 * torch.ones(j + 1, j + 1, dtype=F64)
+    prior_cov[1:, 1:] += TAU ** 2 * torch.eye(j, dtype=F64)
+    design = torch.cat([torch.zeros(j, 1, dtype=F64), torch.eye(j, dtype=F64)], dim=1)
+    mean, cov = gaussian_posterior(prior_cov, design, SIGMA_SCHOOLS, Y_SCHOOLS)
+    return mean[1:], cov.diagonal()[1:].sqrt()
+
+
+def schools_easy_guide():
+    """An easy_guide in the style of Pyro's easyguide tutorial: a Normal for the global mu,
+    and per-school Normals inside the data plate (parameters declared with event_dim, so
+    Pyro subsamples them with the plate)."""
+
+    @easy_guide(schools_model)
+    def guide(self, y, sigma):
+        group = self.group(match="mu")
+        loc = pyro.param("mu_loc", lambda: torch.zeros(1))
+        scale = pyro.param("mu_scale", lambda: torch.ones(1), constraint=constraints.positive)
+        group.sample("mu_joint", dist.Normal(loc, scale).to_event(1))
+        plate = self.plate("data", len(y))
+        with plate:
+            group = self.group(match="theta")
+            # one row per school of the whole data set: the plate knows how many there are
+            loc = pyro.param("theta_loc", lambda: torch.zeros(plate.size, 1), event_dim=1)
+            scale = pyro.param("theta_scale", lambda: torch.ones(plate.size, 1), event_dim=1,
+                               constraint=constraints.positive)
+            group.sample("theta_joint", dist.Normal(loc, scale).to_event(1))
+
+    return guide
+
+
+SCHOOL_GUIDES = {
+    "AutoNormal": lambda: AutoNormal(schools_model),
+    "AutoDiagonalNormal": lambda: AutoDiagonalNormal(schools_model),
+    "AutoMultivariateNormal": lambda: AutoMultivariateNormal(schools_model),
+    "AutoLowRankMultivariateNormal": lambda: AutoLowRankMultivariateNormal(schools_model),
+    "AutoIAFNormal": lambda: AutoIAFNormal(schools_model),
+    "AutoDelta": lambda: AutoDelta(schools_model),
+    "AutoLaplaceApproximation": lambda: AutoLaplaceApproximation(schools_model),
+    "easy_guide": schools_easy_guide,
+}
+# Guides that hold one joint distribution over all latents (or, for the easy_guide, per-school
+# parameters the guide cannot index by minibatch rows without a subsample argument): the
+# engine may refuse them on minibatches, with a SetupError that says what to change.
+MAY_REFUSE_MINIBATCHES = {"AutoDiagonalNormal", "AutoMultivariateNormal",
+                          "AutoLowRankMultivariateNormal", "AutoIAFNormal",
+                          "AutoLaplaceApproximation", "easy_guide"}
+FULL_RANK = {"AutoMultivariateNormal", "AutoLaplaceApproximation"}
+
+
+def fit_schools(guide, batch_size, steps=300, **kwargs):
+    """300 steps of a 32-particle ELBO, lr 0.3 decaying to 0.006 (the posterior sds are
+    about 5, so the means have ~5 units to travel). Measured with Pyro's own SVI on this
+    model, and with ppl_vae.fit over seeds 1-3: the guides' theta means then sit within
+    0.01-0.09 sd of the exact ones (max over schools), the full-rank sds within 5%."""
+    n = len(Y_SCHOOLS)
+    epochs = steps // math.ceil(n / batch_size)
+    options = dict(epochs=epochs, batch_size=batch_size, lr=0.3, num_particles=32,
+                   lr_schedule="exponential", lr_gamma=0.02 ** (1 / epochs), seed=0,
+                   progress=False, device="cpu")
+    options.update(kwargs)
+    return fit(schools_model, guide, (Y_SCHOOLS, SIGMA_SCHOOLS), **options)
+
+
+def guide_theta(name, guide):
+    """Posterior mean and sd of theta under the trained guide (sd None: not checked)."""
+    args = (Y_SCHOOLS, SIGMA_SCHOOLS)
+    if name in ("AutoIAFNormal", "easy_guide"):
+        # no closed form: 4000 vectorized draws (Monte Carlo error of the mean ~0.016 sd)
+        with torch.no_grad(), pyro.plate("_draws", 4000, dim=-2):
+            trace = poutine.trace(guide).get_trace(*args)
+        theta = trace.nodes["theta"]["value"].reshape(4000, -1)
+        return theta.mean(0), theta.std(0)
+    if name == "AutoLaplaceApproximation":
+        guide = guide.laplace_approximation(*args)  # a Hessian: needs autograd
+    mean = guide.median(*args)["theta"]
+    if name == "AutoDelta":
+        return mean, None
+    lo, hi = guide.quantiles(list(ONE_SD), *args)["theta"]
+    return mean, (hi - lo) / 2
+
+
+@pytest.mark.parametrize("batch_size", [8, 4], ids=["full_batch", "minibatch4"])
+@pytest.mark.parametrize("name", list(SCHOOL_GUIDES))
+def test_eight_schools_known_tau(name, batch_size):
+    pyro.set_rng_seed(0)
+    guide = SCHOOL_GUIDES[name]()
+    if batch_size < len(Y_SCHOOLS) and name in MAY_REFUSE_MINIBATCHES:
+        # a joint guide over the per-school thetas (or per-row params not told their rows)
+        # cannot be subsampled: refused before the first step, saying what to change
+        with pytest.raises(SetupError, match=r"batch_size >= 8"):
+            fit_schools(guide, batch_size)
+        return
+    history = fit_schools(guide, batch_size)
+    assert all(math.isfinite(v) for v in history["train_elbo"])
+    exact_mean, exact_sd = schools_exact()
+    mean, sd = guide_theta(name, guide)
+    assert tuple(mean.shape) == (8,), f"theta has shape {tuple(mean.shape)}, not (8,)"
+    err = ((mean.double() - exact_mean) / exact_sd).abs()
+    print(f"{name} batch_size={batch_size}: max |mean - exact| = {err.max():.3f} sd")
+    # 0.15 sd: the mean of any Gaussian-family guide (and the MAP/Laplace point) is exact for
+    # this Gaussian posterior; what is left is optimisation noise, measured at <= 0.09 sd
+    assert err.max() <= 0.15, (
+        f"{name}, batch_size={batch_size}: theta means {mean.tolist()} vs exact "
+        f"{exact_mean.tolist()}: errors {err.tolist()} sd")
+    if name in FULL_RANK:
+        ratio = sd.double() / exact_sd
+        print(f"{name}: max |sd / exact - 1| = {(ratio - 1).abs().max():.3f}")
+        # 15%: a full-rank Gaussian guide is exact here; measured within 5% after 300 steps
+        assert (ratio - 1).abs().max() <= 0.15, f"{name}: sd / exact sd = {ratio.tolist()}"
+
+
+def test_full_batch_rows_stay_aligned_with_their_parameters():
+    """batch_size >= N is full batch: school j's data must meet school j's guide
+    parameters (the bug: rows shuffled in full batch while AutoNormal's per-school
+    parameters were not, mixing up the schools)."""
+    guide = AutoNormal(schools_model)
+    n = len(Y_SCHOOLS)
+    fit(schools_model, guide, (Y_SCHOOLS, SIGMA_SCHOOLS), epochs=300, batch_size=100, lr=0.3,
+        num_particles=32, lr_schedule="exponential", lr_gamma=0.02 ** (1 / 300), seed=0,
+        progress=False, device="cpu")
+    exact_mean, exact_sd = schools_exact()
+    mean = guide.median(Y_SCHOOLS, SIGMA_SCHOOLS)["theta"]
+    assert tuple(mean.shape) == (n,)
+    err = ((mean.double() - exact_mean) / exact_sd).abs()
+    print(f"batch_size=100: max |mean - exact| = {err.max():.3f} sd")
+    # same 0.15 sd as above; rows shuffled against the parameters every epoch come out
+    # 0.41-0.46 sd off (emulated with Pyro's SVI on a permuted full batch)
+    assert err.max() <= 0.15, f"per-school errors {err.tolist()} sd"
+
+
+def test_to_arviz_default_batch_size_eight_schools():
+    guide = AutoNormal(schools_model)
+    fit_schools(guide, batch_size=8)
+    pyro.set_rng_seed(1)
+    idata = ppl_vae.to_arviz(schools_model, guide, (Y_SCHOOLS, SIGMA_SCHOOLS), num_samples=200)
+    theta = torch.as_tensor(idata.posterior["theta"].values)
+    assert tuple(theta.shape) == (1, 200, 8)
+    median = guide.median(Y_SCHOOLS, SIGMA_SCHOOLS)["theta"]
+    lo, hi = guide.quantiles(list(ONE_SD), Y_SCHOOLS, SIGMA_SCHOOLS)["theta"]
+    guide_sd = (hi - lo) / 2
+    se = guide_sd / math.sqrt(200)
+    err = (theta[0].mean(0) - median).abs() / se
+    print(f"to_arviz draws' mean vs guide median: max {err.max():.2f} SE")
+    # 4.5 Monte Carlo standard errors of a 200-draw mean, max over 8 schools
+    assert err.max() <= 4.5, f"draws' means off the guide's by {err.tolist()} SE"
+
+
+def test_importance_diagnostics_on_a_plain_program():
+    guide = AutoNormal(schools_model)
+    fit_schools(guide, batch_size=8, steps=100)
+    from ppl_vae.diagnostics import importance_diagnostics
+
+    k = importance_diagnostics(schools_model, guide, (Y_SCHOOLS, SIGMA_SCHOOLS),
+                               num_samples=200, inner_samples=10, seed=0)
+    assert k.local is not None and len(k.local) == 8
+    assert all(math.isfinite(float(v)) for v in k.local)
+    assert k.glob is not None and math.isfinite(k.glob)
+
+
+# ---- Pyro's examples/vae/vae.py --------------------------------------------------------------
+
+class Decoder(nn.Module):
+    def __init__(self, z_dim, hidden_dim, x_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(z_dim, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, x_dim)
+        self.softplus = nn.Softplus()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, z):
+        hidden = self.softplus(self.fc1(z))
+        return self.sigmoid(self.fc21(hidden))
+
+
+class Encoder(nn.Module):
+    def __init__(self, z_dim, hidden_dim, x_dim):
+        super().__init__()
+        self.x_dim = x_dim
+        self.fc1 = nn.Linear(x_dim, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, z_dim)
+        self.fc22 = nn.Linear(hidden_dim, z_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, x):
+        x = x.reshape(-1, self.x_dim)
+        hidden = self.softplus(self.fc1(x))
+        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+
+
+class VAE(nn.Module):
+    """Pyro's examples/vae/vae.py, with 784 pixels replaced by ``x_dim``."""
+
+    def __init__(self, z_dim=2, hidden_dim=32, x_dim=64):
+        super().__init__()
+        self.encoder = Encoder(z_dim, hidden_dim, x_dim)
+        self.decoder = Decoder(z_dim, hidden_dim, x_dim)
+        self.z_dim = z_dim
+        self.x_dim = x_dim
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc = torch.zeros(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
+            z_scale = torch.ones(x.shape[0], self.z_dim, dtype=x.dtype, device=x.device)
+            z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+            loc_img = self.decoder(z)
+            pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1),
+                        obs=x.reshape(-1, self.x_dim))
+            return loc_img
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc, z_scale = self.encoder(x)
+            pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+
+
+def binary_prototypes(n=200, d=64, seed=0):
+    """Four random binary prototypes with 5% of the pixels flipped."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(4, d, generator=g) < 0.5).float()
+    which = torch.randint(0, 4, (n,), generator=g)
+    flips = (torch.rand(n, d, generator=g) < 0.05).float()
+    return (protos[which] + flips) % 2
+
+
+def test_pyro_vae_example():
+    torch.manual_seed(0)
+    x = binary_prototypes()
+    vae = VAE(z_dim=2, hidden_dim=32, x_dim=64)
+    history = fit(vae.model, vae.guide, x, epochs=15, batch_size=50, lr=1e-2, seed=0,
+                  progress=False, device="cpu")
+    first, last = history["train_elbo"][0], history["train_elbo"][-1]
+    print(f"VAE train ELBO {first:.2f} -> {last:.2f}")
+    assert math.isfinite(first) and math.isfinite(last)
+    # from ~44 nats (64 coin flips) towards ~13 (four prototypes, 5% noise): a rise of 5 is a
+    # small fraction of what one run achieves
+    assert last > first + 5, f"train ELBO {first:.2f} -> {last:.2f}"
+    pyro.set_rng_seed(1)
+    e = elbo(vae.model, vae.guide, x, num_particles=20)
+    ll = log_likelihood(vae.model, vae.guide, x, num_samples=200)
+    print(f"VAE elbo {e:.3f}, log_likelihood {ll:.3f}")
+    assert math.isfinite(e) and math.isfinite(ll)
+    # IWAE(K=200) >= ELBO in expectation; 0.2 nats covers the Monte Carlo noise of the
+    # 20-particle ELBO averaged over 200 rows (a few hundredths of a nat)
+    assert ll >= e - 0.2, f"log_likelihood {ll:.3f} < elbo {e:.3f}"
+
+
+# ---- Pyro's GMM tutorial: enumerated assignments ---------------------------------------------
+
+K = 2
+
+
+def two_clusters(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([-3.0 + 0.7 * torch.randn(60, generator=g),
+                      2.5 + 0.7 * torch.randn(140, generator=g)])
+
+
+@config_enumerate
+def gmm_param_model(data):
+    weights = pyro.param("weights", lambda: torch.ones(K) / K, constraint=constraints.simplex)
+    locs = pyro.param("locs", lambda: torch.tensor([-1.0, 1.0]))
+    scale = pyro.param("scale", lambda: torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def empty_guide(data):
+    pass
+
+
+def test_gmm_params_enumerated_exact_log_likelihood():
+    data = two_clusters()
+    history = fit(gmm_param_model, empty_guide, data, epochs=150, batch_size=len(data),
+                  objective="enum", lr=0.1, seed=0, progress=False, device="cpu")
+    weights, locs, scale = pyro.param("weights"), pyro.param("locs"), pyro.param("scale")
+    # trained: the two clusters found (Pyro's own SVI gets locs -2.96, 2.45 here)
+    assert sorted(locs.tolist()) == pytest.approx([-2.96, 2.45], abs=0.1), locs
+    exact = mixture_log_lik(data, weights, locs, scale)
+    # nothing is sampled (the assignment is summed out, the guide is empty): float32 sums
+    ll = log_likelihood(gmm_param_model, empty_guide, data, num_samples=10)
+    e = elbo(gmm_param_model, empty_guide, data)
+    print(f"GMM exact {exact.mean().item():.6f}, log_likelihood {ll:.6f}, elbo {e:.6f}, "
+          f"last train_elbo {history['train_elbo'][-1]:.6f}")
+    assert ll == pytest.approx(exact.mean().item(), abs=1e-4)
+    assert e == pytest.approx(exact.mean().item(), abs=1e-4)
+    rows = log_likelihood(gmm_param_model, empty_guide, data, num_samples=10, per_example=True)
+    assert tuple(rows.shape) == (len(data),)
+    assert (rows.double() - exact).abs().max() <= 1e-4
+    rows = elbo(gmm_param_model, empty_guide, data, per_example=True)
+    assert (rows.double() - exact).abs().max() <= 1e-4
+    # the last step's ELBO was taken one step before these parameters (converged: the
+    # change is ~1e-7 nats with Pyro's SVI); 0.05 nats
+    assert history["train_elbo"][-1] == pytest.approx(exact.mean().item(), abs=0.05)
+
+
+@config_enumerate
+def gmm_model(data):
+    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(K)))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
+    with pyro.plate("components", K):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data)):
+        assignment = pyro.sample("assignment", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+
+
+def test_gmm_tutorial_global_autodelta():
+    data = two_clusters()
+
+    def init_loc_fn(site):  # as in the tutorial, with the locs at the data's extremes
+        if site["name"] == "weights":
+            return torch.ones(K) / K
+        if site["name"] == "scale":
+            return (data.var() / 2).sqrt()
+        if site["name"] == "locs":
+            return torch.stack([data.min(), data.max()])
+        raise ValueError(site["name"])
+
+    global_guide = AutoDelta(poutine.block(gmm_model, expose=["weights", "locs", "scale"]),
+                             init_loc_fn=init_loc_fn)
+    history = fit(gmm_model, global_guide, data, epochs=150, batch_size=len(data),
+                  objective="enum", lr=0.1, seed=0, progress=False, device="cpu")
+    assert history["train_elbo"][-1] > history["train_elbo"][0]
+    point = global_guide.median(data)
+    assert sorted(point["locs"].tolist()) == pytest.approx([-2.96, 2.45], abs=0.15), point
+    exact = mixture_log_lik(data, point["weights"], point["locs"], point["scale"])
+    # the globals are points, the assignment is summed out: exact up to float32 sums
+    ll = log_likelihood(gmm_model, global_guide, data, num_samples=10)
+    print(f"GMM (AutoDelta) exact {exact.mean().item():.6f}, log_likelihood {ll:.6f}")
+    assert ll == pytest.approx(exact.mean().item(), abs=1e-3)
+    e = elbo(gmm_model, global_guide, data)
+    assert e == pytest.approx(exact.mean().item(), abs=1e-3)
+
+
+# ---- Bayesian linear regression, conjugate -----------------------------------------------------
+
+N_REG, D_REG = 400, 3
+
+
+def regression_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_REG, D_REG, generator=g)
+    y = x @ torch.tensor([0.5, -0.3, 0.2]) + 0.1 + 0.5 * torch.randn(N_REG, generator=g)
+    return x, y
+
+
+def regression_model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(D_REG), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        # x @ w + b, written to broadcast over vectorized particles (w: (..., 1, D))
+        pyro.sample("obs", dist.Normal((x * w).sum(-1) + b, 0.5), obs=y)
+
+
+def regression_exact(x, y):
+    """Exact posterior of (w_1, w_2, w_3, b): prior N(0, I), y = [x 1] @ (w, b) + N(0, 0.25)."""
+    design = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    mean, cov = gaussian_posterior(torch.eye(D_REG + 1), design, 0.5, y)
+    return mean, cov.diagonal().sqrt()
+
+
+def guide_wb(guide, *args, **kwargs):
+    """Posterior means and sds of (w_1, w_2, w_3, b) under a trained autoguide."""
+    median = guide.median(*args, **kwargs)
+    q = guide.quantiles(list(ONE_SD), *args, **kwargs)
+    mean = torch.cat([median["w"].reshape(-1), median["b"].reshape(-1)]).double()
+    sd = torch.cat([((q["w"][1] - q["w"][0]) / 2).reshape(-1),
+                    ((q["b"][1] - q["b"][0]) / 2).reshape(-1)]).double()
+    return mean, sd
+
+
+def fit_regression(guide, data, batch_size, steps=240):
+    """240 steps of a 32-particle ELBO, lr 0.05 decaying to 0.0005. Measured over 4 seeds,
+    minibatches of 50 and full batch: AutoMultivariateNormal's means within 0.09 sd of
+    exact, sds within 5%. With Pyro's own SVI, the same run with the minibatch likelihood
+    left unscaled (N/B = 8 not applied) gives sds 2.6-2.9x exact."""
+    epochs = steps // math.ceil(N_REG / batch_size)
+    return fit(regression_model, guide, data, epochs=epochs, batch_size=batch_size, lr=0.05,
+               num_particles=32, lr_schedule="exponential", lr_gamma=0.01 ** (1 / epochs),
+               seed=0, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("batch_size", [50, 400], ids=["minibatch50", "full_batch"])
+def test_bayesian_regression_multivariate_normal(batch_size):
+    x, y = regression_data()
+    # init_scale 0.03: the exact sds are ~0.025; started there, a guide trained against an
+    # unscaled likelihood still has to (and does) widen to ~0.07
+    guide = AutoMultivariateNormal(regression_model, init_scale=0.03)
+    fit_regression(guide, (x, y), batch_size)
+    exact_mean, exact_sd = regression_exact(x, y)
+    mean, sd = guide_wb(guide, x, y)
+    err = ((mean - exact_mean) / exact_sd).abs()
+    ratio = sd / exact_sd
+    print(f"regression batch_size={batch_size}: max |mean - exact| = {err.max():.3f} sd, "
+          f"sd / exact = {[round(r, 3) for r in ratio.tolist()]}")
+    # 0.2 sd: optimisation noise measured at <= 0.09 sd
+    assert err.max() <= 0.2, f"means {mean.tolist()} vs exact {exact_mean.tolist()}: {err} sd"
+    # 20%: measured within 5%; an unscaled minibatch likelihood gives sqrt(400/50) = 2.8x
+    assert (ratio - 1).abs().max() <= 0.2, f"sd / exact sd = {ratio.tolist()}"
+
+
+def test_dict_data_as_keyword_arguments():
+    x, y = regression_data()
+    guide = AutoNormal(regression_model, init_scale=0.03)
+    fit_regression(guide, {"x": x, "y": y}, batch_size=50)
+    exact_mean, exact_sd = regression_exact(x, y)
+    mean, _ = guide_wb(guide, x=x, y=y)
+    err = ((mean - exact_mean) / exact_sd).abs()
+    print(f"dict data: max |mean - exact| = {err.max():.3f} sd")
+    # 0.2 sd as above (the features are independent: mean-field is exact in the mean)
+    assert err.max() <= 0.2, f"means {mean.tolist()} vs exact {exact_mean.tolist()}: {err} sd"
+
+
+def matmul_regression_model(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(D_REG), 1.0).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(x @ w + b, 0.5), obs=y)  # not batch-shape agnostic
+
+
+def test_non_vectorizable_model_with_several_particles():
+    """``x @ w`` fails under Pyro's vectorized particles (w gets shape (K, 1, D)); asked for
+    num_particles=4, the engine draws the particles one at a time (with a warning) instead
+    of stopping with a raw RuntimeError from inside the model; evaluation does the same."""
+    x, y = regression_data()
+    guide = AutoNormal(matmul_regression_model)
+    with pytest.warns(UserWarning, match="one after another"):
+        history = fit(matmul_regression_model, guide, (x, y), epochs=2, batch_size=100,
+                      num_particles=4, lr=0.05, seed=0, progress=False, device="cpu")
+    assert all(math.isfinite(v) for v in history["train_elbo"])
+    with pytest.warns(UserWarning, match="one at a time"):
+        value = elbo(matmul_regression_model, guide, (x, y), num_particles=4)
+    assert math.isfinite(value)
+
+
+# ---- two plates: students x items ---------------------------------------------------------------
+
+def students_items_data(students=30, items=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ability = torch.randn(students, 1, generator=g)
+    difficulty = torch.randn(items, generator=g)
+    return ability - difficulty + torch.randn(students, items, generator=g)
+
+
+def students_items_model(y):
+    students = pyro.plate("students", len(y), dim=-2)
+    items = pyro.plate("items", y.shape[1], dim=-1)
+    with items:
+        difficulty = pyro.sample("difficulty", dist.Normal(0.0, 1.0))
+    with students:
+        ability = pyro.sample("ability", dist.Normal(0.0, 1.0))
+    with students, items:
+        pyro.sample("obs", dist.Normal(ability - difficulty, 1.0), obs=y)
+
+
+def students_items_exact(y):
+    """Exact posterior of (ability_1..S, difficulty_1..I): prior N(0, I),
+    y_si = ability_s - difficulty_i + N(0, 1)."""
+    s, i = y.shape
+    design = torch.zeros(s * i, s + i, dtype=F64)
+    rows = torch.arange(s * i)
+    design[rows, rows // i] = 1.0
+    design[rows, s + rows % i] = -1.0
+    mean, cov = gaussian_posterior(torch.eye(s + i), design, 1.0, y.reshape(-1))
+    return mean, cov.diagonal().sqrt()
+
+
+@pytest.mark.parametrize("guide_class", [AutoNormal, AutoMultivariateNormal],
+                         ids=lambda c: c.__name__)
+def test_students_items_two_plates(guide_class):
+    y = students_items_data()
+    guide = guide_class(students_items_model)
+    epochs = 250
+    fit(students_items_model, guide, y, epochs=epochs, batch_size=len(y), lr=0.1,
+        num_particles=16, lr_schedule="exponential", lr_gamma=0.02 ** (1 / epochs), seed=0,
+        progress=False, device="cpu")
+    exact_mean, exact_sd = students_items_exact(y)
+    median = guide.median(y)
+    assert tuple(median["ability"].shape) == (30, 1)
+    assert tuple(median["difficulty"].shape) == (5,)
+    mean = torch.cat([median["ability"].reshape(-1), median["difficulty"]]).double()
+    err = ((mean - exact_mean) / exact_sd).abs()
+    print(f"students x items {guide_class.__name__}: max |mean - exact| = {err.max():.3f} sd")
+    # 0.15 sd: Gaussian-family guide on a Gaussian posterior, exact in the mean; measured
+    # with Pyro's SVI (200-300 steps) at <= 0.09 sd over the 35 values
+    assert err.max() <= 0.15, f"max error {err.max():.3f} sd at {int(err.argmax())}"
+
+
+# ---- mismatched model and guide ---------------------------------------------------------------
+
+def z_model(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+
+def zz_guide(x):
+    loc = pyro.param("loc", lambda: torch.zeros(len(x)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("zz", dist.Normal(loc, 1.0))
+
+
+def rows_model(x):
+    with pyro.plate("rows", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+
+def data_plate_guide(x):
+    loc = pyro.param("loc", lambda: torch.zeros(len(x)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+
+def quoted(name):
+    return re.compile(rf"['\"`]{name}['\"`]")
+
+
+@pytest.mark.parametrize("model, guide, names", [
+    (z_model, zz_guide, ["zz"]),
+    (rows_model, data_plate_guide, ["rows", "data"]),
+], ids=["site_name", "plate_name"])
+def test_mismatch_is_refused_before_the_first_step(model, guide, names):
+    x = torch.randn(20)
+    with pytest.raises(ValueError) as info:  # SetupError is a ValueError
+        fit(model, guide, x, epochs=2, batch_size=20, lr=0.1, progress=False, device="cpu")
+    message = str(info.value)
+    for name in names:
+        assert quoted(name).search(message), f"{name!r} not named in: {message}"
+    store = pyro.get_param_store()
+    if "loc" in store:  # created, but never stepped
+        assert torch.equal(store["loc"].detach(), torch.zeros(20))
+
+
+# ---- no global side effects -------------------------------------------------------------------
+
+def test_import_leaves_pyro_settings_alone():
+    code = ("import pyro\n"
+            "before = pyro.settings.get('module_local_params')\n"
+            "import ppl_vae\n"
+            "print(before, pyro.settings.get('module_local_params'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert before == after, f"module_local_params {before} before import ppl_vae, {after} after"
+
+
+def test_fit_leaves_pyro_settings_as_found():
+    before = pyro.settings.get("module_local_params")
+    fit_schools(AutoNormal(schools_model), batch_size=8, steps=5)
+    assert pyro.settings.get("module_local_params") == before
+
+
+# ---- AutoGuideList: global autoguide + amortized local part ------------------------------------
+
+N_LAT, D_LAT = 200, 4
+W_LAT = torch.tensor([1.0, 0.5, -0.5, 1.5])
+
+
+def latent_factor_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    return (loc + torch.randn(N_LAT, 1, generator=g) * W_LAT
+            + 0.5 * torch.randn(N_LAT, D_LAT, generator=g))
+
+
+def latent_factor_model(x):
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(D_LAT), 5.0).to_event(1))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(loc + z.unsqueeze(-1) * W_LAT, 0.5).to_event(1), obs=x)
+
+
+class AmortizedLocal(AutoGuide):
+    """The local part as Pyro's AutoCallable docs advise for guides that need plates: a
+    subclass of AutoGuide that opens the list's data plate (``self._create_plates``)."""
+
+    def __init__(self, model, encoder):
+        super().__init__(model)
+        self.encoder = encoder
+
+    def forward(self, x):
+        if self.prototype_trace is None:
+            self._setup_prototype(x)
+        plates = self._create_plates(x)
+        out = self.encoder(x)
+        with plates["data"]:
+            z = pyro.sample("z", dist.Normal(out[..., 0], F.softplus(out[..., 1])))
+        return {"z": z}
+
+
+def latent_factor_guide(kind):
+    torch.manual_seed(0)
+    encoder = nn.Linear(D_LAT, 2)
+    guide = AutoGuideList(latent_factor_model)
+    guide.append(AutoNormal(poutine.block(latent_factor_model, hide=["z"])))
+    if kind == "autoguide_part":
+        guide.append(AmortizedLocal(poutine.block(latent_factor_model, expose=["z"]), encoder))
+    else:
+        def local_guide(x):  # a plain function, wrapped in an AutoCallable by append
+            pyro.module("encoder", encoder)
+            with pyro.plate("data", len(x)):
+                out = encoder(x)
+                pyro.sample("z", dist.Normal(out[..., 0], F.softplus(out[..., 1])))
+
+        guide.append(local_guide)
+    return guide
+
+
+@pytest.mark.parametrize("kind", ["autoguide_part", "function_part"])
+def test_autoguidelist_global_plus_amortized_local(kind):
+    x = latent_factor_data()
+    guide = latent_factor_guide(kind)
+    # plain Pyro rejects the function part (AutoGuideList opens the "data" plate itself, so
+    # the function's own pyro.plate("data") is a second site of that name); the engine lets
+    # both stand for the same rows
+    history = fit(latent_factor_model, guide, x, epochs=50, batch_size=50, lr=0.1, seed=0,
+                  progress=False, device="cpu")
+    first, last = history["train_elbo"][0], history["train_elbo"][-1]
+    # measured: about -35 (first epoch's mean) -> -4.5 nats per example
+    assert last > first + 10, f"train ELBO {first:.2f} -> {last:.2f}"
+    pyro.set_rng_seed(1)
+    e = elbo(latent_factor_model, guide, x, num_particles=20)
+    ll = log_likelihood(latent_factor_model, guide, x, num_samples=200)
+    assert math.isfinite(e) and math.isfinite(ll)
+    assert ll >= e - 0.1
+    # exact: x_i | loc ~ N(loc, w w^T + 0.25 I). With loc at the guide's point the importance
+    # estimate (200 draws of a 1-D local latent) is within ~0.01 nats (measured: -4.458 vs
+    # -4.456 with Pyro's SVI, -4.3121 vs -4.3121 with fit); q(loc)'s spread moves it by
+    # about D / (2 N) = 0.01 more
+    loc = guide[0].median(x)["loc"].double()  # the AutoNormal part holds the global
+    cov = torch.outer(W_LAT, W_LAT).double() + 0.25 * torch.eye(D_LAT, dtype=F64)
+    exact = dist.MultivariateNormal(loc, cov).log_prob(x.double()).mean().item()
+    print(f"AutoGuideList {kind}: train ELBO {first:.2f} -> {last:.2f}; elbo {e:.4f}, "
+          f"log_likelihood {ll:.4f}, exact at the guide's loc {exact:.4f}")
+    assert ll == pytest.approx(exact, abs=0.05)
