@@ -7,7 +7,9 @@
 
 from .checkpoint import load_checkpoint
 from .evaluation import elbo, log_likelihood
+from .family import Family, family_of, register
 from .program import SetupError
+from .runs import Run, load_run, train
 from .training import (
     FitConfig,
     History,
@@ -18,7 +20,8 @@ from .training import (
 )
 
 __all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "SetupError", "restore",
-           "log_likelihood", "elbo", "load_checkpoint", "to_arviz"]
+           "log_likelihood", "elbo", "load_checkpoint", "to_arviz", "train", "load_run", "Run",
+           "Family", "register", "family_of"]
 
 
 def __getattr__(name: str):

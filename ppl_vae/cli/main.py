@@ -1,16 +1,16 @@
 """The ``ppl-vae`` command: train, evaluate, sample, score, transform, check.
 
-The table ``FAMILIES`` below is the only place in the engine that names concrete models:
-it maps a model name (``vae``, ``irt-2pl``, ``prodlda``, ...) to the CLI module of its family.
-A family module provides
+The CLI maps flags to calls of the family contract (:mod:`ppl_vae.family`) and the run API
+(:mod:`ppl_vae.runs`); it holds no model knowledge. ``FAMILIES`` maps a model name to the
+CLI module of its family, which provides
 
-    NAMES                      model names it trains
-    add_train_arguments(p)     its own flags on ``train`` (common flags are added here)
-    train(args)                fit and write the run folder (args.out)
-    evaluate(run, args)        -> dict of figures, printed as ``name: value`` lines
-    and optionally sample(run, args), score(run, args), transform(run, args), check(run, args)
+    HELP                          model name -> one line of help
+    add_train_arguments(p, name)  its own flags on ``train`` (common flags are added here)
+    cli_spec(args)                -> dict of the family's spec fields
 
-Every run folder holds ``config.json`` with at least ``{"family": ..., "model": ...}``.
+``train`` then calls ``ppl_vae.train(model, out, spec, **flags given)`` (unset flags take
+the family's fit defaults); every other command loads the run (``ppl_vae.load_run``) and
+calls the family's method of the command's name with the command's flags.
 """
 
 from __future__ import annotations
@@ -44,24 +44,37 @@ def run_config(run: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+# flag dest -> fit setting; unset flags (None) leave the family's default
+FIT_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+             "objective": "objective", "particles": "num_particles", "optimizer": "optimizer",
+             "lr_schedule": "lr_schedule", "clip_norm": "clip_norm", "beta": "beta",
+             "kl_anneal_epochs": "kl_anneal_epochs", "patience": "patience", "seed": "seed",
+             "device": "device", "devices": "devices", "num_nodes": "num_nodes",
+             "strategy": "strategy"}
+# what an unset flag meant before families held their defaults (for modules not yet moved)
+LEGACY_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "objective": "trace",
+                   "particles": 1, "optimizer": "adam", "beta": 1.0, "kl_anneal_epochs": 0.0,
+                   "seed": 0, "device": "auto"}
+
+
 def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training (shared by every model)")
+    g = p.add_argument_group("training (shared by every model; unset: the family's default)")
     g.add_argument("--out", required=True, type=Path, help="run folder to write")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--objective", default="trace",
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--objective", default=None,
                    choices=["trace", "meanfield", "jit", "enum", "iwae"])
-    g.add_argument("--particles", type=int, default=1,
+    g.add_argument("--particles", type=int, default=None,
                    help="ELBO particles; importance samples K for --objective iwae")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "clipped_adam"])
+    g.add_argument("--optimizer", default=None, choices=["adam", "adamw", "clipped_adam"])
     g.add_argument("--lr-schedule", default=None, choices=["cosine", "exponential", "constant"])
     g.add_argument("--clip-norm", type=float, default=None)
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
-    g.add_argument("--kl-anneal-epochs", type=float, default=0.0)
+    g.add_argument("--beta", type=float, default=None, help="weight of the KL term")
+    g.add_argument("--kl-anneal-epochs", type=float, default=None)
     g.add_argument("--patience", type=int, default=None, help="early stopping (epochs)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0")
+    g.add_argument("--seed", type=int, default=None, help="fixes weights, data order, draws")
+    g.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda:0")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("data-parallel training through PyTorch Lightning (optional "
@@ -84,8 +97,18 @@ def _devices(text: str) -> int | str | list[int]:
             f"--devices {text!r}: give a number of devices, 'auto' or ids like 0,1") from None
 
 
+def fit_overrides(args: argparse.Namespace) -> dict:
+    """The fit settings the user set with flags (the family's defaults fill the rest)."""
+    return {setting: getattr(args, dest) for dest, setting in FIT_FLAGS.items()
+            if getattr(args, dest, None) is not None}
+
+
 def fit_options(args: argparse.Namespace, kl_sites: tuple[str, ...] = ()) -> dict:
-    """The keyword arguments of :func:`ppl_vae.fit` from the common flags."""
+    """The keyword arguments of :func:`ppl_vae.fit` from the common flags (family CLI
+    modules that still call ``fit`` themselves)."""
+    for dest, value in LEGACY_DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
     return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 objective=args.objective, num_particles=args.particles,
                 optimizer=args.optimizer, lr_schedule=args.lr_schedule,
@@ -169,9 +192,34 @@ def main(argv: list[str] | None = None) -> int:
 
             # only rank 0 writes the run folder's tables and figures after training
             distributed.set_only_rank_zero_continues(True)
-        family_module(args.family).train(args)
+        module = family_module(args.family)
+        if hasattr(module, "cli_spec"):
+            from ppl_vae.runs import train
+
+            spec = module.cli_spec(args)
+            run = train(args.model, args.out, spec, resume=args.resume,
+                        progress=False if args.no_progress else None, **fit_overrides(args))
+            last = run.history[-1] if run.history else {}
+            print(f"trained {len(run.history)} epochs: " + ", ".join(
+                f"{k} {last[k]:.2f}" for k in ("train_elbo", "val_elbo") if k in last)
+                + " nats per example; wrote " + str(args.out))
+        else:
+            module.train(args)
         return 0
     config = run_config(args.run)
+    module = family_module(FAMILIES.get(config.get("model", ""), ""))  \
+        if config.get("model") in FAMILIES else None
+    if module is not None and hasattr(module, "cli_spec"):
+        from ppl_vae.runs import load_run
+
+        run = load_run(args.run, device=args.device)
+        handler = getattr(run.family, args.command, None)
+        if handler is None:
+            raise SystemExit(f"error: 'ppl-vae {args.command}' does not apply to "
+                             f"{config['model']} runs")
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+        _print(handler(run, **options))
+        return 0
     module_name = FAMILIES.get(config.get("model", ""))
     if module_name is None:
         raise SystemExit(f"error: {args.run}: unknown model {config.get('model')!r}")
@@ -180,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         raise SystemExit(f"error: 'ppl-vae {args.command}' does not apply to "
                          f"{config['model']} runs")
-    result = handler(args.run, args)
+    _print(handler(args.run, args))
+    return 0
+
+
+def _print(result) -> None:
     if isinstance(result, dict):
         for key, value in result.items():
             print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
-    return 0
 
 
 def run() -> int:

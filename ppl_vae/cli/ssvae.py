@@ -91,7 +91,7 @@ def unlabelled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def train(args: argparse.Namespace) -> None:
-    if args.objective == "trace":  # the shared default: M2 sums y out exactly
+    if args.objective in (None, "trace"):  # the shared default: M2 sums y out exactly
         args.objective = "enum"
     elif args.objective != "enum":
         raise SystemExit(f"error: ssvae trains with --objective enum (y summed out exactly), "

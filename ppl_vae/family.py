@@ -1,0 +1,138 @@
+"""The contract of a model family, in code, and the registry of families by model name.
+
+A family (``models/<family>.py``) owns everything the library knows about its models, as
+``pyro.contrib.forecast.ForecastingModel`` does for forecasters while the trainer stays
+apart; the engine and the CLI only call this contract:
+
+    @register
+    class VAEFamily(Family):
+        name = "vae"                       # family name, stored in config.json
+        models = {"vae": "one line of help"}
+        Spec = VAESpec                     # dataclass: exactly what config.json stores
+        fit_defaults = {"epochs": 10, "batch_size": 128, "lr": 1e-3}
+
+        def build(self, spec) -> (model, guide)           # fresh, untrained
+        def load_data(self, spec, split) -> Data          # validated tensors of a split
+        def example(self, spec) -> Data                   # a few rows to create parameters
+        def fit_settings(self, spec) -> dict              # fit defaults + what the family needs
+        def report(self, run) -> list[Path]               # tables and figures after training
+        def evaluate(self, run, **options) -> dict        # test figures (nats per example)
+
+Optional commands (``sample``, ``score``, ``transform``, ``check``) are methods of the same
+names taking ``(run, **options)``. ``dims`` names the ArviZ axes of the model's sites.
+
+Families register by their module being imported; :data:`BUILTIN` maps every built-in
+model name to its module, imported on first use (the engine imports no concrete model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .batching import Data
+from .program import SetupError
+
+if TYPE_CHECKING:
+    from .runs import Run
+
+# model name -> module that registers its family (imported on first use)
+BUILTIN: dict[str, str] = {
+    "vae": "ppl_vae.models.vae",
+    "cvae": "ppl_vae.models.cvae",
+    "ssvae": "ppl_vae.models.ssvae",
+    **{name: "ppl_vae.models.irt" for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")},
+    "prodlda": "ppl_vae.models.prodlda",
+    "lda": "ppl_vae.models.lda",
+}
+
+_REGISTRY: dict[str, type[Family]] = {}
+
+
+class Family(ABC):
+    """One model family (module docstring). Subclasses set the class attributes and
+    implement the abstract methods; a family object holds no state."""
+
+    name: ClassVar[str]
+    models: ClassVar[dict[str, str]]  # model name -> one line of help
+    Spec: ClassVar[type]  # a dataclass; ``spec.model`` is the model name
+    fit_defaults: ClassVar[dict[str, Any]] = {}
+    dims: ClassVar[dict[str, list[str]]] = {}
+    data_plate: ClassVar[str] = "data"
+
+    # ---- specs ---------------------------------------------------------------------------
+    def make_spec(self, model: str, **options: Any) -> Any:
+        """The spec of ``model`` with ``options`` (unknown names are refused)."""
+        fields = {f.name for f in dataclasses.fields(self.Spec)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise SetupError(f"{model}: unknown settings {unknown}; known: {sorted(fields)}")
+        return self.Spec(model=model, **options)
+
+    def spec_from_json(self, stored: dict) -> Any:
+        """The spec stored in a run's config.json (with an error naming a bad field)."""
+        if not isinstance(stored, dict):
+            raise SetupError(f"the model spec must be a JSON object, got {type(stored).__name__}")
+        fields = {f.name for f in dataclasses.fields(self.Spec)}
+        unknown = sorted(set(stored) - fields)
+        if unknown:
+            raise SetupError(f"unknown fields {unknown} in the {self.name} spec")
+        try:
+            return self.Spec(**stored)
+        except TypeError as e:
+            raise SetupError(f"{self.name} spec: {e}") from e
+
+    # ---- the family's knowledge -----------------------------------------------------------
+    @abstractmethod
+    def build(self, spec: Any) -> tuple[Callable, Callable]:
+        """A fresh (untrained) model and guide for ``spec``."""
+
+    @abstractmethod
+    def load_data(self, spec: Any, split: str) -> Data:
+        """The validated data of ``split`` (``train``, ``val`` or ``test``) in the call form
+        the model takes (tensor, tuple or dict; rows = examples)."""
+
+    @abstractmethod
+    def example(self, spec: Any) -> Data:
+        """A few rows in the model's call form: enough to create its parameters when a run
+        is restored (no data files are read)."""
+
+    def fit_settings(self, spec: Any) -> dict[str, Any]:
+        """Training settings for ``spec``: :attr:`fit_defaults` plus whatever the family
+        needs (an objective, an alpha rule). ``ppl-vae train`` and ``ppl_vae.train`` use
+        these same values."""
+        return dict(self.fit_defaults)
+
+    def report(self, run: Run) -> list[Path]:
+        """Write the family's tables and figures into the run folder after training."""
+        return []
+
+    def evaluate(self, run: Run, **options: Any) -> dict[str, Any]:
+        """Test figures of a trained run (nats per example)."""
+        raise SetupError(f"'evaluate' is not defined for {self.name} runs")
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: make ``cls`` the family of each of its model names."""
+    for model in cls.models:
+        _REGISTRY[model] = cls
+    return cls
+
+
+def family_of(model: str) -> Family:
+    """The family that trains ``model`` (imports a built-in family's module on first use)."""
+    if model not in _REGISTRY and model in BUILTIN:
+        importlib.import_module(BUILTIN[model])
+    if model not in _REGISTRY:
+        known = sorted(set(_REGISTRY) | set(BUILTIN))
+        raise SetupError(f"unknown model {model!r}; known models: {', '.join(known)}")
+    return _REGISTRY[model]()
+
+
+def model_names() -> list[str]:
+    """Every model name the CLI can train (built-in and registered)."""
+    return sorted(set(_REGISTRY) | set(BUILTIN))

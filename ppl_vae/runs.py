@@ -1,0 +1,174 @@
+"""Runs as library objects: train a family's model into a run folder, reload it in one call.
+
+    run = ppl_vae.train("vae", out="runs/vae", spec={"latent_dim": 2}, epochs=5)
+    run = ppl_vae.load_run("runs/vae")          # model, guide, spec, history, data access
+    run.family.evaluate(run)                    # what `ppl-vae evaluate runs/vae` prints
+
+``ppl-vae train`` calls :func:`train` with the spec its flags give, so a script and the
+command with the same spec and seed train the same run. A run folder holds
+
+    config.json    {"family", "model", "spec": the family's spec, "fit": the fit settings}
+    checkpoint.pt  the last epoch (atomic), best.pt the best epoch on validation data
+    metrics.csv    one row per epoch; the family's tables and PNG figures
+
+One rule picks the state a reloaded run holds: ``best.pt`` when the run had validation data
+(its best epoch is a real choice), else ``checkpoint.pt`` (the last epoch; a best training
+ELBO is only noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .checkpoint import load_checkpoint, write_json
+from .family import Family, family_of
+from .program import SetupError
+from .training import FitConfig, fit, resolve_device, restore
+
+
+@dataclass
+class Run:
+    """A trained (or training) run: its folder, family, spec, model and guide."""
+
+    path: Path | None
+    family: Family
+    spec: Any
+    model: Any
+    guide: Any
+    fit_settings: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    checkpoint: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The model name (``vae``, ``irt-2pl`` ...)."""
+        return self.spec.model
+
+    def data(self, split: str = "train") -> Any:
+        """The run's data of ``split`` as the family loads it (validated tensors)."""
+        return self.family.load_data(self.spec, split)
+
+    def config(self) -> dict:
+        return {"family": self.family.name, "model": self.name,
+                "spec": dataclasses.asdict(self.spec), "fit": self.fit_settings}
+
+
+def read_config(path: str | Path) -> dict:
+    """``config.json`` of a run folder; errors name the file and what is wrong."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.exists():
+        raise SetupError(f"{path} is not a ppl-vae run folder (no config.json); give the "
+                         "--out folder of a 'ppl-vae train' run")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SetupError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict) or "model" not in config or "spec" not in config:
+        raise SetupError(f"{file}: not a ppl-vae run config (needs the keys 'model' and "
+                         "'spec')")
+    return config
+
+
+def checkpoint_of(path: str | Path, history_has_validation: bool | None = None) -> Path:
+    """The checkpoint a reloaded run holds (module docstring's rule)."""
+    path = Path(path)
+    if history_has_validation is None:
+        metrics = path / "metrics.csv"
+        header = metrics.read_text().splitlines()[0] if metrics.exists() else ""
+        history_has_validation = "val_elbo" in header.split(",")
+    best = path / "best.pt"
+    if history_has_validation and best.exists():
+        return best
+    return path / "checkpoint.pt"
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu",
+             checkpoint: str | Path | None = None) -> Run:
+    """Rebuild a run's model and guide from its config.json and load its trained state
+    (``checkpoint``: a file name in the folder or a path; default by the module's rule).
+    Reads no data files. Checkpoints are read with ``weights_only=True``."""
+    path = Path(path)
+    config = read_config(path)
+    family = family_of(config["model"])
+    spec = family.spec_from_json(config["spec"])
+    device = resolve_device(device)
+    pyro.clear_param_store()
+    model, guide = family.build(spec)
+    file = checkpoint_of(path) if checkpoint is None else (
+        path / checkpoint if not Path(checkpoint).is_absolute() else Path(checkpoint))
+    state = load_checkpoint(file, device)
+    stored = state["config"].get("extra", {}).get("model")
+    if stored is not None and stored != config["model"]:
+        raise SetupError(f"{file} was written by a {stored!r} run, not {config['model']!r}")
+    restore(model, guide, state, family.example(spec), device=device)
+    return Run(path, family, spec, model, guide, dict(config.get("fit", {})),
+               list(state["history"]), device, file)
+
+
+def train(model: str, out: str | Path | None = None, spec: dict | Any | None = None, *,
+          resume: bool = False, progress: bool | None = None, **fit_options: Any) -> Run:
+    """Train ``model`` (a registered model name) with its family's defaults.
+
+    Args:
+        model: ``vae``, ``irt-2pl``, ``prodlda`` ... (:func:`ppl_vae.family.model_names`).
+        out: run folder (config.json, checkpoints, metrics.csv, the family's report).
+        spec: the family's spec, or a dict of its fields (the rest take their defaults).
+        resume: continue the run in ``out`` (its spec must be the same).
+        **fit_options: override the family's fit settings (:class:`ppl_vae.FitConfig`
+            fields and ``devices``/``num_nodes``/``strategy``).
+
+    The seed (``seed=``, default 0) is set before the model is built, so it fixes the
+    initial weights too: the same spec and seed give the same run.
+    """
+    family = family_of(model)
+    if spec is None or isinstance(spec, dict):
+        spec = family.make_spec(model, **(spec or {}))
+    settings = family.fit_settings(spec)
+    settings.update(fit_options)
+    unknown = set(settings) - set(FitConfig.__dataclass_fields__) - {
+        "devices", "num_nodes", "strategy"}
+    if unknown:
+        raise SetupError(f"unknown fit settings {sorted(unknown)}")
+    settings.setdefault("seed", 0)
+    run = Run(Path(out) if out is not None else None, family, spec, None, None,
+              _jsonable(settings))
+    config = run.config()
+    if out is not None and resume:
+        saved = read_config(out)
+        if saved.get("spec") != config["spec"] or saved.get("model") != config["model"]:
+            changed = {k: (saved.get("spec", {}).get(k), v) for k, v in config["spec"].items()
+                       if saved.get("spec", {}).get(k) != v}
+            raise SetupError(f"--resume with a different model spec: {changed}")
+    data = family.load_data(spec, "train")
+    val = family.load_data(spec, "val")
+    pyro.set_rng_seed(settings["seed"])  # before build: the seed fixes the initial weights
+    run.model, run.guide = family.build(spec)
+    if out is not None:
+        write_json(config, Path(out) / "config.json")
+    history = fit(run.model, run.guide, data, val_data=val, out=out, resume=resume,
+                  progress=progress, config={"model": model}, **settings)
+    run.history = list(history.rows)
+    run.device = next((p.device for m in (run.model, run.guide)
+                       if isinstance(m, torch.nn.Module) for p in m.parameters()),
+                      torch.device("cpu"))
+    if out is not None:
+        run.checkpoint = checkpoint_of(out, val is not None)
+        if run.checkpoint.name == "best.pt" and history.best_epoch != len(history.rows):
+            # report on the state a reloaded run holds: the best epoch's
+            state = load_checkpoint(run.checkpoint, run.device)
+            restore(run.model, run.guide, state, family.example(spec), device=run.device)
+        family.report(run)
+    return run
+
+
+def _jsonable(settings: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
