@@ -10,14 +10,8 @@ from .evaluation import elbo, log_likelihood
 from .family import Family, family_of, register
 from .program import SetupError
 from .runs import Run, load_run, train
-from .training import (
-    FitConfig,
-    History,
-    Trainer,
-    TrainingDiverged,
-    fit,
-    restore,
-)
+from .svi import fit, restore
+from .training import FitConfig, History, Trainer, TrainingDiverged
 
 __all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "SetupError", "restore",
            "log_likelihood", "elbo", "load_checkpoint", "to_arviz", "train", "load_run", "Run",

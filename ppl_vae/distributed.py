@@ -31,7 +31,6 @@ environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``LOCAL_RANK``,
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -229,7 +228,7 @@ def _make_module_class(L):
             self.resume_state = resume_state
             self.num_data = num_data
             self.loss_fn = EngineELBOModule(core.model, core.guide, core.objective,
-                                            core._modules())
+                                            core.pair.modules)
             # Pyro params outside any nn.Module (pyro.param in a model or guide), registered
             # here so that DDP averages their gradients too
             self.store_params = nn.ParameterDict()
@@ -252,41 +251,40 @@ def _make_module_class(L):
                     drop_last=c.drop_last or c.objective == "jit", rank=rank,
                     world_size=world)
                 self.batches.generator.manual_seed(c.seed)
-                first = self.batches.take(torch.arange(self.batches.batch_size,
-                                                       device=core.device))
             else:
                 self.batches = ShardedLoader(self.data, core.device, rank, world, c.seed,
                                              num_data=self.num_data)
-                first = next(iter(self.batches))
-            with pyro.validation_enabled(True):
-                core._discover_params(first)
-            self._register_store_params()
-            with pyro.validation_enabled(True):
-                core._discover_params(first)  # now the param store holds nn.Parameters
-            core._make_optimizer()
+            core.setup(self.batches)
+            if self._register_store_params():  # the param store now holds nn.Parameters:
+                core.setup(self.batches)       # the optimizer must step those
             if self.resume_state is not None:
                 core.load_state_dict(self.resume_state, self.batches)
             if isinstance(self.batches, ShardedLoader):
                 self.batches.epoch = core.epoch  # a resumed run goes on with the next shuffle
             # the same shuffling on every rank, different latent draws on every rank
             pyro.set_rng_seed(c.seed + 7919 * core.epoch + rank)
-            for m in core._modules():
-                m.train()
             self._ready = True
 
-        def _register_store_params(self) -> None:
+        def _register_store_params(self) -> bool:
+            """Pyro params outside any module (pyro.param in a program) become
+            nn.Parameters of this module, so DDP averages their gradients; they are put
+            back into Pyro's param store through its public get_state/set_state. Returns
+            whether any was converted."""
             store = pyro.get_param_store()
-            in_modules = {id(p) for m in self.core._modules() for p in m.parameters()}
-            for name, value in list(self.core.params.items()):
-                if id(value) in in_modules or name not in store:
+            state = store.get_state()
+            in_modules = {id(p) for m in self.core.pair.modules for p in m.parameters()}
+            converted = False
+            for name in list(self.core.params):
+                old = state["params"].get(name)
+                if old is None or id(old) in in_modules:
                     continue
-                old = store._params[name]  # the unconstrained tensor
                 if not isinstance(old, nn.Parameter):
-                    new = nn.Parameter(old.detach())
-                    store._params[name] = new
-                    store._param_to_name.pop(old, None)
-                    store._param_to_name[new] = name
-                self.store_params[name.replace(".", "__")] = store._params[name]
+                    state["params"][name] = nn.Parameter(old.detach())
+                    converted = True
+                self.store_params[name.replace(".", "__")] = state["params"][name]
+            if converted:
+                store.set_state(state)
+            return converted
 
         def configure_optimizers(self):
             return self.core.optimizer
@@ -299,61 +297,23 @@ def _make_module_class(L):
 
         # ---- the loop ----------------------------------------------------------------------
         def on_train_epoch_start(self) -> None:
-            self.core.epoch += 1
-            self._start = time.perf_counter()
-            self._pending: list[torch.Tensor] = []
-            self._total = torch.zeros((), device=self.core.device)
-            self._done = 0
+            self.core.begin_epoch()
 
         def training_step(self, batch: Batch, batch_idx: int) -> None:
-            core, c = self.core, self.core.config
-            steps = len(self.batches)
-            step = batch_idx + 1
-            if core.kl_weight is not None:
-                core.kl_weight.factor = core._kl_factor(step, steps)
-            optimizer = self.optimizers()
-            with pyro.validation_enabled(False):
-                loss = self.loss_fn(batch)
-            self.manual_backward(loss)  # DDP averages the gradients here
-            if c.clip_norm is not None and c.optimizer != "clipped_adam":
-                torch.nn.utils.clip_grad_norm_(core.params.values(), c.clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self._pending.append(loss.detach())
-            if len(self._pending) >= c.sync_every or step == steps:
-                self._sync(step, steps)
-
-        def _sync(self, step: int, steps: int) -> None:
-            # one collective every sync_every steps: every rank sees the same mean losses,
-            # so all of them stop together if the loss diverges
-            chunk = self.trainer.strategy.reduce(torch.stack(self._pending), reduce_op="mean")
-            if not bool(torch.isfinite(chunk).all()):
-                first = int((~torch.isfinite(chunk)).nonzero()[0])
-                self.core._diverged(step - len(self._pending) + 1 + first, steps,
-                                    float(chunk[first]))
-            self._total += chunk.sum()
-            self._done += len(self._pending)
-            self._pending = []
+            """The Trainer's own step, with DDP's backward (it averages the gradients), and
+            one collective every sync_every steps: every rank sees the same mean losses,
+            so all of them stop together if the loss diverges."""
+            steps, step = len(self.batches), batch_idx + 1
+            loss = self.core.step(batch, step, steps, backward=self.manual_backward)
+            self.core.record(loss, step, steps, reduce=lambda t: self.trainer.strategy.reduce(
+                t, reduce_op="mean"))
 
         def on_train_epoch_end(self) -> None:
-            core, c = self.core, self.core.config
-            if core.scheduler is not None:
-                core.scheduler.step()
-            row = {"epoch": core.epoch,
-                   "train_elbo": -float(self._total) / max(self._done, 1)
-                   / self.batches.num_examples,
-                   "seconds": time.perf_counter() - self._start,
-                   "lr": core.optimizer.param_groups[0]["lr"]}
-            if core.kl_weight is not None:
-                row["beta"] = core.kl_weight.factor
-            if self.val_data is not None:
-                row["val_elbo"] = self._val_elbo()
-            core.history.rows.append(row)
-            improved = core._early_stopping(row)
+            val = self._val_elbo() if self.val_data is not None else None
+            _, improved = self.core.end_epoch(val)
             if self.trainer.is_global_zero:
-                core._save(self.batches, best=improved)
-            if c.patience is not None and core._bad_epochs >= c.patience:
-                core.history.stopped_early = True
+                self.core.save(self.batches, best=improved)
+            if self.core.should_stop:
                 self.trainer.should_stop = True
 
         @torch.no_grad()
@@ -372,7 +332,7 @@ def _make_module_class(L):
                                        progress=False)
                 totals[0], totals[1] = float(values.sum()), rows_n
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-            for m in self.core._modules():
+            for m in self.core.pair.modules:
                 m.train()
             return float(totals[0] / totals[1])
 
@@ -451,7 +411,7 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
     accelerator = accelerator or _accelerator(config.device)
     trainer = L.Trainer(
         accelerator=accelerator,
-        sync_batchnorm=wants_sync_batchnorm(core._modules(), accelerator),
+        sync_batchnorm=wants_sync_batchnorm(core.pair.modules, accelerator),
         devices=devices if devices is not None else "auto",
         num_nodes=int(num_nodes), strategy=strategy,
         max_epochs=config.epochs - done_epochs,

@@ -30,7 +30,8 @@ import torch
 from .checkpoint import load_checkpoint, write_json
 from .family import Family, family_of
 from .program import SetupError
-from .training import FitConfig, fit, resolve_device, restore
+from .svi import fit, restore
+from .training import FitConfig, resolve_device
 
 
 @dataclass

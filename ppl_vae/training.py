@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -41,8 +39,8 @@ from .program import (
     per_row_autoguide_sites,
 )
 
-__all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged", "fit",
-           "restore", "resolve_device"]
+__all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
+           "resolve_device"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -270,18 +268,15 @@ class Trainer:
         if rng:
             set_rng_state(state["rng"], batches.generator if batches is not None else None)
 
-    # ---- the loop -------------------------------------------------------------------------
-    def fit(self, data: Data, val_data: Data | None = None, resume: str | Path | bool = False,
-            num_data: int | None = None, progress: bool | None = None,
-            callbacks: Iterable[Callable[[Trainer, dict], None]] = ()) -> History:
+    # ---- the loop, as public hooks (the Lightning path drives the same ones) --------------
+    def setup(self, batches, resume: str | Path | bool | dict = False,
+              training: bool = True) -> None:
+        """Before the first step: find the pair's structure and parameters on the first
+        minibatch of ``batches``, make the optimizer, and load ``resume`` (True: the run
+        folder's checkpoint.pt, a path, or a loaded checkpoint dict). ``training=False``
+        (reloading for evaluation): parameters only, no optimizer, the RNG untouched."""
         c = self.config
-        if c.clear_param_store:
-            pyro.clear_param_store()
-        pyro.set_rng_seed(c.seed)
-        batches = make_batches(data, c.batch_size, self.device, shuffle=True,
-                               drop_last=c.drop_last or c.objective == "jit",
-                               num_data=num_data, name="data")
-        batches.generator.manual_seed(c.seed)
+        self._num_examples = batches.num_examples
         first = (batches.take(torch.arange(batches.batch_size, device=self.device))
                  if isinstance(batches, TensorBatches) else next(iter(batches)))
         full = None
@@ -298,40 +293,130 @@ class Trainer:
             raise
         if streamed and per_row_autoguide_sites(self.pair):
             raise self._streamed_error()
+        if not training:
+            return
         pyro.set_rng_seed(c.seed)  # training draws do not depend on the set-up's traces
         self._make_optimizer()
         if resume:
-            path = self.out / "checkpoint.pt" if resume is True else Path(resume)
             if resume is True and self.out is None:
                 raise ValueError("resume=True needs out= (the run folder)")
-            self.load_state_dict(load_checkpoint(path, self.device), batches)
+            state = resume if isinstance(resume, dict) else load_checkpoint(
+                self.out / "checkpoint.pt" if resume is True else Path(resume), self.device)
+            self.load_state_dict(state, batches)
         for m in self._modules():
             m.train()
+
+    def begin_epoch(self) -> None:
+        """Start the next epoch's clock and loss accumulators."""
+        self.epoch += 1
+        self._start = time.perf_counter()
+        self._pending: list[torch.Tensor] = []
+        self._total = torch.zeros((), device=self.device)
+        self._done = 0
+
+    def step(self, batch: Batch, step: int, steps: int,
+             backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """One SVI step on ``batch`` (``step`` of ``steps`` in this epoch): the objective's
+        loss (the negative full-data ELBO estimate, nats), ``backward`` (default
+        ``loss.backward``; DDP's averages gradients), clipping, the optimizer's step.
+        Returns the detached loss (on the device)."""
+        c = self.config
+        if self.kl_weight is not None:
+            self.kl_weight.factor = self._kl_factor(step, steps)
+        with pyro.validation_enabled(False):
+            loss = self.objective(self.model, self.guide, batch)
+        (backward or torch.Tensor.backward)(loss)
+        if c.clip_norm is not None and c.optimizer != "clipped_adam":
+            torch.nn.utils.clip_grad_norm_(self.params.values(), c.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def record(self, loss: torch.Tensor, step: int, steps: int,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
+        """Keep ``loss`` on the device; every ``sync_every`` steps (and at the epoch's last)
+        read the pending losses once (``reduce``: e.g. the mean over DDP ranks), stop with
+        :class:`TrainingDiverged` naming the step if one is not finite, and return their
+        mean ELBO per example (None between reads)."""
+        self._pending.append(loss)
+        if len(self._pending) < self.config.sync_every and step != steps:
+            return None
+        chunk = torch.stack(self._pending)
+        if reduce is not None:
+            chunk = reduce(chunk)
+        if not bool(torch.isfinite(chunk).all()):
+            first = int((~torch.isfinite(chunk)).nonzero()[0])
+            self._diverged(step - len(self._pending) + 1 + first, steps, float(chunk[first]))
+        self._total += chunk.sum()
+        self._done += len(self._pending)
+        self._pending = []
+        return -float(chunk.mean()) / self._num_examples
+
+    def end_epoch(self, val_elbo: float | None = None) -> tuple[dict, bool]:
+        """Close the epoch: lr schedule, its history row (``train_elbo``, ``val_elbo`` nats
+        per example, ``seconds``, ``lr``), early stopping. Returns ``(row, improved)``;
+        :attr:`should_stop` tells whether patience ran out."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+        row = {"epoch": self.epoch,
+               "train_elbo": -float(self._total) / max(self._done, 1) / self._num_examples,
+               "seconds": time.perf_counter() - self._start,
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.kl_weight is not None:
+            row["beta"] = self.kl_weight.factor
+        if val_elbo is not None:
+            row["val_elbo"] = val_elbo
+        self.history.rows.append(row)
+        improved = self._early_stopping(row)
+        if self.should_stop:
+            self.history.stopped_early = True
+        return row, improved
+
+    @property
+    def should_stop(self) -> bool:
+        """Early stopping: ``patience`` epochs without a better (validation) ELBO."""
+        return self.config.patience is not None and self._bad_epochs >= self.config.patience
+
+    def save(self, batches, best: bool) -> None:
+        """checkpoint.pt (and best.pt when ``best``) and metrics.csv into the run folder."""
+        self._save(batches, best)
+
+    def fit(self, data: Data, val_data: Data | None = None, resume: str | Path | bool = False,
+            num_data: int | None = None, progress: bool | None = None) -> History:
+        c = self.config
+        if c.clear_param_store:
+            pyro.clear_param_store()
+        pyro.set_rng_seed(c.seed)
+        batches = make_batches(data, c.batch_size, self.device, shuffle=True,
+                               drop_last=c.drop_last or c.objective == "jit",
+                               num_data=num_data, name="data")
+        batches.generator.manual_seed(c.seed)
+        self.setup(batches, resume)
         steps = len(batches)
-        total = max(0, c.epochs - self.epoch) * steps
-        bar = tqdm(total=total, unit="step", dynamic_ncols=True,
-                   disable=None if progress is None else not progress)
+        bar = tqdm(total=max(0, c.epochs - self.epoch) * steps, unit="step",
+                   dynamic_ncols=True, disable=None if progress is None else not progress)
         try:
-            while self.epoch < c.epochs:
-                row = self._run_epoch(batches, bar)
+            while self.epoch < c.epochs and not self.should_stop:
+                self.begin_epoch()
+                shown = 0
+                for i, batch in enumerate(batches, start=1):
+                    elbo = self.record(self.step(batch, i, steps), i, steps)
+                    if elbo is not None:  # the losses were read: show them
+                        bar.update(i - shown)
+                        shown = i
+                        bar.set_postfix(epoch=self.epoch, elbo=f"{elbo:.2f}")
+                val = None
                 if val_data is not None:
-                    row["val_elbo"] = evaluate_elbo(
-                        self.model, self.guide, val_data, num_particles=c.val_particles,
-                        batch_size=max(c.batch_size, 256), plate=c.plate, device=self.device,
-                        progress=False)
+                    val = evaluate_elbo(self.model, self.guide, val_data,
+                                        num_particles=c.val_particles,
+                                        batch_size=max(c.batch_size, 256), plate=c.plate,
+                                        device=self.device, progress=False)
                     for m in self._modules():
                         m.train()
-                self.history.rows.append(row)
-                improved = self._early_stopping(row)
+                row, improved = self.end_epoch(val)
                 bar.set_postfix(epoch=self.epoch, elbo=f"{row['train_elbo']:.2f}",
-                                **({"val": f"{row['val_elbo']:.2f}"} if "val_elbo" in row
-                                   else {}))
-                self._save(batches, best=improved)
-                for callback in callbacks:
-                    callback(self, row)
-                if c.patience is not None and self._bad_epochs >= c.patience:
-                    self.history.stopped_early = True
-                    break
+                                **({"val": f"{val:.2f}"} if val is not None else {}))
+                self.save(batches, best=improved)
         finally:
             bar.close()
         return self.history
@@ -341,46 +426,6 @@ class Trainer:
             f"the guide keeps one parameter per row for {per_row_autoguide_sites(self.pair)}, "
             "but streamed minibatches carry positions within the epoch, not row ids: pass the "
             "data as tensors (a tensor, tuple or dict), or use an amortized guide")
-
-    def _run_epoch(self, batches, bar) -> dict:
-        c = self.config
-        self.epoch += 1
-        start = time.perf_counter()
-        steps = len(batches)
-        pending: list[torch.Tensor] = []
-        total = torch.zeros((), device=self.device)
-        done = 0
-        with pyro.validation_enabled(False):
-            for step, batch in enumerate(batches, start=1):
-                if self.kl_weight is not None:
-                    self.kl_weight.factor = self._kl_factor(step, steps)
-                loss = self.objective(self.model, self.guide, batch)
-                loss.backward()
-                if c.clip_norm is not None and c.optimizer != "clipped_adam":
-                    torch.nn.utils.clip_grad_norm_(self.params.values(), c.clip_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                pending.append(loss.detach())
-                if len(pending) >= c.sync_every or step == steps:
-                    chunk = torch.stack(pending)
-                    if not bool(torch.isfinite(chunk).all()):
-                        bad = step - len(pending) + 1 + int((~torch.isfinite(chunk)).nonzero()[0])
-                        self._diverged(bad, steps, float(chunk[bad - step + len(pending) - 1]))
-                    total += chunk.sum()
-                    done += len(pending)
-                    bar.update(len(pending))
-                    bar.set_postfix(epoch=self.epoch,
-                                    elbo=f"{-float(chunk.mean()) / batches.num_examples:.2f}")
-                    pending = []
-        if self.scheduler is not None:
-            self.scheduler.step()
-        row = {"epoch": self.epoch,
-               "train_elbo": -float(total) / max(done, 1) / batches.num_examples,
-               "seconds": time.perf_counter() - start,
-               "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.kl_weight is not None:
-            row["beta"] = self.kl_weight.factor
-        return row
 
     def _kl_factor(self, step: int, steps: int) -> float:
         c = self.config
@@ -416,91 +461,6 @@ class Trainer:
         if best:
             save_checkpoint(state, self.out / "best.pt")
         write_history_csv(self.history.rows, self.out / "metrics.csv")
-
-
-def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = None, *,
-        epochs: int = 10, batch_size: int = 128, objective: str = "trace",
-        num_particles: int = 1, optimizer: str = "adam", lr: float = 1e-3,
-        lr_schedule: str | None = None, clip_norm: float | None = None,
-        kl_sites: Iterable[str] = (), beta: float = 1.0, kl_anneal_epochs: float = 0.0,
-        patience: int | None = None, seed: int = 0, device: str = "auto",
-        out: str | Path | None = None, resume: str | Path | bool = False,
-        num_data: int | None = None, progress: bool | None = None,
-        config: dict | None = None, devices: int | str | list[int] | None = None,
-        num_nodes: int | None = None, strategy: str | None = None,
-        **options: Any) -> History:
-    """Train ``guide`` (and the model's parameters) by stochastic variational inference.
-
-    Args:
-        model, guide: Pyro programs called as ``fn(*batch, size=N, subsample=idx)``
-            (see :mod:`ppl_vae.batching` for the convention).
-        data: a tensor, tuple/dict of tensors (first dim = examples; moved to the device once)
-            or an iterable of minibatches (then give ``num_data`` if it has no ``.dataset``).
-        val_data: same structure; its ELBO per example is recorded each epoch and drives
-            early stopping (``patience`` epochs without improvement).
-        objective: ``trace`` | ``meanfield`` | ``jit`` | ``enum`` | ``iwae``
-            (``iwae`` uses ``num_particles`` importance samples).
-        kl_sites, beta, kl_anneal_epochs: weight the KL term of these latent sites by beta,
-            ramped linearly from 0 over ``kl_anneal_epochs`` epochs.
-        out: run folder: ``checkpoint.pt`` (every epoch, atomic), ``best.pt``, ``metrics.csv``.
-        resume: ``True`` (``out/checkpoint.pt``) or a checkpoint path: continue that run.
-        config: extra JSON-able settings stored in the checkpoint (e.g. the model spec).
-        devices, num_nodes, strategy: any of them given -> data-parallel training through
-            PyTorch Lightning (:func:`ppl_vae.distributed.fit_distributed`; optional
-            dependency ``lightning``): ``devices`` processes per node (CPU) or GPUs,
-            ``strategy`` default ``ddp``; ``batch_size`` is then the global batch size.
-        **options: further :class:`FitConfig` fields (weight_decay, lr_gamma, drop_last,
-            val_particles, sync_every, plate, optimizer).
-
-    Returns:
-        :class:`History` with one row per epoch: ``train_elbo``, ``val_elbo`` (nats per
-        example), ``seconds``, ``lr``.
-    """
-    unknown = set(options) - set(FitConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"fit() got unknown options {sorted(unknown)}")
-    cfg = FitConfig(epochs=epochs, batch_size=batch_size, objective=objective,
-                    num_particles=num_particles, optimizer=optimizer, lr=lr,
-                    lr_schedule=lr_schedule, clip_norm=clip_norm, kl_sites=tuple(kl_sites),
-                    beta=beta, kl_anneal_epochs=kl_anneal_epochs, patience=patience, seed=seed,
-                    device=device, extra=dict(config or {}), **options)
-    if cfg.beta != 1.0 and not cfg.kl_sites:
-        warnings.warn("beta has no effect without kl_sites (the latent sites to weight)",
-                      stacklevel=2)
-    if devices is not None or num_nodes is not None or strategy is not None:
-        from .distributed import fit_distributed  # lightning is optional
-
-        return fit_distributed(model, guide, data, cfg, devices=devices,
-                               num_nodes=num_nodes or 1, strategy=strategy or "ddp",
-                               accelerator=None, out=out, val_data=val_data, resume=resume,
-                               progress=progress, num_data=num_data)
-    return Trainer(model, guide, cfg, out=out).fit(data, val_data, resume=resume,
-                                                   num_data=num_data, progress=progress)
-
-
-def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, data: Data,
-            device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint's parameters into ``model`` and ``guide`` (for evaluation or sampling).
-
-    ``data`` is one small example batch (any slice of the training data) used to create the
-    parameters before they are overwritten. Clears Pyro's param store first, as ``fit`` does.
-    Returns the checkpoint dict.
-    """
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
-    pyro.clear_param_store()
-    cfg = FitConfig(device=str(device), plate=state["config"].get("plate"))
-    trainer = Trainer(model, guide, cfg)
-    batches = make_batches(data, 8, trainer.device, shuffle=False)
-    first = next(iter(batches))
-    full = None
-    if isinstance(batches, TensorBatches) and needs_full_prototype(
-            trainer.pair, batches.num_examples, batches.batch_size):
-        full = batches.take(torch.arange(batches.num_examples, device=trainer.device))
-    trainer._discover_params(first, full)
-    trainer.load_state_dict(state, rng=False)
-    for m in trainer._modules():
-        m.eval()
-    return state
 
 
 def _jsonable(x):

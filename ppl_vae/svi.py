@@ -1,0 +1,100 @@
+"""The engine's entry points: :func:`fit` (one process, or data-parallel through
+Lightning) and :func:`restore`. The loop itself is :class:`ppl_vae.training.Trainer`;
+:mod:`ppl_vae.distributed` drives the same Trainer, so this module imports both and neither
+imports it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .batching import Data, make_batches
+from .checkpoint import load_checkpoint
+from .training import FitConfig, History, Trainer
+
+__all__ = ["fit", "restore"]
+
+
+def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = None, *,
+        epochs: int = 10, batch_size: int = 128, objective: str = "trace",
+        num_particles: int = 1, optimizer: str = "adam", lr: float = 1e-3,
+        lr_schedule: str | None = None, clip_norm: float | None = None,
+        kl_sites: Iterable[str] = (), beta: float = 1.0, kl_anneal_epochs: float = 0.0,
+        patience: int | None = None, seed: int = 0, device: str = "auto",
+        out: str | Path | None = None, resume: str | Path | bool = False,
+        num_data: int | None = None, progress: bool | None = None,
+        config: dict | None = None, devices: int | str | list[int] | None = None,
+        num_nodes: int | None = None, strategy: str | None = None,
+        **options: Any) -> History:
+    """Train ``guide`` (and the model's parameters) by stochastic variational inference.
+
+    Args:
+        model, guide: Pyro programs called as ``fn(*batch, size=N, subsample=idx)``
+            (see :mod:`ppl_vae.batching` for the convention).
+        data: a tensor, tuple/dict of tensors (first dim = examples; moved to the device once)
+            or an iterable of minibatches (then give ``num_data`` if it has no ``.dataset``).
+        val_data: same structure; its ELBO per example is recorded each epoch and drives
+            early stopping (``patience`` epochs without improvement).
+        objective: ``trace`` | ``meanfield`` | ``jit`` | ``enum`` | ``iwae``
+            (``iwae`` uses ``num_particles`` importance samples).
+        kl_sites, beta, kl_anneal_epochs: weight the KL term of these latent sites by beta,
+            ramped linearly from 0 over ``kl_anneal_epochs`` epochs.
+        out: run folder: ``checkpoint.pt`` (every epoch, atomic), ``best.pt``, ``metrics.csv``.
+        resume: ``True`` (``out/checkpoint.pt``) or a checkpoint path: continue that run.
+        config: extra JSON-able settings stored in the checkpoint (e.g. the model spec).
+        devices, num_nodes, strategy: any of them given -> data-parallel training through
+            PyTorch Lightning (:func:`ppl_vae.distributed.fit_distributed`; optional
+            dependency ``lightning``): ``devices`` processes per node (CPU) or GPUs,
+            ``strategy`` default ``ddp``; ``batch_size`` is then the global batch size.
+        **options: further :class:`FitConfig` fields (weight_decay, lr_gamma, drop_last,
+            val_particles, sync_every, plate, optimizer).
+
+    Returns:
+        :class:`History` with one row per epoch: ``train_elbo``, ``val_elbo`` (nats per
+        example), ``seconds``, ``lr``.
+    """
+    unknown = set(options) - set(FitConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"fit() got unknown options {sorted(unknown)}")
+    cfg = FitConfig(epochs=epochs, batch_size=batch_size, objective=objective,
+                    num_particles=num_particles, optimizer=optimizer, lr=lr,
+                    lr_schedule=lr_schedule, clip_norm=clip_norm, kl_sites=tuple(kl_sites),
+                    beta=beta, kl_anneal_epochs=kl_anneal_epochs, patience=patience, seed=seed,
+                    device=device, extra=dict(config or {}), **options)
+    if cfg.beta != 1.0 and not cfg.kl_sites:
+        warnings.warn("beta has no effect without kl_sites (the latent sites to weight)",
+                      stacklevel=2)
+    if devices is not None or num_nodes is not None or strategy is not None:
+        from .distributed import fit_distributed  # lightning is optional
+
+        return fit_distributed(model, guide, data, cfg, devices=devices,
+                               num_nodes=num_nodes or 1, strategy=strategy or "ddp",
+                               accelerator=None, out=out, val_data=val_data, resume=resume,
+                               progress=progress, num_data=num_data)
+    return Trainer(model, guide, cfg, out=out).fit(data, val_data, resume=resume,
+                                                   num_data=num_data, progress=progress)
+
+
+def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, data: Data,
+            device: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint's parameters into ``model`` and ``guide`` (for evaluation or sampling).
+
+    ``data`` is one small example batch (any slice of the training data) used to create the
+    parameters before they are overwritten. Clears Pyro's param store first, as ``fit`` does.
+    Returns the checkpoint dict.
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
+    pyro.clear_param_store()
+    cfg = FitConfig(device=str(device), plate=state["config"].get("plate"))
+    trainer = Trainer(model, guide, cfg)
+    trainer.setup(make_batches(data, 8, trainer.device, shuffle=False), training=False)
+    trainer.load_state_dict(state, rng=False)
+    for m in trainer.pair.modules:
+        m.eval()
+    return state
