@@ -1,0 +1,291 @@
+"""Marginal exam models (ability integrated out by quadrature) against exact answers:
+brute-force integrals, the cumulative-logit definition, masking, recovery, published MML
+estimates (LSAT6, R ltm), exact abilities and the Laplace approximation's curvature."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro.poutine as poutine
+import pytest
+import torch
+from scipy import integrate, optimize
+
+from ppl_vae import fit
+from ppl_vae.models.irt_marginal import (
+    MarginalIRT,
+    check_responses,
+    item_estimates,
+    item_table,
+    laplace_approximation,
+    make_guide,
+    simulate,
+)
+
+LSAT6 = Path(__file__).resolve().parents[2] / "shared" / "data" / "irt" / "lsat6.csv"
+# R ltm 2PL marginal maximum likelihood on LSAT6 (21 Gauss-Hermite nodes; girth and mirt agree
+# to 0.005): discrimination a and difficulty b of items 1-5
+LTM_A = [0.825, 0.723, 0.890, 0.689, 0.657]
+LTM_B = [-3.360, -1.370, -0.280, -1.866, -3.124]
+
+KINDS = {"2pl": ([2, 2, 2, 2], None), "1pl": ([2, 2, 2, 2], 1.0),
+         "grm": ([4, 4, 4, 4], None), "mixed": ([2, 5, 3, 2], None)}
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.corrcoef(a.numpy(), b.numpy())[0, 1])
+
+
+def exam(kind: str, n: int = 12, missing: float = 0.25, seed: int = 0):
+    """A small simulated exam and its model; item parameters in float64."""
+    cats, fixed = KINDS[kind]
+    d = simulate(n, cats, missing=missing, fixed_discrimination=fixed, seed=seed)
+    items = {"discrimination": d["discrimination"].double(),
+             "thresholds": d["thresholds"].double()}
+    return d, items, cats
+
+
+def category_probability(theta: float, a: float, b: np.ndarray, k: int) -> float:
+    """P(y = k) by the definition P(y >= k) - P(y >= k + 1), cumulative logits."""
+    def at_least(j: int) -> float:
+        if j == 0:
+            return 1.0
+        if j > len(b):
+            return 0.0
+        return 1.0 / (1.0 + math.exp(-a * (theta - b[j - 1])))
+    return at_least(k) - at_least(k + 1)
+
+
+def brute_posterior(y, mask, items, cats):
+    """Unnormalized posterior density of one student's ability, N(0, 1) prior."""
+    a, th = items["discrimination"].numpy(), items["thresholds"].numpy()
+
+    def density(theta: float) -> float:
+        p = math.exp(-0.5 * theta ** 2) / math.sqrt(2 * math.pi)
+        for t, k in enumerate(cats):
+            if mask[t]:
+                p *= category_probability(theta, a[t], th[t, :k - 1], int(y[t]))
+        return p
+    return density
+
+
+def brute_log_marginal(y, mask, items, cats) -> float:
+    value, _ = integrate.quad(brute_posterior(y, mask, items, cats), -12, 12, epsabs=0,
+                              epsrel=1e-12, limit=200, points=[0.0])
+    return math.log(value)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_log_marginal_of_each_student_equals_the_integral(kind):
+    d, items, cats = exam(kind)
+    model = MarginalIRT(len(cats), cats, num_nodes=61)
+    got = model.log_marginal(d["responses"].double(), d["mask"], items)
+    for s in range(6):
+        expected = brute_log_marginal(d["responses"][s], d["mask"][s], items, cats)
+        assert float(got[s]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_model_log_joint_is_the_summed_marginal_and_minibatches_scale_to_it():
+    """The Pyro program: the factor site holds sum_s log p(y_s | items) (the brute-force
+    integral), and a minibatch of B of N students counts N/B times."""
+    d, items, cats = exam("mixed", n=20)
+    model = MarginalIRT(len(cats), cats, num_nodes=61)
+    latents = {"log_discrimination": items["discrimination"].log(),
+               "difficulty": items["thresholds"][:, 0]}
+    th = items["thresholds"]
+    gaps = [th[t, k + 1] - th[t, k] for t, c in enumerate(cats) for k in range(c - 2)]
+    latents["log_threshold_gaps"] = torch.stack(gaps).log()
+    for name, value in model.item_parameters(latents).items():  # the sites rebuild the items
+        assert torch.allclose(torch.nan_to_num(value * (items[name] == items[name])),
+                              torch.nan_to_num(items[name]), atol=1e-12)
+    y = d["responses"].double()
+
+    def factor(rows=None):
+        args = (y, d["mask"]) if rows is None else (y[rows], d["mask"][rows])
+        kwargs = {} if rows is None else {"size": len(y), "subsample": rows}
+        trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        return float(trace.nodes["responses"]["log_prob_sum"])
+
+    expected = sum(brute_log_marginal(y[s], d["mask"][s], items, cats) for s in range(len(y)))
+    assert factor() == pytest.approx(expected, abs=1e-5)
+    parts = sum(factor(rows) for rows in torch.arange(len(y)).split(5))
+    assert parts / 4 == pytest.approx(expected, abs=1e-5)
+
+
+def test_graded_probabilities_follow_the_cumulative_logits_and_sum_to_one():
+    d, items, cats = exam("mixed")
+    model = MarginalIRT(len(cats), cats)
+    theta = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    p = model.category_log_probs(theta, items).exp()  # (T, I, Kmax)
+    for t, k in enumerate(cats):
+        assert torch.allclose(p[:, t, :k].sum(-1), torch.ones(9, dtype=torch.float64))
+        for i, th in enumerate(theta.tolist()):
+            for c in range(k):
+                expected = category_probability(th, float(items["discrimination"][t]),
+                                                items["thresholds"][t, :k - 1].numpy(), c)
+                assert float(p[i, t, c]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_masked_answers_change_nothing_and_fully_masked_students_contribute_zero():
+    d, items, cats = exam("mixed", n=30)
+    model = MarginalIRT(len(cats), cats)
+    y, mask = d["responses"].double(), d["mask"].clone()
+    mask[0] = False
+    base = model.log_marginal(y, mask, items)
+    scrambled = torch.where(mask, y, torch.randint_like(y, 0, 5))  # any code where masked
+    assert torch.equal(model.log_marginal(scrambled, mask, items), base)
+    assert float(base[0]) == pytest.approx(0.0, abs=1e-12)
+    # dropping an item's column for the students who did not answer it changes nothing
+    keep = mask[:, 1]
+    reduced = MarginalIRT(len(cats) - 1, cats[:1] + cats[2:])
+    sub_items = {k: torch.cat([v[:1], v[2:]]) for k, v in items.items()}
+    sub_items["thresholds"] = sub_items["thresholds"][:, :reduced.max_categories - 1]
+    sub = reduced.log_marginal(torch.cat([y[:, :1], y[:, 2:]], 1)[~keep],
+                               torch.cat([mask[:, :1], mask[:, 2:]], 1)[~keep], sub_items)
+    assert torch.allclose(sub, base[~keep], atol=1e-12)
+
+
+def test_item_draws_in_a_leading_dimension_give_one_marginal_per_draw():
+    d, items, cats = exam("grm", n=8)
+    model = MarginalIRT(len(cats), cats)
+    draws = {k: torch.stack([v, v * 1.1]) for k, v in items.items()}
+    both = model.log_marginal(d["responses"].double(), d["mask"], draws)
+    assert both.shape == (2, 8)
+    second = {k: v[1] for k, v in draws.items()}
+    assert torch.allclose(both[1], model.log_marginal(d["responses"].double(), d["mask"],
+                                                      second))
+
+
+def test_abilities_equal_the_brute_force_posterior_mean_sd_and_mode():
+    d, items, cats = exam("mixed", n=10, missing=0.0)
+    model = MarginalIRT(len(cats), cats)
+    got = model.abilities(d["responses"], d["mask"], items, num_nodes=61)
+    for s in range(5):
+        density = brute_posterior(d["responses"][s], d["mask"][s], items, cats)
+        z = integrate.quad(density, -12, 12, epsabs=0, epsrel=1e-12, limit=200)[0]
+        mean = integrate.quad(lambda t, f=density: t * f(t), -12, 12, epsabs=0,
+                              epsrel=1e-12, limit=200)[0] / z
+        second = integrate.quad(lambda t, f=density: t * t * f(t), -12, 12, epsabs=0,
+                                epsrel=1e-12, limit=200)[0] / z
+        mode = optimize.minimize_scalar(lambda t, f=density: -math.log(f(t)), bounds=(-8, 8),
+                                        method="bounded", options={"xatol": 1e-10}).x
+        assert float(got["eap"][s]) == pytest.approx(mean, abs=1e-6)
+        assert float(got["sd"][s]) == pytest.approx(math.sqrt(second - mean ** 2), abs=1e-6)
+        assert float(got["map"][s]) == pytest.approx(mode, abs=1e-6)
+        assert float(got["log_marginal"][s]) == pytest.approx(math.log(z), abs=1e-6)
+
+
+def test_marginal_map_recovers_simulated_2pl_items():
+    d = simulate(2000, [2] * 10, seed=1)
+    model = MarginalIRT(10)
+    guide = make_guide(model, d["responses"], d["mask"], "delta")
+    fit(model, guide, (d["responses"], d["mask"]), epochs=40, batch_size=500, lr=0.05,
+        lr_schedule="cosine", progress=False, device="cpu")
+    est = item_estimates(model, guide, d["responses"], d["mask"])
+    assert corr(est["discrimination"], d["discrimination"]) > 0.9
+    assert corr(est["thresholds"][:, 0], d["thresholds"][:, 0]) > 0.98
+    # EAP abilities given the estimated items track the ones given the true items
+    eap = model.abilities(d["responses"], d["mask"], est)["eap"]
+    best = model.abilities(d["responses"], d["mask"], {k: d[k] for k in
+                                                       ("discrimination", "thresholds")})["eap"]
+    assert corr(eap.float(), best.float()) > 0.995
+
+
+def test_marginal_map_recovers_graded_thresholds():
+    cats = [4] * 6 + [2] * 2
+    d = simulate(1500, cats, missing=0.2, seed=2)
+    model = MarginalIRT(len(cats), cats)
+    guide = make_guide(model, d["responses"], d["mask"])
+    fit(model, guide, (d["responses"], d["mask"]), epochs=40, batch_size=500, lr=0.05,
+        lr_schedule="cosine", progress=False, device="cpu")
+    est = item_estimates(model, guide, d["responses"], d["mask"])
+    valid = ~torch.isnan(d["thresholds"])
+    assert corr(est["thresholds"][valid], d["thresholds"][valid]) > 0.98
+    assert corr(est["discrimination"], d["discrimination"]) > 0.9
+    assert bool((est["thresholds"][:6].diff(dim=-1) > 0).all())  # ordered
+
+
+def test_flat_prior_modes_match_published_mml_estimates_on_lsat6():
+    if not LSAT6.exists():
+        pytest.skip("shared LSAT data not present")
+    table = pd.read_csv(LSAT6)
+    y = torch.tensor(table.iloc[:, 1:].to_numpy(), dtype=torch.float32)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    model = MarginalIRT(5, priors="flat")
+    guide = make_guide(model, y, mask)
+    fit(model, guide, (y, mask), epochs=300, batch_size=1000, lr=0.05, lr_schedule="cosine",
+        progress=False, device="cpu")
+    est = item_estimates(model, guide, y, mask)
+    assert np.abs(est["discrimination"].numpy() - LTM_A).max() < 0.05
+    assert np.abs(est["thresholds"][:, 0].numpy() - LTM_B).max() < 0.05
+
+
+def test_laplace_item_table_has_the_inverse_hessian_spread():
+    """Laplace approximation at the marginal MAP: the item table's sds equal the square roots
+    of the inverse Hessian of the log posterior (written out here without Pyro)."""
+    d = simulate(400, [2] * 4, seed=3)
+    y, mask = d["responses"], d["mask"]
+    model = MarginalIRT(4)
+    guide = make_guide(model, y, mask)
+    fit(model, guide, (y, mask), epochs=200, batch_size=400, lr=0.05, lr_schedule="cosine",
+        progress=False, device="cpu")
+    laplace = laplace_approximation(model, guide, y, mask)
+    table = item_table(model, laplace, y, mask, num_samples=20000)
+    mode = item_estimates(model, guide, y, mask)
+    assert table["parameter"].tolist() == ["a", "b"] * 4
+
+    def neg_log_post(flat: torch.Tensor) -> torch.Tensor:
+        log_a, b = flat[:4], flat[4:]
+        items = {"discrimination": log_a.exp(), "thresholds": b.unsqueeze(-1)}
+        prior = -0.5 * (log_a / 0.5) ** 2 - 0.5 * (b / 2.0) ** 2
+        return -(model.log_marginal(y.double(), mask, items).sum() + prior.sum())
+
+    at = torch.cat([mode["discrimination"].double().log(), mode["thresholds"][:, 0].double()])
+    grad = torch.autograd.functional.jacobian(neg_log_post, at)
+    assert float(grad.abs().max()) < 0.05  # the MAP
+    cov = torch.linalg.inv(torch.autograd.functional.hessian(neg_log_post, at))
+    sd_b = cov.diagonal()[4:].sqrt()
+    sd_a = mode["discrimination"].double() * cov.diagonal()[:4].sqrt()  # delta method
+    rows = table.set_index(["item", "parameter"])
+    for t in range(4):
+        b_row, a_row = rows.loc[(f"item{t + 1}", "b")], rows.loc[(f"item{t + 1}", "a")]
+        assert b_row["sd"] == pytest.approx(float(sd_b[t]), rel=0.05)
+        assert a_row["sd"] == pytest.approx(float(sd_a[t]), rel=0.1)
+        assert b_row["mode"] == pytest.approx(float(mode["thresholds"][t, 0]), abs=1e-6)
+        assert b_row["lower"] < b_row["mode"] < b_row["upper"]
+
+
+def test_rasch_has_no_discrimination_site_and_bad_codes_are_named():
+    model = MarginalIRT(3, fixed_discrimination=1.0)
+    assert model.latent_sites == ("difficulty",)
+    trace = poutine.trace(model).get_trace(torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.bool))
+    assert "log_discrimination" not in trace.nodes
+    y = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="row 0, item 2: value 2.0"):
+        check_responses(y, None, [2, 2, 2])
+    check_responses(y, torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool), 2)
+    check_responses(y, None, [2, 2, 3])
+
+
+def test_full_rank_guide_trained_by_svi_matches_the_laplace_posterior():
+    """AutoMultivariateNormal over the item sites through the engine: with 400 students the
+    posterior is close to Gaussian, so its sds agree with the Laplace approximation's."""
+    d = simulate(400, [2] * 3 + [3], seed=4)
+    y, mask = d["responses"], d["mask"]
+    model = MarginalIRT(4, [2, 2, 2, 3])
+    point = make_guide(model, y, mask)
+    fit(model, point, (y, mask), epochs=200, batch_size=400, lr=0.05, lr_schedule="cosine",
+        progress=False, device="cpu")
+    laplace = item_table(model, laplace_approximation(model, point, y, mask), y, mask,
+                         num_samples=20000)
+    mvn = make_guide(model, y, mask, "mvn")
+    fit(model, mvn, (y, mask), epochs=1500, batch_size=400, lr=0.01, lr_schedule="cosine",
+        num_particles=1, progress=False, device="cpu")
+    svi = item_table(model, mvn, y, mask, num_samples=20000)
+    assert np.allclose(svi["mean"], laplace["mean"], atol=0.5 * laplace["sd"].max())
+    ratio = svi["sd"] / laplace["sd"]
+    assert ratio.between(0.7, 1.3).all(), ratio.tolist()
