@@ -367,6 +367,7 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             raise SetupError(
                 f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
                 "open the same plates, with the same names and sizes, in both")
+    _check_support(prior_trace)
     if b >= n:
         return
     plate = structure.plate
@@ -424,6 +425,40 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
                 f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}; it "
                 f"cannot be trained on minibatches of {b} of {n} rows: train full-batch "
                 f"(batch_size >= {n}), or use AutoNormal / AutoDelta for the per-row latents")
+
+
+def _check_support(trace) -> None:
+    """Observed values outside their distribution's support (0-255 pixels for a Bernoulli,
+    negative counts for a Poisson) are refused, naming the site; a distribution built with
+    ``validate_args=False`` (Pyro's vae example on grey levels) is trusted."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] \
+                or site["infer"].get("_deterministic") or isinstance(site["fn"], _Subsample):
+            continue
+        fn, trusted, inner = site["fn"], False, site["fn"]
+        while fn is not None:
+            trusted |= fn.__dict__.get("_validate_args") is False
+            inner, fn = fn, getattr(fn, "base_dist", None)
+        support = getattr(site["fn"], "support", None)
+        if trusted or support is None or not torch.is_tensor(site["value"]):
+            continue
+        try:
+            ok = support.check(site["value"])
+        except Exception:  # a support without a check for these shapes: nothing to say
+            continue
+        if site["mask"] is not None and not isinstance(site["mask"], bool):
+            ok = ok | ~torch.as_tensor(site["mask"], dtype=torch.bool)
+        elif site["mask"] is False:
+            continue
+        if not bool(torch.as_tensor(ok).all()):
+            value = site["value"]
+            bad = value[~torch.as_tensor(ok).expand(value.shape[:torch.as_tensor(ok).dim()])]
+            example = float(bad.reshape(-1)[0]) if bad.numel() else "?"
+            raise SetupError(
+                f"observed site {name!r}: the data hold values outside the support of "
+                f"{type(inner).__name__} ({inner.support}), e.g. {example}; rescale or "
+                "transform the data (images to [0, 1], counts to non-negative integers) or "
+                "choose a likelihood that fits them")
 
 
 def _autoguide_parts(guide) -> list:

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +119,76 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
                list(state["history"]), device, file)
 
 
+RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.csv")
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (pid and host) while a training writes the folder: a second writer
+    is refused; a lock left by a dead process is taken over. Leftover temp files of saves
+    that were killed midway (``.<name>.*.tmp``) are removed once the lock is held."""
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out} is a file, not a run folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f"--out {out}: cannot create the run folder ({e.strerror})") from e
+    lock = out / ".lock"
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").split()
+            pid = int(holder[0]) if holder and holder[0].isdigit() else None
+            host = holder[1] if len(holder) > 1 else None
+            if pid is not None and host == socket.gethostname() and _alive(pid):
+                raise SetupError(f"{out} is being written by another training (pid {pid}); "
+                                 "wait for it to finish or choose another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        except OSError as e:
+            raise SetupError(f"--out {out}: cannot write there ({e.strerror})") from e
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        for leftover in out.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless told to continue or replace it."""
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        if not (out / "checkpoint.pt").exists():
+            raise SetupError(f"--resume: {out} holds no checkpoint.pt to continue (start a new "
+                             "run without --resume)")
+        return
+    if existing and not overwrite:
+        raise SetupError(f"{out} already holds a run ({', '.join(existing)}): pass --resume "
+                         "(resume=True) to continue it or --overwrite (overwrite=True) to "
+                         "replace it")
+    for name in existing:
+        (out / name).unlink()
+
+
 def train(model: str, out: str | Path | None = None, spec: dict | Any | None = None, *,
-          resume: bool = False, progress: bool | None = None, **fit_options: Any) -> Run:
+          resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+          **fit_options: Any) -> Run:
     """Train ``model`` (a registered model name) with its family's defaults.
 
     Args:
@@ -129,7 +201,20 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
 
     The seed (``seed=``, default 0) is set before the model is built, so it fixes the
     initial weights too: the same spec and seed give the same run.
+
+    An existing run in ``out`` is refused unless ``resume`` (continue it) or ``overwrite``
+    (replace it); ``out/.lock`` keeps a second training out while this one writes.
     """
+    if out is None:
+        return _train(model, None, spec, resume, progress, fit_options)
+    out = Path(out)
+    with run_lock(out):
+        _prepare_folder(out, resume, overwrite)
+        return _train(model, out, spec, resume, progress, fit_options)
+
+
+def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool | None,
+           fit_options: dict) -> Run:
     family = family_of(model)
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))

@@ -44,7 +44,11 @@ __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; training stopped before corrupting checkpoints."""
+    """The loss became NaN, infinite, or implausibly large (over :data:`PLAUSIBLE` times the
+    first steps' per-example size); training stopped before corrupting checkpoints."""
+
+
+PLAUSIBLE = 1e6  # a per-example |ELBO| this many times the first steps' is a runaway
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Trainer:
         self.epoch = 0
         self._best = -math.inf
         self._bad_epochs = 0
+        self._scale: float | None = None
         c = self.config
         if c.objective not in ("trace", "meanfield", "jit", "enum", "iwae"):
             raise ValueError(f"unknown objective {c.objective!r}")
@@ -347,6 +352,16 @@ class Trainer:
         if not bool(torch.isfinite(chunk).all()):
             first = int((~torch.isfinite(chunk)).nonzero()[0])
             self._diverged(step - len(self._pending) + 1 + first, steps, float(chunk[first]))
+        per_example = chunk.abs() / self._num_examples
+        if self._scale is None:  # the run's first losses set the plausible range
+            self._scale = max(float(per_example.median()), 1.0)
+        runaway = per_example > PLAUSIBLE * self._scale
+        if bool(runaway.any()):
+            first = int(runaway.nonzero()[0])
+            self._diverged(step - len(self._pending) + 1 + first, steps, float(chunk[first]),
+                           f" (|ELBO| {float(per_example[first]):.3g} nats per example, "
+                           f"over {PLAUSIBLE:.0e} times the {self._scale:.3g} of the first "
+                           "steps)")
         self._total += chunk.sum()
         self._done += len(self._pending)
         self._pending = []
@@ -434,10 +449,10 @@ class Trainer:
         progress = (self.epoch - 1 + step / steps) / c.kl_anneal_epochs
         return c.beta * min(1.0, progress)
 
-    def _diverged(self, step: int, steps: int, value: float) -> None:
+    def _diverged(self, step: int, steps: int, value: float, why: str = "") -> None:
         where = f"{self.out / 'checkpoint.pt'}" if self.out else "none (no out= folder)"
         raise TrainingDiverged(
-            f"loss became {value} at epoch {self.epoch}, step {step} of {steps}. "
+            f"loss became {value:.4g}{why} at epoch {self.epoch}, step {step} of {steps}. "
             f"The last good checkpoint is kept: {where} (epoch {self.epoch - 1}). "
             "Remedies: lower the learning rate, set clip_norm (e.g. 10), use "
             "optimizer='clipped_adam', or check the data for extreme values.")

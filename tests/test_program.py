@@ -182,3 +182,35 @@ def test_per_row_autoguide_on_streamed_data_is_refused():
     loader = DataLoader(TensorDataset(torch.randn(40)), batch_size=10)
     with pytest.raises(SetupError, match=r"one parameter per row.*\['z'\].*tensors"):
         fit(model, AutoNormal(model), loader, epochs=1, progress=False)
+
+
+def test_data_outside_the_likelihoods_support_is_refused_before_training():
+    def model(x):
+        p = pyro.param("p", torch.tensor(0.5), constraint=dist.constraints.unit_interval)
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Bernoulli(p).expand([len(x), 4]).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    pixels = torch.randint(0, 256, (20, 4)).float()  # 0-255 grey levels, not {0, 1}
+    with pytest.raises(SetupError, match=r"'obs'.*outside the support of.*Bernoulli"):
+        fit(model, guide, pixels, epochs=1, progress=False)
+    fit(model, guide, (pixels > 127).float(), epochs=1, progress=False)
+
+
+def test_a_runaway_loss_stops_training_like_a_nan(tmp_path):
+    """lr 1e6: the loss leaves any plausible range long before it overflows."""
+    from ppl_vae import TrainingDiverged
+
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    with pytest.raises(TrainingDiverged, match=r"times the .* of the first steps.*epoch 1"):
+        fit(model, guide, torch.randn(100), epochs=3, batch_size=10, lr=1e6, sync_every=1,
+            out=tmp_path, progress=False)

@@ -76,6 +76,8 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="fixes weights, data order, draws")
     g.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda:0")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (without it an existing run is refused)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("data-parallel training through PyTorch Lightning (optional "
                              "dependency 'lightning'; --batch-size is then the global batch)")
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
             spec = module.cli_spec(args)
             run = train(args.model, args.out, spec, resume=args.resume,
-                        progress=False if args.no_progress else None, **fit_overrides(args))
+                        overwrite=args.overwrite, progress=False if args.no_progress else None,
+                        **fit_overrides(args))
             last = run.history[-1] if run.history else {}
             print(f"trained {len(run.history)} epochs: " + ", ".join(
                 f"{k} {last[k]:.2f}" for k in ("train_elbo", "val_elbo") if k in last)

@@ -1,0 +1,145 @@
+"""Runs as library objects (ppl_vae.runs): train into a folder, reload it, never lose it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from ppl_vae import Family, SetupError, load_run, register, train
+from ppl_vae.runs import read_config
+
+
+class Gauss(nn.Module):
+    """x_i ~ N(mu + z_i, 1), z_i ~ N(0, 1): a global mean and one latent per row, with a
+    small network in the guide so that the initial weights depend on the seed."""
+
+    def forward(self, x, size=None, subsample=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(mu + z, 1.0), obs=x)
+
+
+class GaussGuide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(1, 2)
+        self.mu = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, size=None, subsample=None):
+        pyro.sample("mu", dist.Normal(self.mu, 0.1))
+        out = self.net(x.unsqueeze(-1))
+        with pyro.plate("data", size or len(x), subsample=subsample):
+            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+
+@dataclass
+class GaussSpec:
+    model: str
+    rows: int = 120
+    true_mu: float = 2.0
+
+
+@register
+class GaussFamily(Family):
+    name = "gauss"
+    models = {"test-gauss": "a test family"}
+    Spec = GaussSpec
+    fit_defaults = {"epochs": 3, "batch_size": 40, "lr": 0.05}
+
+    def build(self, spec):
+        return Gauss(), GaussGuide()
+
+    def load_data(self, spec, split):
+        g = torch.Generator().manual_seed({"train": 0, "val": 1}.get(split, 2))
+        return torch.randn(spec.rows, generator=g) * 1.4 + spec.true_mu
+
+    def example(self, spec):
+        return torch.zeros(4)
+
+    def report(self, run):
+        path = run.path / "mu.txt"
+        path.write_text(f"{float(run.guide.mu):.6f}\n")
+        return [path]
+
+
+def metrics_without_time(run_dir) -> list[str]:
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [i for i, name in enumerate(header) if name != "seconds"]
+    return [",".join(row.split(",")[i] for i in keep) for row in lines]
+
+
+def test_train_writes_a_run_that_load_run_restores(tmp_path):
+    run = train("test-gauss", tmp_path / "run", {"rows": 80}, progress=False)
+    config = read_config(tmp_path / "run")
+    assert config["family"] == "gauss" and config["spec"] == {"model": "test-gauss", "rows": 80,
+                                                              "true_mu": 2.0}
+    assert config["fit"]["epochs"] == 3 and config["fit"]["lr"] == 0.05  # family defaults
+    assert (tmp_path / "run" / "mu.txt").exists() and len(run.history) == 3
+    again = load_run(tmp_path / "run")
+    assert again.checkpoint.name == "best.pt"  # validation data: the best epoch's state
+    # the run object holds the state the folder reloads to (the best epoch's)
+    assert float(again.guide.mu) == pytest.approx(float(run.guide.mu), abs=1e-6)
+    assert again.spec == run.spec and again.history == run.history
+    assert float((tmp_path / "run" / "mu.txt").read_text()) == pytest.approx(
+        float(again.guide.mu), abs=1e-6)
+
+
+def test_the_same_seed_gives_the_same_run_weights_included(tmp_path):
+    train("test-gauss", tmp_path / "a", seed=3, progress=False)
+    train("test-gauss", tmp_path / "b", seed=3, progress=False)
+    train("test-gauss", tmp_path / "c", seed=4, progress=False)
+    assert metrics_without_time(tmp_path / "a") == metrics_without_time(tmp_path / "b")
+    assert metrics_without_time(tmp_path / "a") != metrics_without_time(tmp_path / "c")
+
+
+def test_an_existing_run_is_never_overwritten_by_accident(tmp_path):
+    out = tmp_path / "run"
+    train("test-gauss", out, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SetupError, match=r"already holds a run.*--resume.*--overwrite"):
+        train("test-gauss", out, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing touched
+    run = train("test-gauss", out, resume=True, epochs=5, progress=False)
+    assert [r["epoch"] for r in run.history] == [1, 2, 3, 4, 5]
+    with pytest.raises(SetupError, match="different model spec"):
+        train("test-gauss", out, {"rows": 99}, resume=True, epochs=6, progress=False)
+    run = train("test-gauss", out, overwrite=True, epochs=1, progress=False)
+    assert len(run.history) == 1
+    with pytest.raises(SetupError, match="holds no checkpoint.pt"):
+        train("test-gauss", tmp_path / "new", resume=True, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SetupError, match="is a file"):
+        train("test-gauss", tmp_path / "file", progress=False)
+
+
+def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # alive: us
+    with pytest.raises(SetupError, match=r"being written by another training \(pid"):
+        train("test-gauss", out, progress=False)
+    dead = 2**22 + 12345  # above the usual pid_max: no such process
+    (out / ".lock").write_text(f"{dead} {socket.gethostname()}\n")
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a save")
+    train("test-gauss", out, epochs=1, progress=False)
+    assert not (out / ".lock").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_unknown_model_and_settings_are_refused():
+    with pytest.raises(SetupError, match="unknown model 'nope'.*test-gauss"):
+        train("nope")
+    with pytest.raises(SetupError, match=r"unknown settings \['rowz'\]"):
+        train("test-gauss", spec={"rowz": 3})
+    with pytest.raises(SetupError, match=r"unknown fit settings \['epochz'\]"):
+        train("test-gauss", epochz=3)
