@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from ppl_vae.program import SetupError
+
 # model name -> family module (the one place that names concrete models; imported by name)
 FAMILIES: dict[str, str] = {
     "vae": "ppl_vae.cli.vae",
@@ -39,7 +41,7 @@ def run_config(run: str | Path) -> dict:
     """The ``config.json`` of a run folder, with a clear error if it is not one."""
     path = Path(run) / "config.json"
     if not path.exists():
-        raise SystemExit(f"error: {run} is not a ppl-vae run folder (no config.json); "
+        raise SetupError(f"{run} is not a ppl-vae run folder (no config.json); "
                          "give the --out folder of a 'ppl-vae train' run")
     return json.loads(path.read_text())
 
@@ -168,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True)
     tr.add_argument("--device", default="auto")
 
+    da = sub.add_parser("data", help="download public data sets by name")
+    da_sub = da.add_subparsers(dest="action", required=True)
+    fe = da_sub.add_parser("fetch", help="download an OCTIS topic corpus (needs the network)")
+    fe.add_argument("names", nargs="+", choices=["bbc_news", "m10", "dblp", "20ng"])
+    fe.add_argument("--dest", type=Path, default=None,
+                    help="folder for one corpus (default $PPL_VAE_DATA or ~/.cache/ppl-vae)")
+
     ch = sub.add_parser("check", help="posterior checks with ArviZ (writes into RUN)")
     ch.add_argument("run", type=Path)
     ch.add_argument("--samples", type=int, default=500,
@@ -209,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             module.train(args)
         return 0
+    if args.command == "data":
+        from ppl_vae.data.fetch import fetch_corpus
+
+        if args.dest is not None and len(args.names) > 1:
+            raise SetupError("--dest names the folder of one corpus; fetch one at a time")
+        for name in args.names:
+            print(f"{name}: {fetch_corpus(name, args.dest)}")
+        return 0
     config = run_config(args.run)
     module = family_module(FAMILIES.get(config.get("model", ""), ""))  \
         if config.get("model") in FAMILIES else None
@@ -218,18 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.run, device=args.device)
         handler = getattr(run.family, args.command, None)
         if handler is None:
-            raise SystemExit(f"error: 'ppl-vae {args.command}' does not apply to "
+            raise SetupError(f"'ppl-vae {args.command}' does not apply to "
                              f"{config['model']} runs")
         options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
         _print(handler(run, **options))
         return 0
     module_name = FAMILIES.get(config.get("model", ""))
     if module_name is None:
-        raise SystemExit(f"error: {args.run}: unknown model {config.get('model')!r}")
+        raise SetupError(f"{args.run}: unknown model {config.get('model')!r}")
     module = family_module(module_name)
     handler = getattr(module, args.command, None)
     if handler is None:
-        raise SystemExit(f"error: 'ppl-vae {args.command}' does not apply to "
+        raise SetupError(f"'ppl-vae {args.command}' does not apply to "
                          f"{config['model']} runs")
     _print(handler(args.run, args))
     return 0
@@ -250,11 +267,16 @@ def run() -> int:
 
     try:
         return main()
-    except (ValueError, FloatingPointError) as e:
+    except (ValueError, FloatingPointError, OSError) as e:
         if os.environ.get("PPL_VAE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a family module's "error: ..." (argparse's own exits pass)
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
