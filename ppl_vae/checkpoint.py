@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 FORMAT = "ppl-vae/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 REQUIRED = ("format", "config", "epoch", "model", "guide", "params", "optimizer", "rng",
             "history")
 
@@ -44,6 +46,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

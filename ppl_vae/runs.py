@@ -225,6 +225,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     if unknown:
         raise SetupError(f"unknown fit settings {sorted(unknown)}")
     settings.setdefault("seed", 0)
+    FitConfig(**{k: v for k, v in settings.items()  # impossible settings: refused here,
+                 if k in FitConfig.__dataclass_fields__})  # before anything is written
     run = Run(Path(out) if out is not None else None, family, spec, None, None,
               _jsonable(settings))
     config = run.config()

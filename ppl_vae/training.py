@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -77,6 +78,27 @@ class FitConfig:
     plate: str | None = None
     clear_param_store: bool = True  # start from a clean Pyro param store (Pyro's own advice)
     extra: dict = field(default_factory=dict)  # the caller's own settings (e.g. model spec)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str, value: Any) -> None:
+            if not ok:
+                raise SetupError(f"{what}, got {value!r}")
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be >= 1",
+             self.epochs)
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "batch_size must be >= 1", self.batch_size)
+        need(isinstance(self.num_particles, int) and self.num_particles >= 1,
+             "num_particles (--particles) must be >= 1", self.num_particles)
+        need(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number", self.lr)
+        need(self.sync_every >= 1, "sync_every must be >= 1", self.sync_every)
+        need(self.patience is None or self.patience >= 1, "patience must be >= 1",
+             self.patience)
+        need(self.beta >= 0, "beta must be >= 0", self.beta)
+        need(self.clip_norm is None or self.clip_norm > 0, "clip_norm must be > 0",
+             self.clip_norm)
+        need(self.kl_anneal_epochs >= 0, "kl_anneal_epochs must be >= 0", self.kl_anneal_epochs)
+        need(self.val_particles >= 1, "val_particles must be >= 1", self.val_particles)
 
 
 @dataclass

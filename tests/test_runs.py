@@ -143,3 +143,22 @@ def test_unknown_model_and_settings_are_refused():
         train("test-gauss", spec={"rowz": 3})
     with pytest.raises(SetupError, match=r"unknown fit settings \['epochz'\]"):
         train("test-gauss", epochz=3)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("epochs", 0, "epochs must be >= 1"), ("num_particles", 0, r"num_particles \(--particles\)"),
+    ("lr", -1.0, "lr must be a positive"), ("batch_size", 0, "batch_size must be >= 1"),
+    ("patience", 0, "patience must be >= 1")])
+def test_impossible_fit_settings_are_refused_before_anything_is_written(tmp_path, setting,
+                                                                        value, message):
+    with pytest.raises(SetupError, match=message):
+        train("test-gauss", tmp_path / "run", **{setting: value})
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_run_files_get_ordinary_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    train("test-gauss", tmp_path / "run", epochs=1, progress=False)
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "mu.txt"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
