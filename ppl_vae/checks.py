@@ -32,6 +32,7 @@ import torch
 
 from .batching import Data
 from .diagnostics import importance_diagnostics, plot_khat, plot_ppc_table, ppc_table
+from .plots import save_figure
 from .posterior import save_netcdf, to_arviz
 
 # name -> (observed site, statistic(one data set) -> 1-D array, labels or None)
@@ -108,18 +109,9 @@ def _write_ppc_csv(tables: Mapping[str, Any], path: Path) -> None:
     pd.concat(frames).to_csv(path, index=False)
 
 
-def _plt():
-
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(axes: Any, path: Path) -> None:
-    plt = _plt()
-    fig = np.asarray(axes).flat[0].get_figure()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    """An ArviZ plot (its axes) through the one figure saver."""
+    save_figure(np.asarray(axes).flat[0].get_figure(), path)
 
 
 def _forest(idata: Any, names: Sequence[str], coords: dict, path: Path) -> None:

@@ -56,6 +56,7 @@ from .evaluation import (
     module_device,
     pair_log_weights,
 )
+from .plots import save_figure
 from .posterior import (
     _global_trace,
     _in_plate,
@@ -304,9 +305,7 @@ def plot_khat(k: np.ndarray, path: str | Path, title: str = "PSIS k-hat per data
     ax.set_xlabel("data point")
     ax.set_ylabel("k-hat")
     ax.set_title(f"{title}: {np.mean(k >= BAD):.1%} bad (>= 0.7)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -398,10 +397,7 @@ class SBCResult:
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.suptitle(textwrap.fill(self.summary(), 70 if cols == 1 else 110), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return Path(path)
+        return save_figure(fig, path)
 
 
 def _default_replace(args: tuple, kwargs: dict, simulated: Mapping[str, torch.Tensor]
@@ -572,16 +568,12 @@ def plot_forest_pair(idata_svi: Any, idata_ref: Any, path: str | Path,
                      names: tuple[str, str] = ("SVI", "NUTS")) -> Path:
     """One ``az.plot_forest`` with both posteriors (94% HDI, quartiles)."""
     import arviz as az
-    import matplotlib.pyplot as plt
 
     vars_ = list(var_names) if var_names else [v for v in idata_ref.posterior.data_vars
                                                if v in idata_svi.posterior.data_vars]
     axes = az.plot_forest([idata_svi, idata_ref], model_names=list(names), var_names=vars_,
                           coords=dict(coords or {}), combined=True)
-    fig = np.asarray(axes).flat[0].get_figure()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(np.asarray(axes).flat[0].get_figure(), path)
 
 
 # ---- posterior predictive checks -------------------------------------------------------------
@@ -630,7 +622,4 @@ def plot_ppc_table(tables: Mapping[str, Any], path: str | Path) -> Path:
             ax.set_xticks(x, [str(i) for i in t.index], rotation=45, fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
