@@ -27,7 +27,7 @@ def loss_curve(rows: Sequence[dict], path: str | Path, title: str = "ELBO per ex
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
@@ -42,7 +42,7 @@ def image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
     ax.axis("off")
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reconstructions(originals: torch.Tensor, recon: torch.Tensor, path: str | Path) -> Path:
@@ -66,7 +66,7 @@ def latent_scatter(z: torch.Tensor, labels: torch.Tensor, path: str | Path,
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latent_grid(decode: Callable[[torch.Tensor], torch.Tensor], path: str | Path, n: int = 15,
@@ -80,10 +80,15 @@ def latent_grid(decode: Callable[[torch.Tensor], torch.Tensor], path: str | Path
     return image_grid(images, path, nrow=n, title=f"decoded latent grid, z in [-{span}, {span}]^2")
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (parents created, tight layout, 110 dpi), close it,
+    and return the path. Every picture in the package goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_save = save_figure  # the old private name, kept so older callers keep working
