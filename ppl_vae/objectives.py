@@ -18,7 +18,7 @@ from pyro.poutine.messenger import Messenger
 from .batching import Batch
 from .evaluation import as_pair, find_data_plate, pair_log_weights
 
-OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae")
+OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
 
 
 class SiteWeight(Messenger):
@@ -102,10 +102,17 @@ class IWAEObjective:
     where log w_ik = log p(x_i, z_ik) - beta * [log q(z_ik|x_i) - log p(z_ik)] for the weighted
     sites. K=1 gives the ordinary ELBO. The bound is exact for models whose latents are all
     local (inside the data plate); global latents get one draw per particle (a heuristic).
+
+    ``alpha`` != 0 gives the Renyi (variational Renyi) bound of each example instead (Li &
+    Turner 2016): 1/(1-alpha) [logsumexp_k (1-alpha) log w_ik - log K]; alpha 0 is the IWAE
+    bound, alpha -> 1 the ELBO.
     """
 
     def __init__(self, num_particles: int, kl_weight: SiteWeight | None = None,
-                 plate: str | None = None):
+                 plate: str | None = None, alpha: float = 0.0):
+        if alpha == 1.0:
+            raise ValueError("renyi_alpha 1 is the ELBO: use objective='trace'")
+        self.alpha = float(alpha)
         self.num_particles = int(num_particles)
         self.kl_weight = kl_weight
         self.plate = plate
@@ -129,16 +136,20 @@ class IWAEObjective:
                 warnings.warn("iwae objective: the model has global latents; they get one "
                               "draw per particle, which is not the IWAE bound of the whole "
                               "dataset", stacklevel=2)
-        bound = local.logsumexp(0) - math.log(self.num_particles)
+        power = 1.0 - self.alpha
+        bound = ((power * local).logsumexp(0) - math.log(self.num_particles)) / power
         return -(bound.sum() * (batch.size / len(batch)) + glob.mean())
 
 
 def make_objective(name: str, num_particles: int = 1, kl_sites: Iterable[str] = (),
                    max_plate_nesting: int | None = None, vectorize_particles: bool = True,
-                   plate: str | None = None) -> ELBOObjective | IWAEObjective:
+                   plate: str | None = None, renyi_alpha: float = 0.5,
+                   ) -> ELBOObjective | IWAEObjective:
     """Build the objective called ``name``: trace (Trace_ELBO), meanfield (TraceMeanField_ELBO,
     analytic KL where available), jit (JitTrace_ELBO), enum (TraceEnum_ELBO, sums out
-    enumerated discrete latents), iwae (importance-weighted bound with ``num_particles``)."""
+    enumerated discrete latents), iwae (importance-weighted bound with ``num_particles``,
+    per example), renyi (the variational Renyi bound of each example with ``renyi_alpha``:
+    alpha 0 is the IWAE bound, alpha -> 1 the ELBO; Li & Turner 2016)."""
     kl_weight = SiteWeight(kl_sites) if kl_sites else None
     common = dict(num_particles=num_particles,
                   vectorize_particles=vectorize_particles and num_particles > 1)
@@ -152,6 +163,10 @@ def make_objective(name: str, num_particles: int = 1, kl_sites: Iterable[str] = 
         return ELBOObjective(infer.JitTrace_ELBO(ignore_jit_warnings=True, **common), kl_weight)
     if name == "enum":
         return ELBOObjective(infer.TraceEnum_ELBO(**common), kl_weight)
+    if name == "renyi":
+        if num_particles < 2:
+            raise ValueError("objective 'renyi' needs num_particles >= 2")
+        return IWAEObjective(num_particles, kl_weight, plate=plate, alpha=renyi_alpha)
     if name == "iwae":
         if num_particles < 2:
             raise ValueError("objective 'iwae' needs num_particles >= 2 (K=1 is the ELBO)")

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .evaluation import elbo as evaluate_elbo
 from .evaluation import eval_mode
-from .objectives import make_objective
+from .objectives import OBJECTIVES, make_objective
 from .program import (
     Pair,
     SetupError,
@@ -58,7 +58,8 @@ class FitConfig:
 
     epochs: int = 10
     batch_size: int = 128
-    objective: str = "trace"
+    objective: str = "trace"  # trace | meanfield | jit | enum | iwae | renyi
+    renyi_alpha: float = 0.5  # objective="renyi": 0 is the IWAE bound, 1 the ELBO
     num_particles: int = 1
     optimizer: str = "adam"  # adam | adamw | clipped_adam
     lr: float = 1e-3
@@ -146,12 +147,14 @@ class Trainer:
         self._bad_epochs = 0
         self._scale: float | None = None
         c = self.config
-        if c.objective not in ("trace", "meanfield", "jit", "enum", "iwae"):
-            raise ValueError(f"unknown objective {c.objective!r}")
+        if c.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {c.objective!r}; choose one of "
+                             f"{', '.join(OBJECTIVES)}")
         if c.objective == "jit" and c.kl_anneal_epochs:
             raise ValueError("KL annealing changes a constant every step; it cannot be "
                              "combined with objective='jit'")
-        self.objective = make_objective(c.objective, c.num_particles, c.kl_sites, plate=c.plate)
+        self.objective = make_objective(c.objective, c.num_particles, c.kl_sites, plate=c.plate,
+                                        renyi_alpha=c.renyi_alpha)
         self.kl_weight = getattr(self.objective, "kl_weight", None)
 
     # ---- set-up ---------------------------------------------------------------------------

@@ -214,3 +214,25 @@ def test_a_runaway_loss_stops_training_like_a_nan(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"times the .* of the first steps.*epoch 1"):
         fit(model, guide, torch.randn(100), epochs=3, batch_size=10, lr=1e6, sync_every=1,
             out=tmp_path, progress=False)
+
+
+def test_renyi_bound_lies_between_the_elbo_and_the_iwae_bound():
+    """For one fixed pPCA and a too-narrow guide, per example: ELBO <= Renyi(0.5) <= IWAE
+    (Li & Turner 2016), each estimated with 400 particles."""
+    from ppl_vae.batching import make_batches
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.tensor([[1.0, 0.9], [1.0, 1.1], [0.5, 0.4]]) * 2
+    model = ppca_model(weight, 0.3)
+    x = torch.randn(40, 2, generator=g) @ weight.T + 0.3 * torch.randn(40, 3, generator=g)
+    guide = ExactPPCAGuide(weight, 0.3, diagonal=True)
+    batch = next(iter(make_batches(x, 40, "cpu", shuffle=False)))
+    pair = as_pair(model, guide)
+    pair.inspect(batch)
+    values = {}
+    for name in ("iwae", "renyi"):
+        objective = make_objective(name, num_particles=400, renyi_alpha=0.5)
+        values[name] = -float(objective(pair.model, pair.guide, batch)) / 40
+    values["trace"] = -float(make_objective("trace", num_particles=400)(
+        pair.model, pair.guide, batch)) / 40
+    assert values["trace"] + 0.05 < values["renyi"] < values["iwae"] - 0.01, values

@@ -53,7 +53,8 @@ FIT_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
              "objective": "objective", "particles": "num_particles", "optimizer": "optimizer",
              "lr_schedule": "lr_schedule", "clip_norm": "clip_norm", "beta": "beta",
              "kl_anneal_epochs": "kl_anneal_epochs", "patience": "patience", "seed": "seed",
-             "device": "device", "devices": "devices", "num_nodes": "num_nodes",
+             "renyi_alpha": "renyi_alpha", "device": "device", "devices": "devices",
+             "num_nodes": "num_nodes",
              "strategy": "strategy"}
 # what an unset flag meant before families held their defaults (for modules not yet moved)
 LEGACY_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "objective": "trace",
@@ -68,9 +69,11 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--objective", default=None,
-                   choices=["trace", "meanfield", "jit", "enum", "iwae"])
+                   choices=["trace", "meanfield", "jit", "enum", "iwae", "renyi"])
     g.add_argument("--particles", type=int, default=None,
                    help="ELBO particles; importance samples K for --objective iwae")
+    g.add_argument("--renyi-alpha", type=float, default=None,
+                   help="--objective renyi: 0 is the IWAE bound, 1 the ELBO (default 0.5)")
     g.add_argument("--optimizer", default=None, choices=["adam", "adamw", "clipped_adam"])
     g.add_argument("--lr-schedule", default=None, choices=["cosine", "exponential", "constant"])
     g.add_argument("--clip-norm", type=float, default=None)
