@@ -14,11 +14,18 @@ the lecture's CVAE objective
 Pictures: :meth:`CVAE.generate` (items of one class from the prior) and
 :meth:`CVAE.style_transfer` (encode an item with its own label -- its "style" z -- and
 decode z with every label).
+
+Below the model and its guide builder: the labelled image data (:func:`load_labelled`), the
+class-conditional pictures M2 shares (:func:`sample_classes`, :func:`class_samples`), and
+:class:`CVAEFamily` (``ppl-vae train cvae``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.distributions as dist
@@ -26,10 +33,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ppl_vae.data.images import CLASSES
+from ppl_vae.family import Family, register
 from ppl_vae.guides import point_estimate
 from ppl_vae.guides.amortized import AmortizedNormal
-from ppl_vae.models.vae import VAE
+from ppl_vae.models.vae import (
+    VAE,
+    check_images,
+    choose,
+    image_fit_defaults,
+    load_images,
+    need,
+    resolve_image_data,
+    score_test_set,
+    train_val,
+)
 from ppl_vae.nn import MLPDecoder, NormalEncoder
+
+if TYPE_CHECKING:
+    from ppl_vae.runs import Run
 
 PRIORS = ("fixed", "learned")
 
@@ -108,8 +130,7 @@ class CVAE(VAE):
               subsample: torch.Tensor | None = None) -> torch.Tensor:
         """x: images (B, H, W) in [0, 1]; y: labels (B,). Returns z (B, D)."""
         pyro.module("cvae", self)
-        if self.dynamic_binarization and self.training:
-            x = torch.bernoulli(x)
+        x = self.binarized(x)
         y1 = one_hot(y, self.num_classes)
         with pyro.plate("data", size or len(x), subsample=subsample):
             z = pyro.sample("z", self.prior_distribution(y1))
@@ -170,3 +191,135 @@ def build_cvae(latent_dim: int = 20, hidden: Sequence[int] = (400,), num_classes
                         **guide_options)
     return model, q
 
+
+
+# ---- labelled images and class pictures (shared with M2, models/ssvae.py) -----------------
+BINARIZE = ("dynamic", "sample", "threshold")  # the Bernoulli likelihood's binary pixels
+
+
+def load_labelled(spec: Any, split: str, limit: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 28, 28) and labels (N,) of a file, binarized as the run trains
+    (:func:`ppl_vae.models.vae.load_images`); labels checked to be in 0..9 (an error names the
+    row) before any training step."""
+    x, y = load_images(spec, split, limit)
+    one_hot(y, len(CLASSES))
+    return x, y
+
+
+def class_samples(model: CVAE, path: Path, per_class: int = 8) -> Path:
+    """``per_class`` generated items of every class, one class per row (seed 0)."""
+    from ppl_vae import plots
+
+    model.eval()
+    torch.manual_seed(0)
+    images = torch.cat([model.generate(c, per_class) for c in range(model.num_classes)])
+    return plots.image_grid(images.cpu(), path, nrow=per_class,
+                            title="rows: " + ", ".join(CLASSES[:model.num_classes]))
+
+
+def sample_classes(run: Run, n: int = 64, label: int | None = None,
+                   out: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    """A PNG of ``n`` generated items of class ``label`` (``n`` of every class if None)."""
+    from ppl_vae import plots
+
+    classes = run.model.num_classes
+    need(label is None or 0 <= label < classes,
+         f"--label must be in 0..{classes - 1}, got {label}")
+    need(n >= 1, f"--n must be >= 1, got {n}")
+    torch.manual_seed(seed)
+    if label is None:
+        images = torch.cat([run.model.generate(c, n) for c in range(classes)])
+        path, title = run.path / f"samples_{n}.png", f"rows: classes 0..{classes - 1}"
+    else:
+        images = run.model.generate(label, n)
+        path = run.path / f"samples_label{label}_{n}.png"
+        title = f"class {label}: {CLASSES[label]}"
+    path = Path(out) if out is not None else path
+    plots.image_grid(images.cpu(), path, nrow=min(n, 16), title=title)
+    return {"samples": str(path)}
+
+
+# ---- the family: ppl-vae train cvae --------------------------------------------------------
+@dataclass
+class CVAESpec:
+    """What config.json stores under "spec" for a CVAE run (defaults: ``ppl-vae train cvae``)."""
+
+    model: str
+    latent_dim: int = 20
+    hidden: Sequence[int] = (400,)  # MLP encoder's hidden sizes (decoder mirrored)
+    prior: str = "fixed"  # PRIORS: N(0, I) or a learned p(z | y)
+    guide: str = "diagonal"  # GUIDES, for q(z | x, y)
+    flows: int = 2  # IAF steps (guide iaf)
+    binarize: str = "dynamic"  # BINARIZE
+    data: str | None = None  # folder with the idx files (None: the usual places)
+    download: bool = False
+    limit: int | None = None  # first N training images
+    val_size: int | None = None  # validation images (None: 5000, or 10% of limit)
+
+    def __post_init__(self) -> None:
+        choose("cvae", "prior", self.prior, PRIORS)
+        resolve_image_data(self, BINARIZE)
+
+
+@register
+class CVAEFamily(Family):
+    """``ppl-vae train cvae``: the CVAE above on labelled Fashion-MNIST."""
+
+    name = "cvae"
+    models = {"cvae": "conditional VAE q(z|x,y), p(x|z,y) on labelled Fashion-MNIST"}
+    Spec = CVAESpec
+    fit_defaults = image_fit_defaults()
+    dims = {"z": ["image", "latent_dim"], "x": ["image", "row", "column"]}
+
+    def build(self, spec: CVAESpec) -> tuple[CVAE, nn.Module]:
+        model, guide = build_cvae(spec.latent_dim, spec.hidden, len(CLASSES), spec.prior,
+                                  guide=spec.guide, **({"num_flows": spec.flows}
+                                                       if spec.guide == "iaf" else {}))
+        model.dynamic_binarization = spec.binarize == "dynamic"
+        return model, guide
+
+    def load_data(self, spec: CVAESpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split == "test":
+            return load_labelled(spec, "test")
+        train, val = train_val(spec, *load_labelled(spec, "train"))
+        return train if split == "train" else val
+
+    def example(self, spec: CVAESpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(2, 28, 28), torch.zeros(2, dtype=torch.long)
+
+    def report(self, run: Run) -> list[Path]:
+        """loss.png; samples_per_class.png (a row of generated items per class);
+        style_transfer.png (8 test items, first column, redrawn with every label)."""
+        from ppl_vae import plots
+
+        model, guide, out = run.model, run.guide, run.path
+        paths = [plots.loss_curve(run.history, out / "loss.png"),
+                 class_samples(model, out / "samples_per_class.png")]
+        guide.eval()
+        x, y = load_labelled(run.spec, "test", limit=8)
+        with torch.no_grad():
+            moved = model.style_transfer(guide, x.to(run.device), y.to(run.device)).cpu()
+        grid = torch.cat([x.unsqueeze(1), moved], 1).reshape(-1, *x.shape[1:])
+        paths.append(plots.image_grid(grid, out / "style_transfer.png", nrow=len(CLASSES) + 1,
+                                      title="original | decoded with labels 0..9"))
+        return paths
+
+    def evaluate(self, run: Run, iwae_samples: int = 100, limit: int | None = None,
+                 seed: int = 0, **_: Any) -> dict[str, Any]:
+        """Test ELBO and importance-sampled log p(x | y) with K = ``iwae_samples``, nats per
+        image, on the first ``limit`` test images (all by default)."""
+        return score_test_set(run, load_labelled(run.spec, "test", limit), iwae_samples, seed)
+
+    def sample(self, run: Run, n: int = 64, label: int | None = None,
+               out: str | Path | None = None, seed: int = 0, **_: Any) -> dict[str, str]:
+        """A PNG of ``n`` generated items of class ``label`` (every class if None)."""
+        return sample_classes(run, n, label, out, seed)
+
+    def check(self, run: Run, samples: int = 500, khat_samples: int = 1000, seed: int = 0,
+              **_: Any) -> dict[str, Any]:
+        """Posterior checks on the first 50 test images and their labels: codes from
+        q(z | x, y), k-hat of log p(x, z | y) - log q(z | x, y)
+        (:func:`ppl_vae.models.vae.check_images`)."""
+        data = load_labelled(run.spec, "test", limit=50)
+        return check_images(run, data, self.dims, samples, khat_samples, seed)

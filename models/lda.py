@@ -14,7 +14,10 @@ probability is a convex mixture of the topics'. With the Dirichlet prior use a s
 alpha (0.1): with alpha = 1 the posterior stays near the prior and all topics collapse onto
 the corpus's frequent words (BBC_News, K=20: diversity 0.09 vs 0.34 at alpha = 0.1).
 The encoder and guides are ProdLDA's
-(:func:`ppl_vae.models.prodlda.topic_guide`); the Laplace formula is in that module.
+(:func:`ppl_vae.models.prodlda.topic_guide`); the Laplace formula is in that module, and so is
+the family both models share (:class:`ppl_vae.models.prodlda.TopicFamily`: corpus, training
+defaults, topic proportions of documents, report and commands; ``build`` of an ``lda`` spec
+calls :func:`build_lda` below).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ppl_vae.models.prodlda import (
 
 
 class NeuralLDA(nn.Module):
-    """LDA's mixture likelihood for count matrices (B, V), data plate ``documents``.
+    """LDA's mixture likelihood for count matrices (B, V), data plate ``data``.
 
     Args: as :class:`~ppl_vae.models.prodlda.ProdLDA` (vocab_size, num_topics, alpha,
     prior, dropout on theta).
@@ -59,7 +62,7 @@ class NeuralLDA(nn.Module):
               subsample: torch.Tensor | None = None) -> torch.Tensor:
         """docs: word counts (B, V), float. Returns theta (B, K)."""
         pyro.module("lda", self)
-        with pyro.plate("documents", size or len(docs), subsample=subsample):
+        with pyro.plate("data", size or len(docs), subsample=subsample):
             theta = topic_proportions_site(self.prior, self.alpha)
             word_counts_site(self.decode(theta), docs)
         return theta

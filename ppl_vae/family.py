@@ -15,6 +15,7 @@ apart; the engine and the CLI only call this contract:
         def load_data(self, spec, split) -> Data          # validated tensors of a split
         def example(self, spec) -> Data                   # a few rows to create parameters
         def fit_settings(self, spec) -> dict              # fit defaults + what the family needs
+        def check_fit_settings(self, spec, settings)      # refuse overrides it cannot train with
         def report(self, run) -> list[Path]               # tables and figures after training
         def evaluate(self, run, **options) -> dict        # test figures (nats per example)
 
@@ -32,20 +33,20 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from .batching import Data
 from .program import SetupError
 
-if TYPE_CHECKING:
-    from .runs import Run
+Run = Any  # a ppl_vae.runs.Run (not imported: runs imports this module)
 
 # model name -> module that registers its family (imported on first use)
 BUILTIN: dict[str, str] = {
     "vae": "ppl_vae.models.vae",
     "cvae": "ppl_vae.models.cvae",
     "ssvae": "ppl_vae.models.ssvae",
-    **{name: "ppl_vae.models.irt" for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl")},
+    **{name: "ppl_vae.models.irt"
+       for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm")},
     "prodlda": "ppl_vae.models.prodlda",
     "lda": "ppl_vae.models.lda",
 }
@@ -106,6 +107,11 @@ class Family(ABC):
         needs (an objective, an alpha rule). ``ppl-vae train`` and ``ppl_vae.train`` use
         these same values."""
         return dict(self.fit_defaults)
+
+    def check_fit_settings(self, spec: Any, settings: dict[str, Any]) -> None:
+        """Refuse settings the family cannot train with (SetupError), after the caller's
+        overrides (e.g. M2 needs objective='enum'). Every setting is fine by default."""
+        return None
 
     def report(self, run: Run) -> list[Path]:
         """Write the family's tables and figures into the run folder after training."""

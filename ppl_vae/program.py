@@ -433,7 +433,8 @@ def _check_support(trace) -> None:
     ``validate_args=False`` (Pyro's vae example on grey levels) is trusted."""
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"] \
-                or site["infer"].get("_deterministic") or isinstance(site["fn"], _Subsample):
+                or site["infer"].get("_deterministic") or site["infer"].get("is_auxiliary") \
+                or isinstance(site["fn"], _Subsample):  # pyro.factor: auxiliary, no support
             continue
         fn, trusted, inner = site["fn"], False, site["fn"]
         while fn is not None:

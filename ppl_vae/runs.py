@@ -220,6 +220,7 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
         spec = family.make_spec(model, **(spec or {}))
     settings = family.fit_settings(spec)
     settings.update(fit_options)
+    family.check_fit_settings(spec, settings)
     unknown = set(settings) - set(FitConfig.__dataclass_fields__) - {
         "devices", "num_nodes", "strategy"}
     if unknown:

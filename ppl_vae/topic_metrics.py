@@ -13,6 +13,8 @@
   incrementally as it slides (the word leaving at the left edge is removed even if it occurs
   again inside the window) -- reproduced here so the numbers agree to float precision.
 * :func:`diversity` -- unique words among all topics' top-k / (k * K) (Dieng et al. 2020).
+* :func:`topic_quality` -- both for a trained model's topics (NPMI per topic of the top 10,
+  diversity at 10 and at 25): what a topic run reports after training and on evaluation.
 * :func:`perplexity` -- exp(-sum_d ELBO_d / sum_d N_d) on held-out documents, with the
   multinomial coefficient removed (the likelihood of the word sequence, as in AVITM). Since
   ELBO <= log p, this is an UPPER BOUND on the model's true held-out perplexity.
@@ -125,6 +127,20 @@ def diversity(topics: Sequence[Sequence[str]], topk: int = 25) -> float:
     if any(len(t) < topk for t in tops):
         raise ValueError(f"diversity@{topk} needs {topk} words per topic")
     return len({w for t in tops for w in t}) / (topk * len(tops))
+
+
+def topic_quality(topic_word: torch.Tensor, vocabulary: Sequence[str],
+                  texts: Sequence[Sequence[str]]) -> dict:
+    """Quality of topics (K, V) with the corpus ``texts`` as NPMI reference: ``npmi`` (mean
+    over topics of the top-10 NPMI), ``npmi_per_topic``, ``diversity_10`` and, when the
+    vocabulary has 25 words, ``diversity_25``."""
+    words10 = top_words(topic_word, vocabulary, min(10, len(vocabulary)))
+    per_topic = npmi_per_topic(words10, texts)
+    quality = {"npmi": float(per_topic.mean()), "npmi_per_topic": per_topic.tolist(),
+               "diversity_10": diversity(words10, len(words10[0]))}
+    if len(vocabulary) >= 25:
+        quality["diversity_25"] = diversity(top_words(topic_word, vocabulary, 25), 25)
+    return quality
 
 
 def log_multinomial_coefficient(counts: torch.Tensor) -> torch.Tensor:

@@ -86,13 +86,13 @@ def test_cli_train_sample_evaluate(fashion_dir, tmp_path, capsys):
           "--guide", "fullcov", "--binarize", "threshold", "--data", str(fashion_dir),
           "--out", str(run), "--no-progress", "--device", "cpu"])
     config = json.loads((run / "config.json").read_text())
-    assert config["family"] == "cvae" and config["guide"] == "fullcov"
+    assert config["family"] == "cvae" and config["spec"]["guide"] == "fullcov"
     for name in ("checkpoint.pt", "loss.png", "samples_per_class.png", "style_transfer.png"):
         assert (run / name).stat().st_size > 0, name
     capsys.readouterr()
     main(["sample", str(run), "--label", "3", "--n", "16", "--device", "cpu"])
     assert (run / "samples_label3_16.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="--label must be in 0..9"):
+    with pytest.raises(ValueError, match="--label must be in 0..9"):
         main(["sample", str(run), "--label", "10", "--device", "cpu"])
     capsys.readouterr()
     main(["evaluate", str(run), "--iwae-samples", "20", "--device", "cpu"])

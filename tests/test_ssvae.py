@@ -9,9 +9,10 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
+import ppl_vae
 from ppl_vae import fit
 from ppl_vae.cli.main import main
-from ppl_vae.models.ssvae import build_ssvae, check_labels, oversample_labelled
+from ppl_vae.models.ssvae import build_ssvae, check_labels, default_alpha, oversample_labelled
 
 C = 4
 
@@ -114,18 +115,30 @@ def test_bad_labels_are_refused():
     check_labels(y, torch.tensor([True, True, False, False]), 10)  # -1 where unlabelled is fine
 
 
+def test_the_models_default_alpha_is_the_recommended_rule():
+    assert default_alpha(60_000, 1_000) == 500.0  # 5 N / N_labelled = 300, at least 500
+    assert default_alpha(60_000, 100) == pytest.approx(3000.0)  # 5 N / N_labelled
+    model, _ = build_ssvae(latent_dim=2, hidden=(8,), num_images=60_000, num_labelled=100)
+    assert model.alpha == pytest.approx(3000.0)
+    with pytest.raises(ValueError, match="give alpha, or num_images and num_labelled"):
+        build_ssvae(latent_dim=2, hidden=(8,))
+    with pytest.raises(ValueError, match="objective 'enum'"):
+        ppl_vae.train("ssvae", None, {"alpha": 500.0}, objective="trace")
+
+
 def test_cli_train_evaluate(fashion_dir, tmp_path, capsys):
     run = tmp_path / "m2"
     base = ["train", "ssvae", "--latent-dim", "2", "--hidden", "32", "--epochs", "2",
             "--limit", "200", "--val-size", "50", "--batch-size", "50", "--labels-per-class",
             "3", "--data", str(fashion_dir), "--out", str(run), "--no-progress",
             "--device", "cpu"]
-    with pytest.raises(SystemExit, match="--objective enum"):
+    with pytest.raises(ValueError, match="--objective enum"):
         main(base + ["--objective", "iwae", "--particles", "2"])
     main(base + ["--labelled-share", "0.5"])
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "ssvae" and config["alpha"] == pytest.approx(max(5 * 200 / 30, 500))
-    assert config["labelled_share"] == 0.5
+    spec = config["spec"]
+    assert config["model"] == "ssvae" and spec["alpha"] == pytest.approx(max(5 * 200 / 30, 500))
+    assert spec["labelled_share"] == 0.5 and config["fit"]["objective"] == "enum"
     assert len((run / "labelled_rows.csv").read_text().split()) == 31  # header + 30 rows
     assert (run / "samples_per_class.png").stat().st_size > 0
     capsys.readouterr()
@@ -135,3 +148,9 @@ def test_cli_train_evaluate(fashion_dir, tmp_path, capsys):
     assert float(lines["log_likelihood"]) >= float(lines["elbo"]) - 1.0
     main(["sample", str(run), "--label", "2", "--n", "4", "--device", "cpu"])
     assert (run / "samples_label2_4.png").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["labelled"] == 30 and summary["train_images"] == 200
+    loaded = ppl_vae.load_run(run)
+    assert loaded.model.alpha == pytest.approx(spec["alpha"])
+    # share 0.5: the 30 labelled rows 6 times (170 / 30 unlabelled per labelled, rounded)
+    assert [len(t) for t in loaded.data("train")] == [170 + 6 * 30] * 4

@@ -10,8 +10,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from pyro import poutine
 
-from ppl_vae import fit, log_likelihood
+import ppl_vae
+from ppl_vae import SetupError, fit, log_likelihood
 from ppl_vae.batching import TensorBatches
 from ppl_vae.cli.main import main as cli
 from ppl_vae.data.topics import CorpusWarning, load_octis, read_documents, sparse_counts
@@ -265,7 +267,7 @@ def test_cli_train_evaluate_transform(tmp_path, capsys):
         theta = list(csv.reader(f))
     assert theta[0] == ["doc", "topic_0", "topic_1", "topic_2"] and len(theta) == 3
     assert abs(sum(float(v) for v in theta[1][1:]) - 1) < 1e-4
-    with pytest.raises(SystemExit, match="vocabulary mismatch"):
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
         docs.write_text("nothing known here\n")
         cli(["transform", str(run), "--docs", str(docs), "--out", str(theta_csv)])
 
@@ -284,4 +286,94 @@ def test_cli_trains_lda_on_plain_text(tmp_path):
     vocabulary = (run / "vocabulary.txt").read_text().split()
     assert sorted(vocabulary) == sorted(WORDS)
     config = json.loads((run / "config.json").read_text())
-    assert config["prior"] == "dirichlet" and config["alpha"] == 0.1  # sparse by default
+    spec = config["spec"]
+    assert spec["prior"] == "dirichlet" and spec["alpha"] == 0.1  # sparse by default
+    assert spec["vocab_size"] == len(WORDS) and config["family"] == "topics"
+
+
+def metrics_without_time(run):
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_the_same_seed_gives_the_same_run_from_the_cli_and_from_python(tmp_path):
+    """Two CLI trainings with the same --seed, and ppl_vae.train with that seed, write
+    bit-identical metrics (the seed fixes the initial weights too) and the same topics."""
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=60))
+    argv = ["train", "lda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+            "--epochs", "3", "--seed", "3", "--no-progress", "--out"]
+    assert cli(argv + [str(tmp_path / "a")]) == 0 and cli(argv + [str(tmp_path / "b")]) == 0
+    ppl_vae.train("lda", tmp_path / "c", {"corpus": str(folder), "topics": 3, "hidden": 8,
+                                          "split_seed": 3}, epochs=3, seed=3, progress=False)
+    first = metrics_without_time(tmp_path / "a")
+    assert len(first) == 3 and "val_elbo" in first[0]
+    assert first == metrics_without_time(tmp_path / "b") == metrics_without_time(tmp_path / "c")
+    topics = [(tmp_path / r / "topics.csv").read_text() for r in "ac"]
+    assert topics[0] == topics[1]
+    cli([a if a != "3" or argv[i - 1] != "--seed" else "4" for i, a in enumerate(argv)]
+        + [str(tmp_path / "d")])
+    assert metrics_without_time(tmp_path / "d") != first
+
+
+def test_cli_without_flags_trains_with_the_family_defaults_and_python_gets_the_run(tmp_path):
+    """`ppl-vae train prodlda` with no training flags = the family's fit defaults (AVITM:
+    50 epochs, batch 64, lr 1e-2, meanfield); the run reloads in Python, where theta,
+    evaluate and transform are the family's methods."""
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=60))
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    fit_settings = config["fit"]
+    assert {k: fit_settings[k] for k in ("epochs", "batch_size", "lr", "objective")} == \
+        {"epochs": 50, "batch_size": 64, "lr": 1e-2, "objective": "meanfield"}
+    assert fit_settings["kl_sites"] == ["logtheta"]
+    assert len(metrics_without_time(out)) == 50
+    quality = json.loads((out / "topic_quality.json").read_text())
+    assert len(quality["npmi_per_topic"]) == 3 and 0 < quality["diversity_10"] <= 1
+
+    run = ppl_vae.load_run(out)
+    assert run.checkpoint.name == "best.pt" and run.name == "prodlda"
+    corpus = load_octis(folder)
+    theta = run.family.theta(run, corpus.split("test"))
+    assert theta.shape == (corpus.split("test").shape[0], 3)
+    assert torch.allclose(theta.sum(-1), torch.ones(len(theta)), atol=1e-5)
+    # the data plate is "data", its ArviZ axis "document"
+    trace = poutine.trace(run.model).get_trace(corpus.split("train").to_dense()[:4])
+    assert [f.name for f in trace.nodes["counts"]["cond_indep_stack"]] == ["data"]
+    assert run.family.dims["counts"] == ["document", "word"]
+
+    docs = tmp_path / "new.txt"
+    docs.write_text("w0 w1 w2 w3\n\nw20 w21\n")
+    written = run.family.transform(run, docs=docs, out=tmp_path / "theta.csv")
+    assert written["documents"] == 2
+    with open(tmp_path / "theta.csv") as f:
+        rows = list(csv.reader(f))
+    counts, _ = read_documents(docs, WORDS)
+    expected = run.family.theta(run, counts)
+    assert [r[0] for r in rows[1:]] == ["1", "3"]  # line numbers of the documents
+    assert np.allclose([[float(v) for v in r[1:]] for r in rows[1:]], expected, atol=1e-5)
+
+    result = run.family.evaluate(run, limit=5)
+    assert list(result)[:3] == ["npmi", "diversity", "perplexity"]
+    assert result["test_documents"] == 5 and result["npmi"] == pytest.approx(quality["npmi"])
+
+    # the corpus changed its words since training: an error naming both vocabularies
+    write_octis(folder, octis_lines(n=60), vocabulary=WORDS[::-1])
+    with pytest.raises(SetupError, match=r"vocabulary mismatch: .*corpus.vocabulary.txt "
+                       r"now has 30 words, the run was trained on 30 .*run.vocabulary.txt"):
+        cli(["evaluate", str(out)])
+
+
+def test_bad_topic_settings_are_setup_errors_naming_the_field(tmp_path):
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=30))
+    base = ["train", "prodlda", "--corpus", str(folder), "--out", str(tmp_path / "r")]
+    with pytest.raises(SetupError, match=r"topics \(--topics\) must be >= 2, got 1"):
+        cli(base + ["--topics", "1"])
+    with pytest.raises(SetupError, match=r"alpha \(--alpha\) must be > 0, got -1"):
+        cli(base + ["--alpha", "-1"])
+    with pytest.raises(SetupError, match=r"corpus \(--corpus\): .*missing"):
+        cli(["train", "lda", "--corpus", str(tmp_path / "missing"), "--out",
+             str(tmp_path / "r")])
+    with pytest.raises(SetupError, match="need a corpus"):
+        ppl_vae.train("prodlda", None, {"topics": 3})

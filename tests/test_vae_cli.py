@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import ppl_vae
 from ppl_vae.cli.main import main
 from ppl_vae.data.images import load_fashion_mnist, validate_images
 
@@ -18,7 +19,8 @@ def test_train_evaluate_sample(fashion_dir, tmp_path, capsys):
           "--limit", "300", "--batch-size", "50", "--lr", "3e-3", "--data", str(fashion_dir),
           "--out", str(run), "--no-progress", "--device", "cpu"])
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "vae" and config["binarize"] == "dynamic"
+    assert config["model"] == "vae" and config["spec"]["binarize"] == "dynamic"
+    assert config["spec"]["val_size"] == 30 and config["fit"]["epochs"] == 3
     for name in ("checkpoint.pt", "best.pt", "metrics.csv", "loss.png", "reconstructions.png",
                  "samples.png", "latent_scatter.png", "latent_grid.png"):
         assert (run / name).stat().st_size > 0, name
@@ -45,12 +47,65 @@ def test_resume_with_a_different_model_is_refused(fashion_dir, tmp_path):
     args = ["train", "vae", "--hidden", "8", "--epochs", "1", "--limit", "100",
             "--data", str(fashion_dir), "--out", str(run), "--no-progress"]
     main(args)
-    with pytest.raises(SystemExit, match="different model spec"):
+    with pytest.raises(ValueError, match="different model spec"):
         main(args[:-1] + ["--resume", "--latent-dim", "5", "--no-progress"])
 
 
+def _metrics_without_time(run) -> list[str]:
+    lines = (run / "metrics.csv").read_text().splitlines()
+    keep = [i for i, name in enumerate(lines[0].split(",")) if name != "seconds"]
+    return [",".join(line.split(",")[i] for i in keep) for line in lines]
+
+
+def test_the_same_seed_gives_the_same_run_from_the_cli_and_from_python(fashion_dir, tmp_path):
+    """Two CLI trainings with the same --seed give bit-identical metrics.csv (the seed fixes
+    the initial weights too), ppl_vae.train with the same spec and seed gives the same run,
+    and another seed another run."""
+    args = ["train", "vae", "--latent-dim", "2", "--hidden", "16", "--epochs", "2", "--limit",
+            "120", "--batch-size", "40", "--data", str(fashion_dir), "--no-progress",
+            "--device", "cpu", "--seed", "5"]
+    main(args + ["--out", str(tmp_path / "a")])
+    main(args + ["--out", str(tmp_path / "b")])
+    spec = {"latent_dim": 2, "hidden": [16], "limit": 120, "data": str(fashion_dir)}
+    run = ppl_vae.train("vae", tmp_path / "python", spec, epochs=2, batch_size=40, seed=5,
+                        device="cpu", progress=False)
+    main(args[:-1] + ["6", "--out", str(tmp_path / "c")])
+    first = _metrics_without_time(tmp_path / "a")
+    assert first == _metrics_without_time(tmp_path / "b")
+    assert first == _metrics_without_time(tmp_path / "python")
+    assert first != _metrics_without_time(tmp_path / "c")
+    assert run.config() == json.loads((tmp_path / "a" / "config.json").read_text())
+
+
+def test_a_run_is_a_library_object(fashion_dir, tmp_path):
+    """What the CLI prints, Python gets from the reloaded run and its family."""
+    run = ppl_vae.train("vae", tmp_path / "run", {"latent_dim": 3, "hidden": [16], "limit": 100,
+                                                  "data": str(fashion_dir)},
+                        epochs=1, device="cpu", progress=False)
+    again = ppl_vae.load_run(tmp_path / "run")
+    assert again.checkpoint.name == "best.pt" and again.spec == run.spec
+    assert again.data("train").shape == (100, 28, 28) and again.data("val").shape == (10, 28, 28)
+    result = again.family.evaluate(again, iwae_samples=5, limit=20)
+    assert result["test_images"] == 20 and result["log_likelihood"] >= result["elbo"] - 1.0
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text()) == result
+    with pytest.raises(ValueError, match="--label needs a conditional model"):
+        again.family.sample(again, label=3)
+
+
+def test_spec_errors_name_the_field():
+    family = ppl_vae.family_of("vae")
+    with pytest.raises(ValueError, match="needs likelihood bernoulli"):
+        family.make_spec("vae", likelihood="gaussian", binarize="sample")
+    with pytest.raises(ValueError, match="Bernoulli likelihood needs binary pixels"):
+        family.make_spec("vae", binarize="none")
+    with pytest.raises(ValueError, match="val_size"):
+        family.make_spec("vae", val_size=0)
+    spec = family.make_spec("vae", likelihood="gaussian", limit=59_000)
+    assert spec.binarize == "none" and spec.val_size == 5900 and spec.limit == 54_100
+
+
 def test_commands_on_a_folder_that_is_not_a_run(tmp_path):
-    with pytest.raises(SystemExit, match="not a ppl-vae run folder"):
+    with pytest.raises(ValueError, match="not a ppl-vae run folder"):
         main(["evaluate", str(tmp_path)])
 
 

@@ -274,7 +274,11 @@ def run() -> int:
     ``error: ...`` line and exit status 2 instead of a traceback (``PPL_VAE_DEBUG=1`` keeps
     the traceback). Tests and scripts call :func:`main`, which raises."""
     import os
+    import warnings
 
+    if not os.environ.get("PPL_VAE_DEBUG"):  # a data warning is one "warning: ..." line
+        warnings.showwarning = lambda message, *args, **kwargs: print(
+            f"warning: {message}", file=sys.stderr)
     try:
         return main()
     except (ValueError, FloatingPointError, OSError) as e:

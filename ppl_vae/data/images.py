@@ -11,6 +11,7 @@ Otherwise a clear error says how to get the data.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import os
@@ -148,3 +149,20 @@ def validate_images(x: torch.Tensor, binary: bool = False, name: str = "images")
                              f"{float(x[tuple(i)]):g} at image {i[0]}, pixel ({i[1]}, {i[2]}). "
                              "Binarize the data or choose a grey-level likelihood")
     return x
+
+
+def add_data_arguments(group: argparse._ArgumentGroup, binarize: tuple[str, ...],
+                       binarize_help: str = "") -> None:
+    """The command-line flags that choose an image family's data (the spec fields
+    ``binarize``, ``limit``, ``val_size``, ``data``, ``download``; unset: the spec's
+    default), for ``ppl-vae train vae|cvae|ssvae``."""
+    group.add_argument("--binarize", choices=binarize, default=None, help=binarize_help)
+    group.add_argument("--limit", type=int, default=None, help="first N training images")
+    group.add_argument("--val-size", type=int, default=None,
+                       help="validation images, taken from the end of the training file "
+                       "(default: 5000, or 10%% of --limit)")
+    group.add_argument("--data", type=Path, default=None,
+                       help="folder with the Fashion-MNIST idx files (default: "
+                       "$PPL_VAE_DATA, the Debian package's folder, ~/.cache/ppl-vae)")
+    group.add_argument("--download", action="store_true",
+                       help="download with torchvision if absent")
