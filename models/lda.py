@@ -15,7 +15,7 @@ alpha (0.1): with alpha = 1 the posterior stays near the prior and all topics co
 the corpus's frequent words (BBC_News, K=20: diversity 0.09 vs 0.34 at alpha = 0.1).
 The encoder and guides are ProdLDA's
 (:func:`ppl_vae.models.prodlda.topic_guide`); the Laplace formula is in that module, and so is
-the family both models share (:class:`ppl_vae.models.prodlda.TopicFamily`: corpus, training
+the family both models share (:class:`ppl_vae.models.topics.TopicFamily`: corpus, training
 defaults, topic proportions of documents, report and commands; ``build`` of an ``lda`` spec
 calls :func:`build_lda` below).
 """

@@ -47,8 +47,8 @@ BUILTIN: dict[str, str] = {
     "ssvae": "ppl_vae.models.ssvae",
     **{name: "ppl_vae.models.irt"
        for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm")},
-    "prodlda": "ppl_vae.models.prodlda",
-    "lda": "ppl_vae.models.lda",
+    "prodlda": "ppl_vae.models.topics",
+    "lda": "ppl_vae.models.topics",
 }
 
 _REGISTRY: dict[str, type[Family]] = {}

@@ -5,7 +5,7 @@
     ppl-vae transform RUN --docs new.txt --out theta.csv
     ppl-vae check RUN
 
-The flags map to the spec of :class:`ppl_vae.models.prodlda.TopicFamily`, which holds the
+The flags map to the spec of :class:`ppl_vae.models.topics.TopicFamily`, which holds the
 models, the corpus, the training defaults (50 epochs, batch 64, lr 1e-2, meanfield), the
 report (vocabulary.txt, topics.csv, topics.png, topic_quality.json) and the commands.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppl_vae.models.prodlda import PRIORS, TopicFamily
-from ppl_vae.models.prodlda import TopicSpec as S
+from ppl_vae.models.prodlda import PRIORS
+from ppl_vae.models.topics import TopicFamily
+from ppl_vae.models.topics import TopicSpec as S
 
 HELP = TopicFamily.models
 

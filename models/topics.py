@@ -1,0 +1,337 @@
+"""The topic family: ProdLDA (:mod:`ppl_vae.models.prodlda`) and neural LDA
+(:mod:`ppl_vae.models.lda`) share their data, training defaults and reports.
+
+:class:`TopicFamily` holds the spec a run stores, the corpus (:mod:`ppl_vae.data.topics`),
+the AVITM training defaults, the topic proportions of documents (:meth:`TopicFamily.theta`),
+the report (topics.csv, topics.png, NPMI and diversity) and the commands evaluate /
+transform / check.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppl_vae.batching import take_rows
+from ppl_vae.checkpoint import atomic_write_bytes, write_json
+from ppl_vae.data.topics import TopicCorpus, load_corpus, read_documents
+from ppl_vae.evaluation import eval_mode
+from ppl_vae.family import Family, register
+from ppl_vae.models.lda import build_lda
+from ppl_vae.models.prodlda import (
+    PRIORS,
+    SITES,
+    build_prodlda,
+)
+from ppl_vae.program import SetupError
+from ppl_vae.topic_metrics import diversity, perplexity, top_words, topic_quality
+
+# ---- the family: spec, corpus, training defaults, reports and commands of prodlda and lda -----
+
+@dataclasses.dataclass
+class TopicSpec:
+    """A topic run's settings: exactly what its config.json stores under ``spec``.
+
+    ``corpus``: an OCTIS folder (corpus.tsv + vocabulary.txt), a text file with one document
+    a line or a folder of ``*.txt`` files; ``min_df``, ``max_df``, ``stop_words`` (``none``
+    for none), ``max_features`` and ``split_seed`` (the random train/val/test split) apply
+    to plain text only. ``alpha`` None takes the prior's default (1 for ``laplace``, 0.1
+    for ``dirichlet``, where alpha = 1 lets the topics collapse onto the frequent words).
+    ``vocab_size`` None is read from the corpus (once per process while its files are
+    unchanged). Bad values raise :class:`~ppl_vae.SetupError` naming the field.
+    """
+
+    model: str
+    corpus: str = ""
+    topics: int = 20
+    hidden: int = 100
+    dropout: float = 0.2
+    alpha: float | None = None
+    prior: str = "laplace"
+    min_df: float = 2
+    max_df: float = 0.7
+    stop_words: str = "english"
+    max_features: int | None = 5000
+    split_seed: int = 0
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        self.corpus = str(self.corpus)
+        if self.prior not in PRIORS:
+            raise SetupError(f"prior (--prior) must be one of {PRIORS}, got {self.prior!r}")
+        if self.alpha is None:
+            self.alpha = 1.0 if self.prior == "laplace" else 0.1
+        for name, ok, rule in (("topics", self.topics >= 2, ">= 2"),
+                               ("hidden", self.hidden >= 1, ">= 1"),
+                               ("alpha", self.alpha > 0, "> 0"),
+                               ("dropout", 0 <= self.dropout < 1, "in [0, 1)")):
+            if not ok:
+                raise SetupError(f"{name} (--{name}) must be {rule}, got "
+                                 f"{getattr(self, name)}")
+        # scikit-learn: an int is a number of documents, a float a fraction of them
+        if float(self.min_df).is_integer() and self.min_df >= 1:
+            self.min_df = int(self.min_df)
+        if float(self.max_df).is_integer() and self.max_df > 1:
+            self.max_df = int(self.max_df)
+        if self.vocab_size is None:
+            if not self.corpus:
+                raise SetupError("the topic models need a corpus: spec field 'corpus' "
+                                 "(--corpus FOLDER_OR_FILE)")
+            self.vocab_size = topic_corpus(self).vocab_size
+
+
+_CORPORA: dict[tuple, TopicCorpus] = {}
+
+
+def topic_corpus(spec: TopicSpec) -> TopicCorpus:
+    """The corpus a spec names, validated (:func:`ppl_vae.data.topics.load_corpus`; dropped
+    tokens and documents give one counted CorpusWarning). Kept while its files are unchanged,
+    so the spec, the splits and the report read it once."""
+    path = Path(spec.corpus)
+    options = dict(min_df=spec.min_df, max_df=spec.max_df, max_features=spec.max_features,
+                   stop_words=None if spec.stop_words == "none" else spec.stop_words,
+                   seed=spec.split_seed)
+    files = [path] if path.is_file() else sorted(path.glob("*")) if path.is_dir() else []
+    key = (str(path.resolve()), tuple(sorted(options.items())),
+           tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    if key not in _CORPORA:
+        try:
+            corpus = load_corpus(path, **options)
+        except (FileNotFoundError, ImportError) as e:
+            raise SetupError(f"corpus (--corpus): {e}") from e
+        _CORPORA.clear()
+        _CORPORA[key] = corpus
+    return _CORPORA[key]
+
+
+def plot_topics(weights: torch.Tensor, vocabulary: list[str], path: str | Path,
+                n: int = 10) -> Path:
+    """One panel per topic: its ``n`` top words as horizontal bars of their weights."""
+    import matplotlib.pyplot as plt
+
+    from ppl_vae.plots import save_figure
+
+    k = weights.shape[0]
+    cols = min(5, k)
+    fig, axes = plt.subplots(math.ceil(k / cols), cols, figsize=(3.2 * cols,
+                             2.6 * math.ceil(k / cols)), squeeze=False)
+    top = weights.topk(min(n, weights.shape[1]), -1)
+    for t, ax in enumerate(axes.flat):
+        if t >= k:
+            ax.axis("off")
+            continue
+        words = [vocabulary[i] for i in top.indices[t].tolist()]
+        ax.barh(range(len(words))[::-1], top.values[t].tolist(), color="tab:blue")
+        ax.set_yticks(range(len(words))[::-1], words, fontsize=8)
+        ax.set_title(f"topic {t}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    return save_figure(fig, path)
+
+
+@register
+class TopicFamily(Family):
+    """ProdLDA and neural LDA: one corpus format, one guide, one report (module docstring).
+
+    In Python, as on the command line::
+
+        run = ppl_vae.train("prodlda", "runs/bbc", {"corpus": "data/topics/BBC_News"})
+        run = ppl_vae.load_run("runs/bbc")
+        theta = run.family.theta(run, counts)        # (D, K) topic proportions
+        run.family.evaluate(run)                     # npmi, diversity, perplexity ...
+    """
+
+    name = "topics"
+    models = {"prodlda": "ProdLDA topic model (product-of-experts decoder, Srivastava & "
+                         "Sutton 2017)",
+              "lda": "neural LDA topic model (mixture decoder theta . softmax(beta))"}
+    Spec = TopicSpec
+    # AVITM-style settings: small batches, a high learning rate (BBC_News, K=20: NPMI 0.09 at
+    # lr 1e-2 vs 0.03 at 2e-3), analytic KL of the logistic-normal/Dirichlet posterior
+    fit_defaults = {"lr": 1e-2, "batch_size": 64, "epochs": 50, "objective": "meanfield"}
+    dims = {"logtheta": ["document", "topic"], "theta": ["document", "topic"],
+            "counts": ["document", "word"]}
+
+    def build(self, spec: TopicSpec):
+        if spec.model == "lda":
+            builder = build_lda
+        else:
+            builder = build_prodlda
+        return builder(spec.vocab_size, spec.topics, hidden=spec.hidden,
+                       dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior)
+
+    def load_data(self, spec: TopicSpec, split: str) -> torch.Tensor | None:
+        """Sparse CSR counts (documents, V) of ``split``; None for an empty val/test split."""
+        corpus = topic_corpus(spec)
+        if corpus.vocab_size != spec.vocab_size:
+            raise SetupError(f"vocabulary mismatch: {_vocabulary_file(spec)} now has "
+                             f"{corpus.vocab_size} words, the spec says vocab_size "
+                             f"{spec.vocab_size}")
+        counts = corpus.counts.get(split)
+        return counts if counts is not None and counts.shape[0] else None
+
+    def example(self, spec: TopicSpec) -> torch.Tensor:
+        return torch.ones(2, spec.vocab_size)
+
+    def fit_settings(self, spec: TopicSpec) -> dict[str, Any]:
+        """The AVITM defaults; ``--beta``/``--kl-anneal-epochs`` weight the site of theta."""
+        return {**self.fit_defaults, "kl_sites": (SITES[spec.prior],)}
+
+    # ---- after training ----------------------------------------------------------------
+    def report(self, run) -> list[Path]:
+        """vocabulary.txt, topics.csv (topic, rank, word, weight of the top 25 words),
+        topics.png (each topic's top 10 words) and topic_quality.json (NPMI per topic,
+        diversity at 10 and 25)."""
+        corpus = topic_corpus(run.spec)
+        vocabulary = corpus.vocabulary
+        path = Path(run.path)
+        atomic_write_bytes(path / "vocabulary.txt", ("\n".join(vocabulary) + "\n").encode())
+        weights = run.model.topic_word().cpu()
+        top = weights.topk(min(25, weights.shape[1]), -1)
+        rows = ["topic,rank,word,weight"]
+        for k in range(weights.shape[0]):
+            for r, (i, w) in enumerate(zip(top.indices[k].tolist(), top.values[k].tolist())):
+                word = vocabulary[i].replace('"', '""')
+                rows.append(f'{k},{r + 1},"{word}",{w:.6g}')
+        atomic_write_bytes(path / "topics.csv", ("\n".join(rows) + "\n").encode())
+        write_json(topic_quality(weights, vocabulary, corpus.texts), path / "topic_quality.json")
+        return [path / "vocabulary.txt", path / "topics.csv",
+                plot_topics(weights, vocabulary, path / "topics.png"),
+                path / "topic_quality.json"]
+
+    def vocabulary(self, run) -> list[str]:
+        """The run's words (column v of its counts is word v): its vocabulary.txt, or for a
+        run without one (not saved, or stopped before its report) the corpus's."""
+        file = Path(run.path) / "vocabulary.txt" if run.path is not None else None
+        if file is not None and file.exists():
+            return file.read_text(encoding="utf-8").splitlines()
+        words = topic_corpus(run.spec).vocabulary
+        if len(words) != run.spec.vocab_size:
+            raise SetupError(f"vocabulary mismatch: {_vocabulary_file(run.spec)} now has "
+                             f"{len(words)} words, the run was trained on "
+                             f"{run.spec.vocab_size} (and has no vocabulary.txt)")
+        return words
+
+    def corpus(self, run) -> TopicCorpus:
+        """The run's corpus, checked against the words the run was trained on."""
+        corpus = topic_corpus(run.spec)
+        words = self.vocabulary(run)
+        if corpus.vocabulary != words:
+            differ = next((f"word {i + 1} is {a!r} there, {b!r} in the run" for i, (a, b)
+                           in enumerate(zip(corpus.vocabulary, words)) if a != b), "")
+            raise SetupError(f"vocabulary mismatch: {_vocabulary_file(run.spec)} now has "
+                             f"{corpus.vocab_size} words, the run was trained on {len(words)} "
+                             f"({Path(run.path) / 'vocabulary.txt'}){'; ' if differ else ''}"
+                             f"{differ}")
+        return corpus
+
+    @torch.no_grad()
+    def theta(self, run, counts: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """Topic proportions (D, K) of count rows (D, V), dense or sparse CSR, in one encoder
+        pass: the guide's posterior mean for the Dirichlet guide, softmax of the posterior
+        mean of log theta (its mode in the logistic basis) for the logistic-normal guide."""
+        out = []
+        with eval_mode(run.model, run.guide):
+            for i in range(0, counts.shape[0], batch_size):
+                rows = torch.arange(i, min(i + batch_size, counts.shape[0]))
+                q = run.guide.distribution(take_rows(counts, rows).to(run.device))
+                out.append((q.mean if run.spec.prior == "dirichlet"
+                            else torch.softmax(q.mean, -1)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, run.spec.topics)
+
+    # ---- commands ----------------------------------------------------------------------
+    def evaluate(self, run, limit: int | None = None, seed: int = 0, **_: Any) -> dict:
+        """NPMI (top 10, the whole corpus as reference), diversity (top 25) and the test
+        perplexity bound (the val split when there is no test split); ``limit``: the first
+        documents only. Written to evaluation.json too."""
+        corpus = self.corpus(run)
+        weights = run.model.topic_word().cpu()
+        quality = topic_quality(weights, corpus.vocabulary, corpus.texts)
+        test = _heldout(corpus, limit)
+        torch.manual_seed(seed)
+        top = min(25, corpus.vocab_size)
+        per_topic = quality["npmi_per_topic"]
+        result = {"npmi": quality["npmi"],
+                  "diversity": diversity(top_words(weights, corpus.vocabulary, top), top),
+                  "perplexity": perplexity(run.model, run.guide, test, device=run.device),
+                  "npmi_min": float(min(per_topic)), "npmi_max": float(max(per_topic)),
+                  "diversity_10": quality["diversity_10"],
+                  "test_documents": int(test.shape[0])}
+        if run.path is not None:
+            write_json(result, Path(run.path) / "evaluation.json")
+        return result
+
+    def transform(self, run, docs: str | Path, out: str | Path, **_: Any) -> dict:
+        """``out`` (CSV): the topic proportions of each document of ``docs`` (one a line,
+        tokens as the corpus's; ``doc`` = its line number), columns topic_0..K-1."""
+        counts, empty = read_documents(docs, self.vocabulary(run))
+        theta = self.theta(run, counts)
+        lines = [i for i, line in enumerate(Path(docs).read_text(encoding="utf-8")
+                                             .splitlines(), start=1) if line.split("\t")[0].strip()]
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["doc"] + [f"topic_{k}" for k in range(theta.shape[1])])
+            for n, row in zip(lines, theta.tolist()):
+                writer.writerow([n] + [f"{v:.6g}" for v in row])
+        return {"documents": int(theta.shape[0]), "empty_documents": empty, "out": str(out)}
+
+    def check(self, run, samples: int = 500, khat_samples: int = 1000, seed: int = 0,
+              **_: Any) -> dict:
+        """Posterior checks on the first 50 held-out documents (written into the run folder):
+        topic proportions [document, topic], PPC of the 30 most frequent held-out words'
+        shares (per-document frequencies averaged, so the replicates' lengths do not matter),
+        k-hat per document, and the held-out word log-likelihood under the posterior draws
+        (nats per word: mean over draws of sum_d log p(x_d | theta_d) / words)."""
+        import numpy as np
+
+        from ppl_vae.checks import check_posterior
+        from ppl_vae.posterior import load_netcdf
+
+        if run.path is None:
+            raise SetupError("check writes into the run folder: load the run with "
+                             "ppl_vae.load_run(path)")
+        corpus = self.corpus(run)
+        test = _heldout(corpus, 50)  # dense rows
+        test = test[test.sum(-1) > 0]
+        top = torch.argsort(test.sum(0), descending=True)[:30].numpy()
+
+        def shares(counts: np.ndarray) -> np.ndarray:
+            freq = counts / np.maximum(np.nansum(counts, -1, keepdims=True), 1)
+            return np.nanmean(freq, 0)[top]
+
+        site = SITES[run.spec.prior]
+        ppc = {"share of the 30 most frequent held-out words":
+               ("counts", shares, [corpus.vocabulary[i] for i in top])}
+        torch.manual_seed(seed)
+        result = check_posterior(run.model, run.guide, test, run.path,
+                                 dims={k: self.dims[k] for k in (site, "counts")},
+                                 coords={"word": corpus.vocabulary},
+                                 num_samples=min(samples, 100), khat_samples=khat_samples,
+                                 ppc=ppc, seed=seed, device=run.device, plot_points=2)
+        idata = load_netcdf(Path(run.path) / "posterior.nc")
+        ll = idata.log_likelihood["counts"].values.sum(-1).mean()
+        result["heldout_loglik_per_word"] = float(ll / float(test.sum()))
+        result["heldout_documents"] = int(test.shape[0])
+        write_json(result, Path(run.path) / "check.json")
+        return result
+
+
+def _heldout(corpus: TopicCorpus, limit: int | None = None) -> torch.Tensor:
+    """The test split's counts (the val split's when the test split is empty), first
+    ``limit`` documents."""
+    test = corpus.counts["test"] if corpus.counts["test"].shape[0] else corpus.split("val")
+    if limit:
+        test = take_rows(test, torch.arange(min(limit, test.shape[0])))
+    return test
+
+
+def _vocabulary_file(spec: TopicSpec) -> Path:
+    """The corpus file that fixes a spec's words (an OCTIS folder's vocabulary.txt)."""
+    path = Path(spec.corpus)
+    return path / "vocabulary.txt" if (path / "corpus.tsv").exists() else path
