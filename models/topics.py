@@ -19,6 +19,7 @@ import torch
 
 from ppl_vae.batching import take_rows
 from ppl_vae.checkpoint import atomic_write_bytes, write_json
+from ppl_vae.data.fetch import CORPORA, fetch_corpus
 from ppl_vae.data.topics import TopicCorpus, load_corpus, read_documents
 from ppl_vae.evaluation import eval_mode
 from ppl_vae.family import Family, register
@@ -37,7 +38,8 @@ from ppl_vae.topic_metrics import diversity, perplexity, top_words, topic_qualit
 class TopicSpec:
     """A topic run's settings: exactly what its config.json stores under ``spec``.
 
-    ``corpus``: an OCTIS folder (corpus.tsv + vocabulary.txt), a text file with one document
+    ``corpus``: a corpus name (bbc_news, m10, dblp, 20ng: downloaded on first use), an OCTIS
+    folder (corpus.tsv + vocabulary.txt), a text file with one document
     a line or a folder of ``*.txt`` files; ``min_df``, ``max_df``, ``stop_words`` (``none``
     for none), ``max_features`` and ``split_seed`` (the random train/val/test split) apply
     to plain text only. ``alpha`` None takes the prior's default (1 for ``laplace``, 0.1
@@ -91,8 +93,15 @@ _CORPORA: dict[tuple, TopicCorpus] = {}
 def topic_corpus(spec: TopicSpec) -> TopicCorpus:
     """The corpus a spec names, validated (:func:`ppl_vae.data.topics.load_corpus`; dropped
     tokens and documents give one counted CorpusWarning). Kept while its files are unchanged,
-    so the spec, the splits and the report read it once."""
+    so the spec, the splits and the report read it once. A corpus given by name
+    (``bbc_news``, ``m10``, ``dblp``, ``20ng``) is the fetched OCTIS folder, downloaded on
+    first use (:mod:`ppl_vae.data.fetch`)."""
     path = Path(spec.corpus)
+    if spec.corpus in CORPORA and not path.exists():
+        try:
+            path = fetch_corpus(spec.corpus)
+        except OSError as e:
+            raise SetupError(f"corpus {spec.corpus!r} is not downloaded yet and {e}") from e
     options = dict(min_df=spec.min_df, max_df=spec.max_df, max_features=spec.max_features,
                    stop_words=None if spec.stop_words == "none" else spec.stop_words,
                    seed=spec.split_seed)

@@ -58,3 +58,14 @@ def test_cli_data_fetch_into_the_data_home(tmp_path, octis_mirror, monkeypatch, 
     main(["data", "fetch", "bbc_news"])
     assert (tmp_path / "home" / "topics" / "BBC_News" / "corpus.tsv").exists()
     assert "bbc_news: " in capsys.readouterr().out
+
+
+def test_a_corpus_given_by_name_is_fetched_on_first_use(tmp_path, octis_mirror, monkeypatch):
+    from ppl_vae.models.topics import TopicSpec, topic_corpus
+
+    monkeypatch.setenv("PPL_VAE_DATA", str(tmp_path / "home"))
+    monkeypatch.setattr("ppl_vae.data.fetch.OCTIS_URL", octis_mirror)
+    monkeypatch.chdir(tmp_path)  # no folder called bbc_news here
+    corpus = topic_corpus(TopicSpec(model="prodlda", corpus="bbc_news", topics=2))
+    assert corpus.vocab_size == 6
+    assert (tmp_path / "home" / "topics" / "BBC_News" / "vocabulary.txt").exists()
