@@ -28,9 +28,24 @@ the 1PL/2PL location parameter (see benchmarks/RESULTS.md for LSAT log-likelihoo
 
 Call form (the engine's convention): ``model(responses, mask, size=N, subsample=idx)``
 with ``responses`` (B, I) float 0/1 (any value where masked) and ``mask`` (B, I) bool.
+The exam family (:class:`IRTFamily`, registered for irt-lecture, irt-1pl, irt-2pl, irt-3pl,
+irt-grm; the graded response model is in models/irt_marginal.py) fits these models by one of
+two methods: ``marginal`` (default for 1pl/2pl/grm) integrates each ability out exactly
+(:class:`ppl_vae.models.irt_marginal.MarginalIRT`), fits the items by marginal MAP and gives
+their posterior by the Laplace approximation, abilities by quadrature; ``amortized`` /
+``meanfield`` train the joint model above with the guides of :func:`build_irt`. A run folder
+holds responses.pt (its own copy of the answers: evaluate, score and check never re-read the
+original file), items.csv, students.csv and the pictures (:meth:`IRTFamily.report`).
 """
 
 from __future__ import annotations
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyro
@@ -38,13 +53,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ppl_vae.family import Family, register
+from ppl_vae.program import SetupError
+
 KINDS = ("lecture", "1pl", "2pl", "3pl")
 
 
 class IRT(nn.Module):
     """One exam model of kind ``lecture``, ``1pl``, ``2pl`` or ``3pl`` over ``num_items``.
 
-    Latent sites: ``ability`` (student plate ``students``, scalar per student) and the item
+    Latent sites: ``ability`` (student plate ``data``, scalar per student) and the item
     sites of the kind (item plate ``items``): ``beta`` (lecture), ``difficulty`` (1pl, 2pl,
     3pl), ``discrimination`` (2pl, 3pl), ``guessing`` (3pl); scalar population sites with
     ``hierarchical=True`` (``ability_mean`` for the lecture model).
@@ -55,7 +73,7 @@ class IRT(nn.Module):
             "guessing": ["item"], "beta": ["item"], "ability_mean": [],
             "difficulty_mean": [], "difficulty_sd": [], "log_discrimination_mean": [],
             "log_discrimination_sd": []}
-    student_plate = "students"
+    student_plate = "data"
     item_plate = "items"
 
     def __init__(self, num_items: int, kind: str = "2pl", hierarchical: bool = False,
@@ -359,3 +377,528 @@ def inference_data(model: IRT, guide: nn.Module, responses: torch.Tensor, mask: 
     coords = {"student": student_ids or list(range(len(mean))),
               "item": item_ids or list(range(model.num_items))}
     return az.from_dict(posterior=draws, coords=coords, dims=model.site_dims)
+
+
+# ---- the exam family: spec, data, training settings, tables, pictures, commands -----------
+#
+# Two methods fit the same exams. ``marginal`` (default for 1pl, 2pl, grm): abilities are
+# integrated out exactly inside the model (models/irt_marginal.py), the items are fitted by
+# marginal MAP (AutoDelta through the engine) and get their posterior sd from the Laplace
+# approximation at the mode; abilities come exactly from quadrature (EAP, sd, MAP).
+# ``amortized`` / ``meanfield`` (the only ones for lecture and 3pl): the joint model above
+# with an ability encoder or a Normal per student.
+
+METHODS = ("marginal", "amortized", "meanfield")
+MARGINAL_KINDS = ("1pl", "2pl", "grm")
+HELP = {
+    "irt-lecture": "the lecture's exam model P = sigmoid(alpha_s * beta_t), beta_t >= 0",
+    "irt-1pl": "Rasch model P = sigmoid(theta_s - b_t)",
+    "irt-2pl": "2PL model P = sigmoid(a_t (theta_s - b_t))",
+    "irt-3pl": "3PL model P = c_t + (1 - c_t) sigmoid(a_t (theta_s - b_t))",
+    "irt-grm": "graded response model P(y >= k) = sigmoid(a_t (theta_s - b_tk)), codes 0..K-1",
+}
+RESPONSES_FILE = "responses.pt"  # the run's own copy of its training answers
+Z90 = 1.6448536269514722  # the 95th percentile of N(0, 1): 90% central interval
+# marginal method: minibatches of students this large, about this many optimizer steps
+MARGINAL_BATCH, MARGINAL_STEPS, MARGINAL_MIN_EPOCHS = 5000, 400, 20
+
+
+@dataclass
+class IRTSpec:
+    """What an exam run's config.json stores under "spec" (``ppl-vae train irt-*`` flags).
+
+    ``responses`` is the file (or bundled name: lsat6, lsat7) as given; it is read when the
+    run is trained only: the run keeps its own copy of the answers (responses.pt).
+    ``method``: None picks marginal for 1pl/2pl/grm, amortized for lecture/3pl.
+    ``difficulty_scale``: prior sd of the difficulties; None: 3 (amortized, meanfield) or the
+    ``priors`` preset of the marginal model (``flat``: the MML estimates; ``weak``).
+    ``num_items`` .. ``categories`` are filled from the responses."""
+
+    model: str = "irt-2pl"
+    responses: str | None = None
+    format: str = "auto"
+    id_column: str | None = None
+    method: str | None = None
+    items: str = "meanfield"
+    hidden: list[int] = field(default_factory=lambda: [64])
+    hierarchical: bool = False
+    difficulty_scale: float | None = None
+    guessing_prior: list[float] = field(default_factory=lambda: [5.0, 17.0])
+    priors: str = "flat"
+    num_nodes: int = 21
+    posterior_samples: int = 1000
+    num_items: int | None = None
+    num_students: int | None = None
+    item_ids: list[str] | None = None
+    categories: list[int] | None = None
+
+
+def kind_of(model: str) -> str:
+    return model.removeprefix("irt-")
+
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def read_responses(spec: IRTSpec, path: str | Path | None = None, check: bool = True):
+    """The :class:`ppl_vae.data.irt.Responses` of ``path`` (default: the spec's file), read
+    as the spec's model needs (graded codes for grm); the last file read is kept (training
+    reads it once for the spec, the data and the report)."""
+    from ppl_vae.data.irt import load_responses, resolve
+
+    if path is None and spec.responses is None:
+        raise SetupError(f"{spec.model}: give the response file (--responses FILE or lsat6)")
+    file = resolve(path if path is not None else spec.responses)
+    graded = kind_of(spec.model) == "grm"
+    key = (str(file), file.stat().st_mtime if file.exists() else None,
+           spec.format if path is None else "auto", spec.id_column if path is None else None,
+           graded)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load_responses(file, spec.format if path is None else "auto",
+                                     spec.id_column if path is None else None, check=check,
+                                     graded=graded)
+    return _CACHE[key]
+
+
+def run_responses(run):
+    """The training answers of a run, from its own copy (responses.pt; read with
+    ``weights_only=True``), else from the spec's file."""
+    from ppl_vae.data.irt import Responses
+
+    file = Path(run.path) / RESPONSES_FILE if run.path is not None else None
+    if file is None or not file.exists():
+        return read_responses(run.spec, check=False).align(run.spec.item_ids)
+    stored = torch.load(file, weights_only=True)
+    codes = stored["codes"]
+    mask = codes != 255
+    return Responses(torch.where(mask, codes, 0).float(), mask, list(stored["student_ids"]),
+                     list(stored["item_ids"]), str(file))
+
+
+def save_responses(data, path: Path) -> Path:
+    """The run's copy of its answers: uint8 codes (255 = missing) and the ids."""
+    codes = torch.where(data.mask, data.responses, 255.0).to(torch.uint8)
+    torch.save({"codes": codes, "student_ids": list(data.student_ids),
+                "item_ids": list(data.item_ids)}, path)
+    return path
+
+
+def marginal_model(spec: IRTSpec):
+    from pyro.infer.autoguide import AutoDelta
+
+    from .irt_marginal import FirstBatchInit, MarginalIRT
+
+    overrides = ({"difficulty": (0.0, float(spec.difficulty_scale))}
+                 if spec.difficulty_scale is not None else None)
+    model = MarginalIRT(int(spec.num_items), spec.categories or 2,
+                        fixed_discrimination=1.0 if kind_of(spec.model) == "1pl" else None,
+                        priors=spec.priors, prior_overrides=overrides,
+                        num_nodes=spec.num_nodes)
+    return model, AutoDelta(model, init_loc_fn=FirstBatchInit(model))
+
+
+def marginal_items(run, y: torch.Tensor, mask: torch.Tensor):
+    """(item estimates at the mode, the Laplace guide N(mode, H^-1)) of a marginal run; the
+    point guide itself where the Hessian is not positive definite (sd 0, with a warning)."""
+    from .irt_marginal import item_estimates, laplace_approximation
+
+    est = item_estimates(run.model, run.guide, y, mask)
+    try:
+        laplace = laplace_approximation(run.model, run.guide, y, mask)
+    except (RuntimeError, ValueError) as e:
+        warnings.warn(f"Laplace approximation failed ({e}); items.csv gives modes with sd 0",
+                      stacklevel=2)
+        laplace = run.guide
+    return est, laplace
+
+
+def _wide_item_rows(table, item_ids: list[str]) -> list[dict]:
+    """irt_marginal.item_table's rows (item, parameter) -> one row per item: per parameter
+    ``_mode``, ``_mean``, ``_sd``, ``_5%``, ``_95%``."""
+    names = {"a": "discrimination", "b": "difficulty"}
+    rows = {item: {"item": item} for item in item_ids}
+    for r in table.to_dict("records"):
+        p = names.get(r["parameter"], r["parameter"].replace("b", "threshold"))
+        rows[r["item"]].update({f"{p}_mode": r["mode"], f"{p}_mean": r["mean"],
+                                f"{p}_sd": r["sd"], f"{p}_5%": r["lower"],
+                                f"{p}_95%": r["upper"]})
+    return list(rows.values())
+
+
+def item_rows(model: IRT, samples: dict[str, torch.Tensor], item_ids: list[str]) -> list[dict]:
+    """Amortized/mean-field runs: one row per item, for every item site its posterior mean,
+    sd and 90% interval (5% and 95% quantiles of the guide's draws); the lecture model also
+    gets 1/beta (difficulty)."""
+    columns = {k: samples[k] for k in model.item_sites}
+    if model.kind == "lecture":
+        columns["inverse_beta"] = 1.0 / samples["beta"]
+    rows = []
+    for j, item in enumerate(item_ids):
+        row: dict = {"item": item}
+        for name, draws in columns.items():
+            x = draws[:, j].double()
+            q = torch.quantile(x, torch.tensor([0.05, 0.95], dtype=x.dtype))
+            row.update({f"{name}_mean": float(x.mean()), f"{name}_sd": float(x.std()),
+                        f"{name}_5%": float(q[0]), f"{name}_95%": float(q[1])})
+        rows.append(row)
+    return rows
+
+
+def student_rows(data, mean: torch.Tensor, sd: torch.Tensor, extra: dict | None = None
+                 ) -> list[dict]:
+    """One row per student: ability mean, sd, 90% interval, items answered, score (sum of
+    the answered codes); ``extra``: more columns (N,) each (MAP, exact mean ...)."""
+    answered = data.mask.sum(1).tolist()
+    right = (data.responses * data.mask).sum(1).tolist()
+    rows = [{"student": s, "ability_mean": float(m), "ability_sd": float(d),
+             "ability_5%": float(m - Z90 * d), "ability_95%": float(m + Z90 * d),
+             "answered": int(a), "score": int(r)}
+            for s, m, d, a, r in zip(data.student_ids, mean.tolist(), sd.tolist(), answered,
+                                     right)]
+    for name, values in (extra or {}).items():
+        for row, v in zip(rows, values.tolist()):
+            row[name] = float(v)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def curves(run, items: dict[str, torch.Tensor], theta: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item characteristic curves (T, I) (graded items: expected score / (K - 1)) and the
+    test information curve (T,) at the items ``items`` (the fitted point)."""
+    kind = kind_of(run.spec.model)
+    if run.spec.method != "marginal":
+        return IRT.probability(kind, theta, items), IRT.information(kind, theta, items).sum(-1)
+    model = run.model
+    device = model.nodes.device
+    items = {k: v.to(device, torch.float64) for k, v in items.items()}
+    valid, k = model.valid.cpu(), torch.arange(model.max_categories, dtype=torch.float64)
+
+    def log_p(t: torch.Tensor) -> torch.Tensor:
+        return model.category_log_probs(t.to(device, torch.float64), items).cpu()
+
+    with torch.no_grad():
+        lp = log_p(theta)
+        p = torch.where(valid, lp.exp(), 0.0)                   # (T, I, K)
+        top = torch.tensor(model.categories, dtype=torch.float64) - 1
+        icc = (p * k).sum(-1) / top
+        h = 1e-4
+        slope = (log_p(theta + h) - log_p(theta - h)) / (2 * h)
+        info = torch.where(valid, p * slope ** 2, 0.0).sum((-1, -2))
+    return icc.float(), info.float()
+
+
+def pictures(run, items: dict[str, torch.Tensor], rows: list[dict],
+             abilities: torch.Tensor) -> list[Path]:
+    """icc.png, information.png, difficulties.png (forest plot of the difficulties, 90%
+    intervals), abilities.png (histogram of the ability means) in the run folder."""
+    import matplotlib.pyplot as plt
+
+    from ppl_vae.plots import save_figure
+
+    out, ids, kind = Path(run.path), list(run.spec.item_ids), kind_of(run.spec.model)
+    theta = torch.linspace(-4, 4, 161)
+    icc, info = curves(run, items, theta)
+    show = list(range(min(len(ids), 20)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j in show:
+        ax.plot(theta, icc[:, j], lw=1.2, label=ids[j])
+    ax.set_xlabel("ability (logit scale)")
+    ax.set_ylabel("expected score / (K - 1)" if kind == "grm" else "P(correct)")
+    ax.set_title("item characteristic curves" + (f" (first {len(show)} items)"
+                                                 if len(show) < len(ids) else ""))
+    if len(show) <= 10:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths = [save_figure(fig, out / "icc.png")]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(theta, info, color="k", label="test information")
+    ax2 = ax.twinx()
+    ax2.plot(theta, info.rsqrt(), color="tab:red", ls="--", label="standard error")
+    ax.set_xlabel("ability (logit scale)")
+    ax.set_ylabel("information")
+    ax2.set_ylabel("standard error of ability", color="tab:red")
+    ax.set_title("test information curve")
+    ax.grid(alpha=0.3)
+    paths.append(save_figure(fig, out / "information.png"))
+
+    def first(row: dict, suffix: str) -> float:
+        for name in ("inverse_beta", "difficulty", "threshold1"):
+            value = row.get(f"{name}_{suffix}")
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                return float(value)
+        return float("nan")
+
+    label = "1 / beta (lecture difficulty)" if kind == "lecture" else (
+        "first threshold b1 (logit)" if kind == "grm" else "difficulty b (logit)")
+    order = sorted(range(len(rows)), key=lambda j: first(rows[j], "mean"))[:60]
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(order) + 1.2))
+    y = list(range(len(order)))
+    mean = [first(rows[j], "mean") for j in order]
+    lo = [first(rows[j], "mean") - first(rows[j], "5%") for j in order]
+    hi = [first(rows[j], "95%") - first(rows[j], "mean") for j in order]
+    ax.errorbar(mean, y, xerr=[lo, hi], fmt="o", ms=3, capsize=2)
+    ax.set_yticks(y, [ids[j] for j in order], fontsize=7)
+    ax.set_xlabel(label + ", posterior mean and 90% interval")
+    ax.set_title("item difficulties")
+    ax.grid(alpha=0.3, axis="x")
+    paths.append(save_figure(fig, out / "difficulties.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(abilities.numpy(), bins=40, color="tab:blue", alpha=0.8)
+    ax.set_xlabel("ability, posterior mean (logit scale)")
+    ax.set_ylabel("students")
+    ax.set_title(f"abilities of {len(abilities)} students")
+    paths.append(save_figure(fig, out / "abilities.png"))
+    return paths
+
+
+@register
+class IRTFamily(Family):
+    """The exam models (module docstring; marginal or amortized/mean-field, see above)."""
+
+    name = "irt"
+    models = HELP
+    Spec = IRTSpec
+    # amortized / mean-field: a few global item parameters, one scalar per student
+    fit_defaults = {"epochs": 200, "batch_size": 100, "lr": 0.05, "lr_schedule": "cosine",
+                    "kl_sites": ("ability",)}
+    dims = {**IRT.dims, "log_discrimination": ["item"], "log_threshold_gaps": ["gap"]}
+
+    def make_spec(self, model: str, **options: Any) -> IRTSpec:
+        """The spec with its method resolved and the data fields (num_items, num_students,
+        item_ids, categories) read from the responses."""
+        spec = super().make_spec(model, **options)
+        kind = kind_of(model)
+        if spec.method is None:
+            spec.method = "marginal" if kind in MARGINAL_KINDS else "amortized"
+        if spec.method not in METHODS:
+            raise SetupError(f"{model}: unknown method {spec.method!r}; choose one of {METHODS}")
+        if spec.method == "marginal" and kind not in MARGINAL_KINDS:
+            raise SetupError(f"{model}: --method marginal is for irt-1pl, irt-2pl, irt-grm; "
+                             "use amortized or meanfield")
+        if kind == "grm" and spec.method != "marginal":
+            raise SetupError("irt-grm is fitted by the marginal method only")
+        if spec.items == "fullrank" and spec.method != "amortized":
+            raise SetupError("--items fullrank goes with --method amortized")
+        if spec.hierarchical and spec.method == "marginal":
+            raise SetupError(f"{model}: --hierarchical needs --method amortized or meanfield")
+        if spec.responses is not None:
+            data = read_responses(spec)
+            spec.num_items, spec.num_students = data.num_items, data.num_students
+            spec.item_ids = list(data.item_ids)
+            if kind == "grm":
+                top = ((data.responses * data.mask).amax(0) + 1).clamp_min(2)
+                spec.categories = [int(k) for k in top.tolist()]
+        elif spec.num_items is None:
+            raise SetupError(f"{model}: give the response file (--responses FILE or lsat6)")
+        return spec
+
+    # ---- model, data, settings ------------------------------------------------------------
+    def build(self, spec: IRTSpec):
+        if spec.method == "marginal":
+            return marginal_model(spec)
+        config = {"kind": kind_of(spec.model), "num_items": spec.num_items,
+                  "hierarchical": spec.hierarchical, "guide": spec.method,
+                  "items": spec.items, "hidden": list(spec.hidden),
+                  "difficulty_scale": 3.0 if spec.difficulty_scale is None
+                  else spec.difficulty_scale, "guessing_prior": list(spec.guessing_prior)}
+        return build_irt(config)
+
+    def load_data(self, spec: IRTSpec, split: str):
+        if split != "train":
+            return None  # an exam has one table: every student is in training
+        return read_responses(spec).align(spec.item_ids).tensors()
+
+    def example(self, spec: IRTSpec):
+        n = int(spec.num_students) if spec.method == "meanfield" else 2
+        return torch.zeros(n, int(spec.num_items)), torch.ones(n, int(spec.num_items),
+                                                               dtype=torch.bool)
+
+    def fit_settings(self, spec: IRTSpec) -> dict[str, Any]:
+        """Amortized/mean-field: :attr:`fit_defaults`. Marginal: batches of up to 5000
+        students and about 400 steps (at least 20 epochs), lr 0.05 on a cosine schedule."""
+        if spec.method != "marginal":
+            return dict(self.fit_defaults)
+        n = int(spec.num_students or 1)
+        batch = min(MARGINAL_BATCH, n)
+        epochs = max(MARGINAL_MIN_EPOCHS, math.ceil(MARGINAL_STEPS / math.ceil(n / batch)))
+        return {"epochs": epochs, "batch_size": batch, "lr": 0.05, "lr_schedule": "cosine"}
+
+    # ---- after training -------------------------------------------------------------------
+    def report(self, run) -> list[Path]:
+        """responses.pt (the run's copy of its answers), items.csv, students.csv, loss.png,
+        icc.png, information.png, difficulties.png, abilities.png."""
+        from ppl_vae import plots
+
+        out = Path(run.path)
+        data = read_responses(run.spec, check=False).align(run.spec.item_ids)
+        paths = [save_responses(data, out / RESPONSES_FILE)]
+        for m in (run.model, run.guide):
+            m.eval()
+        y, mask = data.tensors()
+        if run.spec.method == "marginal":
+            from .irt_marginal import item_table
+
+            est, laplace = marginal_items(run, y, mask)
+            table = item_table(run.model, laplace, y, mask, prob=0.9,
+                               num_samples=run.spec.posterior_samples, item_ids=data.item_ids)
+            rows = _wide_item_rows(table, list(data.item_ids))
+            ab = run.model.abilities(y, mask, est)
+            students = student_rows(data, ab["eap"], ab["sd"], {"ability_map": ab["map"]})
+            mean, point = ab["eap"].float(), {k: v.float() for k, v in est.items()}
+        else:
+            samples = posterior_samples(run.model, run.guide, y, mask,
+                                        num_samples=run.spec.posterior_samples)
+            rows = item_rows(run.model, samples, list(data.item_ids))
+            mean, sd = ability_posterior(run.guide, y, mask)
+            point = {k: samples[k].mean(0) for k in run.model.item_sites}
+            mu = float(samples["ability_mean"].mean()) if "ability_mean" in samples else 0.0
+            exact = quadrature_abilities(run.model.kind, point, y, mask, ability_mean=mu)
+            students = student_rows(data, mean, sd, {"ability_exact_mean": exact[0],
+                                                     "ability_exact_sd": exact[1]})
+        paths += [write_csv(rows, out / "items.csv"), write_csv(students, out / "students.csv")]
+        if run.history:
+            paths.append(plots.loss_curve(run.history, out / "loss.png"))
+        return paths + pictures(run, point, rows, mean)
+
+    def evaluate(self, run, iwae_samples: int = 1000, limit: int | None = None, seed: int = 0,
+                 **_: Any) -> dict[str, Any]:
+        """Log-likelihood per student (nats) on the run's answers. Marginal runs: the exact
+        marginal log p(y_s | items at the mode) (101 Gauss-Hermite nodes). Amortized /
+        mean-field runs: ELBO and importance-sampled log p(y_s) (items drawn from q,
+        K = ``iwae_samples``). Writes evaluation.json."""
+        from ppl_vae import elbo, log_likelihood
+        from ppl_vae.checkpoint import write_json
+
+        data = run_responses(run)
+        y, mask = data.tensors()
+        if limit:
+            y, mask = y[:limit], mask[:limit]
+        if run.spec.method == "marginal":
+            est = self._estimates(run, y, mask)
+            nodes = max(101, run.spec.num_nodes)
+            lm = run.model.abilities(y, mask, est, num_nodes=nodes, map_steps=0)["log_marginal"]
+            result = {"method": "marginal", "log_likelihood": float(lm.mean()),
+                      "quadrature_nodes": nodes}
+        else:
+            if run.spec.method == "meanfield" and limit:
+                raise SetupError("--limit needs an amortized run (mean-field parameters are "
+                                 "tied to the whole table)")
+            device = next(run.guide.parameters()).device
+            torch.manual_seed(seed)
+            result = {"method": run.spec.method,
+                      "elbo": elbo(run.model, run.guide, (y, mask), num_particles=10,
+                                   device=device, batch_size=1000),
+                      "log_likelihood": log_likelihood(run.model, run.guide, (y, mask),
+                                                       batch_size=1000, device=device,
+                                                       num_samples=iwae_samples),
+                      "iwae_samples": iwae_samples}
+        result.update(students=len(y), items=int(run.spec.num_items), answers=int(mask.sum()))
+        result["log_likelihood_per_answer"] = result["log_likelihood"] * len(y) / \
+            max(result["answers"], 1)
+        write_json(result, Path(run.path) / "evaluation.json")
+        return result
+
+    @staticmethod
+    def _estimates(run, y, mask) -> dict[str, torch.Tensor]:
+        from .irt_marginal import item_estimates
+
+        return item_estimates(run.model, run.guide, y, mask)
+
+    def score(self, run, responses: str | Path | None = None, out: str | Path | None = None,
+              **_: Any) -> dict[str, Any]:
+        """Abilities of new students into the CSV ``out``: exactly by quadrature given the
+        items (marginal runs: EAP, sd, MAP), or from the amortized encoder in one pass (with
+        the exact posterior mean and sd given the items' means). Items missing from the new
+        file count as unanswered."""
+        if responses is None or out is None:
+            raise SetupError("score needs responses= (a response file) and out= (a CSV)")
+        if run.spec.method == "meanfield":
+            raise SetupError(f"{run.path} was trained with --method meanfield; scoring new "
+                             "students needs a marginal or an amortized run")
+        data = read_responses(run.spec, responses, check=False).align(run.spec.item_ids)
+        y, mask = data.tensors()
+        if run.spec.method == "marginal":
+            from .irt_marginal import check_responses
+
+            check_responses(y, mask, run.model.categories)
+            ab = run.model.abilities(y, mask, self._estimates(run, y, mask))
+            rows = student_rows(data, ab["eap"], ab["sd"], {"ability_map": ab["map"]})
+        else:
+            mean, sd = ability_posterior(run.guide, y, mask)
+            samples = posterior_samples(run.model, run.guide, y, mask, num_samples=1000)
+            point = {k: samples[k].mean(0) for k in run.model.item_sites}
+            mu = float(samples["ability_mean"].mean()) if "ability_mean" in samples else 0.0
+            exact = quadrature_abilities(run.model.kind, point, y, mask, ability_mean=mu)
+            rows = student_rows(data, mean, sd, {"ability_exact_mean": exact[0],
+                                                 "ability_exact_sd": exact[1]})
+        write_csv(rows, Path(out))
+        return {"scored": len(rows), "out": str(out)}
+
+    def check(self, run, samples: int = 500, khat_samples: int = 1000,
+              sbc_simulations: int = 0, nuts: bool = False, nuts_samples: int = 500,
+              seed: int = 0, **_: Any) -> dict[str, Any]:
+        """Posterior checks (:func:`ppl_vae.checks.check_posterior`): posterior.nc,
+        summary.csv, forest/posterior/k-hat PNGs with the exam's dims. Marginal runs: of the
+        item posterior (Laplace at the marginal MAP; ``pareto_k`` is its k-hat). Amortized
+        and mean-field runs: predictive checks (proportion correct per item, distribution of total
+        scores); for amortized runs simulation-based calibration of the ability encoder
+        (sbc.png); ``pareto_k`` is the share of students with k-hat >= 0.7. With ``nuts`` a
+        NUTS cross-check (nuts_vs_svi.csv, small data only)."""
+        from ppl_vae.checkpoint import write_json
+        from ppl_vae.checks import check_posterior
+        from ppl_vae.diagnostics import nuts_crosscheck, sbc
+
+        data = run_responses(run)
+        tensors = data.tensors()
+        items = list(run.spec.item_ids)
+        if run.spec.method == "marginal":  # the item posterior: Laplace at the marginal MAP
+            _, guide = marginal_items(run, *tensors)
+            dims = {k: v for k, v in self.dims.items() if k in run.model.latent_sites}
+            coords, ppc = {"item": items}, None
+        else:
+            guide = run.guide
+            dims = {"responses": ["student", "item"]}
+            coords = {"item": items, "student": list(data.student_ids)}
+            ppc = {"proportion correct per item": ("responses", lambda y: np.nanmean(y, 0),
+                                                   items),
+                   "share of students per total score (answered items)":
+                   ("responses", lambda y: np.bincount(np.nansum(y, 1).astype(int),
+                                                       minlength=len(items) + 1) / len(y),
+                    list(range(len(items) + 1)))}
+        torch.manual_seed(seed)
+        result = check_posterior(run.model, guide, tensors, run.path, dims=dims,
+                                 coords=coords, num_samples=samples, khat_samples=khat_samples,
+                                 ppc=ppc, seed=seed,
+                                 batch_size=max(1, 200_000 // max(1, samples)))
+        if run.spec.method == "amortized" and sbc_simulations > 0:
+            calibration = sbc(run.model, run.guide, tensors, num_simulations=sbc_simulations,
+                              seed=seed, sites=["ability"])
+            calibration.plot(Path(run.path) / "sbc.png")
+            result["sbc_p_value"] = calibration.p_value
+            result["sbc"] = calibration.summary()
+        if nuts:
+            table, _, _ = nuts_crosscheck(
+                run.model, guide, tensors, num_samples=nuts_samples,
+                warmup_steps=nuts_samples, num_chains=2, svi_samples=samples, dims=dims,
+                coords={"item": items}, out=run.path, seed=seed,
+                forest_coords=None if run.spec.method == "marginal" else {"student": [0, 1, 2]})
+            glob = table[~table.index.str.startswith("ability")]
+            result["nuts_max_abs_z_items"] = float(glob["z"].abs().max())
+            result["nuts_sd_ratio_items"] = float(glob["sd_ratio"].median())
+            if run.spec.method != "marginal":
+                result["nuts_max_abs_z_abilities"] = float(
+                    table[table.index.str.startswith("ability")]["z"].abs().max())
+        write_json(dict(result), Path(run.path) / "check.json")
+        return result

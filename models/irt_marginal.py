@@ -1,6 +1,6 @@
 """Marginal exam models: each student's ability integrated out exactly, items the only latents.
 
-For student s (the data plate ``students``, subsampled by the engine) and item t:
+For student s (the data plate ``data``, subsampled by the engine) and item t:
 
     theta_s ~ N(0, 1)                                              (fixes the scale)
     graded response model (Samejima), K_t ordered categories 0..K_t-1 per item:
@@ -96,7 +96,7 @@ class MarginalIRT(nn.Module):
         num_nodes: Q, Gauss-Hermite nodes of the marginal likelihood (21 as mirt's default).
     """
 
-    student_plate = "students"
+    student_plate = "data"
     item_plate = "items"
     gap_plate = "threshold_gaps"
 
@@ -308,6 +308,7 @@ class MarginalIRT(nn.Module):
             raise ValueError(f"responses have {responses.shape[-1]} items, the model "
                              f"{self.num_items}")
         dtype = responses.dtype if responses.is_floating_point() else None
+        self.last_batch = (responses, mask)  # for :class:`FirstBatchInit` (no copy, no read)
         items = self.sample_items(responses.device, dtype)
         with pyro.plate(self.student_plate, size or len(responses), subsample=subsample,
                         dim=-1):
@@ -402,6 +403,26 @@ def make_guide(model: MarginalIRT, responses: torch.Tensor, mask: torch.Tensor |
     if kind == "normal":
         return autoguide.AutoNormal(model, init_loc_fn=init, init_scale=0.01)
     raise ValueError(f"unknown guide {kind!r}; choose delta, laplace, mvn or normal")
+
+
+class FirstBatchInit:
+    """``init_loc_fn`` of an autoguide over a :class:`MarginalIRT`: the data-driven starting
+    values of :meth:`MarginalIRT.initial_values` from the batch the model is called with when
+    the guide builds its prototype (the engine's first minibatch), so a guide can be built
+    before any data is seen (as a run is, from its spec). Other sites: their prior median."""
+
+    def __init__(self, model: MarginalIRT):
+        self.model = model
+
+    def __call__(self, site: dict) -> torch.Tensor:
+        from pyro.infer.autoguide import init_to_median
+
+        batch = getattr(self.model, "last_batch", None)
+        if batch is None or site["name"] not in self.model.latent_sites:
+            return init_to_median(site)
+        value = self.model.initial_values(*batch)[site["name"]]
+        ref = site["fn"].mean  # the prior (a Normal): device and dtype of the site
+        return value.to(device=ref.device, dtype=ref.dtype).expand(ref.shape).clone()
 
 
 def laplace_approximation(model: MarginalIRT, guide: nn.Module, responses: torch.Tensor,
@@ -567,6 +588,7 @@ def simulate(num_students: int, categories: int | Sequence[int], missing: float 
             "thresholds": torch.from_numpy(thresholds).float()}
 
 
-__all__ = ["MarginalIRT", "PRIORS", "gauss_hermite", "make_guide", "laplace_approximation",
+__all__ = ["MarginalIRT", "PRIORS", "FirstBatchInit", "gauss_hermite", "make_guide",
+           "laplace_approximation",
            "guide_mode", "item_estimates",
            "posterior_draws", "item_table", "check_responses", "simulate"]

@@ -52,13 +52,28 @@ def test_jsonl_round_trip(tmp_path):
 
 
 def test_lsat6_reads_with_ids_and_proportions():
-    if not LSAT6.exists():
-        pytest.skip("shared LSAT data not present")
-    data = load_responses(LSAT6)
+    data = load_responses("lsat6")  # bundled with the package
+    if LSAT6.exists():
+        assert torch.equal(load_responses(LSAT6).responses, data.responses)
     assert (data.num_students, data.num_items) == (1000, 5)
     assert data.student_ids[0] == "s0001"
     p = data.responses.mean(0)
     assert torch.allclose(p, torch.tensor([.924, .709, .553, .763, .870]), atol=1e-3)
+
+
+def test_bundled_lsat7_and_graded_codes(tmp_path):
+    data = load_responses("lsat7")
+    assert (data.num_students, data.num_items) == (1000, 5)
+    graded = load_responses(write(tmp_path / "g.csv", "student,q1,q2\nann,3,0\nbob,,2\n"),
+                            graded=True)
+    assert graded.responses.tolist() == [[3.0, 0.0], [0.0, 2.0]]
+    assert graded.mask.tolist() == [[True, True], [False, True]]
+    with pytest.raises(ResponseDataError, match=r"line 3, column 'q2': value 'x' is not a "
+                                                r"category code"):
+        load_responses(write(tmp_path / "b.csv", "student,q1,q2\nann,3,0\nbob,1,x\n"),
+                       graded=True)
+    with pytest.raises(FileNotFoundError, match="bundled: lsat6, lsat7"):
+        load_responses(tmp_path / "nothing.csv")
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -4,7 +4,9 @@ estimates (LSAT6, R ltm), exact abilities and the Laplace approximation's curvat
 
 from __future__ import annotations
 
+import csv
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 import torch
 from scipy import integrate, optimize
 
-from ppl_vae import fit
+from ppl_vae import fit, load_run
+from ppl_vae.cli.main import main
 from ppl_vae.models.irt_marginal import (
     MarginalIRT,
     check_responses,
@@ -25,7 +28,7 @@ from ppl_vae.models.irt_marginal import (
     simulate,
 )
 
-LSAT6 = Path(__file__).resolve().parents[2] / "shared" / "data" / "irt" / "lsat6.csv"
+LSAT6 = Path(__file__).resolve().parents[1] / "ppl_vae" / "data" / "lsat6.csv"  # bundled
 # R ltm 2PL marginal maximum likelihood on LSAT6 (21 Gauss-Hermite nodes; girth and mirt agree
 # to 0.005): discrimination a and difficulty b of items 1-5
 LTM_A = [0.825, 0.723, 0.890, 0.689, 0.657]
@@ -289,3 +292,100 @@ def test_full_rank_guide_trained_by_svi_matches_the_laplace_posterior():
     assert np.allclose(svi["mean"], laplace["mean"], atol=0.5 * laplace["sd"].max())
     ratio = svi["sd"] / laplace["sd"]
     assert ratio.between(0.7, 1.3).all(), ratio.tolist()
+
+
+# ---- the exam family through the CLI and the run API (marginal method, the default) --------
+
+def write_codes(path: Path, y: torch.Tensor, mask: torch.Tensor) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student"] + [f"q{j + 1}" for j in range(y.shape[1])])
+        for s, (r, m) in enumerate(zip(y.tolist(), mask.tolist())):
+            w.writerow([f"s{s}"] + [int(v) if ok else "" for v, ok in zip(r, m)])
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path)))
+
+
+@pytest.mark.filterwarnings("ignore:.*answered all their items")
+def test_cli_defaults_on_bundled_lsat6_give_the_mml_item_modes(tmp_path):
+    run = tmp_path / "lsat6"
+    main(["train", "irt-2pl", "--responses", "lsat6", "--out", str(run), "--no-progress",
+          "--device", "cpu"])
+    rows = read_rows(run / "items.csv")
+    assert [r["item"] for r in rows] == [f"item{t}" for t in range(1, 6)]
+    a = np.array([float(r["discrimination_mode"]) for r in rows])
+    b = np.array([float(r["difficulty_mode"]) for r in rows])
+    assert np.abs(a - LTM_A).max() < 0.05 and np.abs(b - LTM_B).max() < 0.05
+    for r in rows:  # mode beside mean, sd and the 90% interval
+        assert float(r["difficulty_5%"]) < float(r["difficulty_mode"]) \
+            < float(r["difficulty_95%"])
+        assert float(r["discrimination_sd"]) > 0
+    for name in ("students.csv", "icc.png", "information.png", "difficulties.png",
+                 "abilities.png", "responses.pt"):
+        assert (run / name).exists(), name
+    assert len(read_rows(run / "students.csv")) == 1000
+
+
+def test_same_seed_gives_bit_identical_metrics(tmp_path):
+    d = simulate(200, [2] * 6, missing=0.1, seed=4)
+    data = write_codes(tmp_path / "exam.csv", d["responses"], d["mask"])
+
+    def metrics(name: str, *flags: str) -> list[list[str]]:
+        main(["train", "irt-2pl", "--responses", str(data), "--out", str(tmp_path / name),
+              "--epochs", "3", "--batch-size", "64", "--seed", "7", "--no-progress",
+              "--posterior-samples", "50", "--device", "cpu", *flags])
+        rows = list(csv.reader(open(tmp_path / name / "metrics.csv")))
+        keep = [j for j, column in enumerate(rows[0]) if column != "seconds"]  # wall clock
+        return [[row[j] for j in keep] for row in rows]
+
+    assert metrics("m1") == metrics("m2")
+    assert metrics("a1", "--method", "amortized") == metrics("a2", "--method", "amortized")
+
+
+def test_run_keeps_its_answers_reloads_evaluates_and_scores_after_the_file_moved(tmp_path):
+    d = simulate(300, [2] * 6, missing=0.2, seed=5)
+    data = write_codes(tmp_path / "exam.csv", d["responses"], d["mask"])
+    run = tmp_path / "run"
+    main(["train", "irt-1pl", "--responses", str(data), "--out", str(run), "--epochs", "30",
+          "--no-progress", "--posterior-samples", "100", "--device", "cpu"])
+    shutil.move(data, tmp_path / "elsewhere.csv")
+    loaded = load_run(run)
+    assert loaded.spec.method == "marginal" and loaded.checkpoint.name == "checkpoint.pt"
+    result = loaded.family.evaluate(loaded, iwae_samples=10)
+    assert result["students"] == 300 and -6 * math.log(2) < result["log_likelihood"] < 0
+    # the abilities of students.csv are the quadrature EAPs given the reloaded items
+    written = torch.tensor([float(r["ability_mean"]) for r in read_rows(run / "students.csv")])
+    est = item_estimates(loaded.model, loaded.guide, d["responses"], d["mask"])
+    eap = loaded.model.abilities(d["responses"], d["mask"], est)["eap"]
+    assert torch.allclose(eap.float(), written.float(), atol=1e-5)
+    new = tmp_path / "new.csv"
+    new.write_text("student,q3,q1,q2\nhigh,1,1,1\nlow,0,0,0\n")
+    out = loaded.family.score(loaded, responses=new, out=tmp_path / "scores.csv")
+    assert out["scored"] == 2
+    scores = {r["student"]: r for r in read_rows(tmp_path / "scores.csv")}
+    assert float(scores["high"]["ability_mean"]) > float(scores["low"]["ability_mean"]) + 0.5
+    # posterior checks of the item posterior (Laplace at the marginal MAP), from the run's copy
+    checked = loaded.family.check(loaded, samples=100, khat_samples=100)
+    assert checked["pareto_k_is"] == "k-hat of the global latents" and checked["pareto_k"] < 0.7
+    assert (run / "posterior.nc").exists() and (run / "check.json").exists()
+
+
+def test_graded_response_model_trains_from_the_cli(tmp_path):
+    cats = [4, 4, 3, 2]
+    d = simulate(400, cats, missing=0.1, seed=6)
+    data = write_codes(tmp_path / "graded.csv", d["responses"], d["mask"])
+    run = tmp_path / "grm"
+    main(["train", "irt-grm", "--responses", str(data), "--out", str(run), "--epochs", "40",
+          "--no-progress", "--posterior-samples", "100", "--device", "cpu"])
+    loaded = load_run(run)
+    assert loaded.spec.categories == cats
+    rows = {r["item"]: r for r in read_rows(run / "items.csv")}
+    assert float(rows["q1"]["threshold1_mode"]) < float(rows["q1"]["threshold3_mode"])
+    assert rows["q4"]["difficulty_mode"] != ""
+    assert (run / "icc.png").exists() and (run / "information.png").exists()
+    with pytest.raises(ValueError, match="marginal method only"):
+        main(["train", "irt-grm", "--method", "amortized", "--responses", str(data),
+              "--out", str(tmp_path / "x"), "--no-progress"])

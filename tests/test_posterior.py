@@ -231,7 +231,8 @@ def test_cli_check_on_an_exam_run(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(["train", "irt-2pl", "--responses", str(data), "--epochs", "5", "--out", str(run),
-              "--no-progress", "--posterior-samples", "50", "--device", "cpu"])
+              "--no-progress", "--posterior-samples", "50", "--device", "cpu",
+              "--method", "amortized"])
         capsys.readouterr()
         main(["check", str(run), "--samples", "60", "--sbc-simulations", "200",
               "--device", "cpu"])
@@ -246,3 +247,21 @@ def test_cli_check_on_an_exam_run(tmp_path, capsys):
     assert np.isnan(idata.observed_data["responses"].values).sum() == int((~d["mask"]).sum())
     for name in ("summary.csv", "forest.png", "ppc.png", "ppc.csv", "khat.png", "sbc.png"):
         assert (run / name).exists(), name
+
+
+def test_cli_check_on_a_marginal_exam_run(tmp_path, capsys):
+    """The default (marginal) exam run: abilities are integrated out, so check judges the
+    item posterior (Laplace) by its global k-hat."""
+    from ppl_vae.cli.main import main
+
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["train", "irt-2pl", "--responses", "lsat6", "--out", str(run), "--no-progress",
+              "--device", "cpu"])
+        capsys.readouterr()
+        main(["check", str(run), "--samples", "100", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "pareto_k_is: k-hat of the global latents" in printed
+    k = float(next(x for x in printed.splitlines() if x.startswith("pareto_k: ")).split()[1])
+    assert k < 0.7  # the Laplace posterior of LSAT6's ten item parameters is usable

@@ -10,6 +10,13 @@ Formats (``format="auto"`` picks by extension and header):
     jsonlines   py-irt's format, one student a line:
                 ``{"subject_id": "s1", "responses": {"item1": 1, "item2": 0}}``
 
+``graded=True`` (graded response models) accepts any integer category code 0, 1, 2, ... in
+place of 0/1.
+
+Bundled data sets, given by name instead of a path (``--responses lsat6``): ``lsat6`` and
+``lsat7``, the Law School Admission Test sections VI and VII (1000 students x 5 items each;
+Bock & Lieberman 1970), as distributed with R's ltm package (GPL), shipped in this package.
+
 Everything becomes a :class:`Responses`: ``responses`` float (N, I) with 0 where missing,
 ``mask`` bool (N, I) (True = answered). Missing answers are masked out of the likelihood by
 the models, never imputed. Errors name the file, the line and the column.
@@ -31,6 +38,8 @@ ID_COLUMNS = ("student", "student_id", "subject_id", "subject", "examinee", "id"
 ITEM_COLUMNS = ("item", "item_id")
 RESPONSE_COLUMNS = ("response", "correct", "score", "value")
 MISSING = ("", "na", "nan")
+#: bundled response tables: name -> file in this package (see the module docstring)
+BUNDLED = {"lsat6": "lsat6.csv", "lsat7": "lsat7.csv"}
 
 
 class ResponseDataError(ValueError):
@@ -115,20 +124,30 @@ def from_arrays(responses: np.ndarray | torch.Tensor, mask: np.ndarray | torch.T
     return data
 
 
+def resolve(path: str | Path) -> Path:
+    """The file of a response table: ``path`` itself, or the bundled file of a name in
+    :data:`BUNDLED` (``lsat6``, ``lsat7``) when no such file exists."""
+    if not Path(path).exists() and str(path).lower() in BUNDLED:
+        return Path(__file__).with_name(BUNDLED[str(path).lower()])
+    return Path(path)
+
+
 def load_responses(path: str | Path, format: str = "auto", id_column: str | None = None,
-                   check: bool = True) -> Responses:
-    """Read a wide CSV, long CSV or py-irt jsonlines file (see the module docstring)."""
-    path = Path(path)
+                   check: bool = True, graded: bool = False) -> Responses:
+    """Read a wide CSV, long CSV or py-irt jsonlines file, or a bundled table by name (see
+    the module docstring). ``graded``: accept integer category codes 0, 1, 2, ..."""
+    path = resolve(path)
     if not path.exists():
-        raise FileNotFoundError(f"no response file at {path}")
+        raise FileNotFoundError(f"no response file at {path} (bundled: "
+                                f"{', '.join(BUNDLED)})")
     if format == "auto":
         format = _detect_format(path)
     if format == "wide":
-        data = _read_wide(path, id_column)
+        data = _read_wide(path, id_column, graded)
     elif format == "long":
-        data = _read_long(path)
+        data = _read_long(path, graded)
     elif format in ("jsonl", "jsonlines"):
-        data = _read_jsonl(path)
+        data = _read_jsonl(path, graded)
     else:
         raise ValueError(f"unknown response format {format!r}; choose auto, wide, long, jsonl")
     if check:
@@ -153,6 +172,8 @@ def validate(data: Responses, lines: bool = False) -> None:
     if bool((per_student == 0).any()):
         s = int((per_student == 0).nonzero()[0])
         raise ResponseDataError(f"{data.source}: {where(s)} has no responses; drop the row")
+    if bool((data.responses > 1).any()):
+        return  # graded codes: no single "all right"
     correct = (data.responses * data.mask).sum(1)
     extreme = (correct == 0) | (correct == per_student)
     if bool(extreme.any()):
@@ -175,20 +196,31 @@ def _detect_format(path: Path) -> str:
     return "wide"
 
 
-def _cells(values: np.ndarray, path: Path, columns: list[str], row_offset: int) -> tuple:
-    """Strings -> (float 0/1 array, mask); the first bad cell raises with its line/column."""
+def _cells(values: np.ndarray, path: Path, columns: list[str], row_offset: int,
+           graded: bool = False) -> tuple:
+    """Strings -> (float 0/1 array, mask); the first bad cell raises with its line/column.
+    ``graded``: integer codes 0, 1, 2, ... instead of 0/1."""
     v = np.char.lower(np.char.strip(values.astype(str)))
     missing = np.isin(v, MISSING)
-    one, zero = np.isin(v, ("1", "1.0")), np.isin(v, ("0", "0.0"))
-    bad = ~(missing | one | zero)
+    if graded:
+        code = np.char.replace(v, ".0", "")
+        ok = np.char.isdigit(code) & (np.char.str_len(code) < 4)
+        bad = ~(missing | ok)
+        what = "a category code 0, 1, 2, ... or blank"
+        out = np.where(ok, code, "0").astype(np.float32)
+    else:
+        one, zero = np.isin(v, ("1", "1.0")), np.isin(v, ("0", "0.0"))
+        bad = ~(missing | one | zero)
+        what = "0, 1 or blank"
+        out = one.astype(np.float32)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ResponseDataError(f"{path}: line {r + row_offset}, column {columns[c]!r}: value "
-                                f"{values[r, c]!r} is not 0, 1 or blank")
-    return one.astype(np.float32), ~missing
+                                f"{values[r, c]!r} is not {what}")
+    return out, ~missing
 
 
-def _read_wide(path: Path, id_column: str | None) -> Responses:
+def _read_wide(path: Path, id_column: str | None, graded: bool = False) -> Responses:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -227,7 +259,7 @@ def _read_wide(path: Path, id_column: str | None) -> Responses:
         items, values = columns, frame.to_numpy()
     if not items:
         raise ResponseDataError(f"{path}: no item columns")
-    r, m = _cells(values, path, items, row_offset=2)
+    r, m = _cells(values, path, items, row_offset=2, graded=graded)
     return Responses(torch.from_numpy(r), torch.from_numpy(m), ids, items, str(path))
 
 
@@ -239,7 +271,7 @@ def _pick(columns: list[str], names: tuple[str, ...], what: str, path: Path) -> 
                             f"columns are {columns}")
 
 
-def _read_long(path: Path) -> Responses:
+def _read_long(path: Path, graded: bool = False) -> Responses:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     columns = list(frame.columns)
     sc = _pick(columns, ID_COLUMNS, "student", path)
@@ -251,7 +283,7 @@ def _read_long(path: Path) -> Responses:
         empty = np.nonzero(values == "")[0]
         if len(empty):
             raise ResponseDataError(f"{path}: line {empty[0] + 2}, column {col!r}: empty value")
-    r, m = _cells(frame[[rc]].to_numpy(), path, [rc], row_offset=2)
+    r, m = _cells(frame[[rc]].to_numpy(), path, [rc], row_offset=2, graded=graded)
     keys = pd.Series(list(zip(students, items)))
     dup = keys.duplicated()
     if dup.any():
@@ -278,7 +310,7 @@ def _read_long(path: Path) -> Responses:
                      [str(i) for i in i_order], str(path))
 
 
-def _read_jsonl(path: Path) -> Responses:
+def _read_jsonl(path: Path, graded: bool = False) -> Responses:
     ids: list[str] = []
     seen: dict[str, int] = {}
     item_pos: dict[str, int] = {}
@@ -310,9 +342,12 @@ def _read_jsonl(path: Path) -> Responses:
             for item, value in responses.items():
                 if value is None or value == "":
                     continue
-                if value not in (0, 1) or isinstance(value, str):
+                ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                      ) if graded else value in (0, 1) and not isinstance(value, str)
+                if not ok:
+                    what = "a category code 0, 1, 2, ..." if graded else "0, 1"
                     raise ResponseDataError(f"{path}: line {line_no}, field 'responses.{item}': "
-                                            f"value {value!r} is not 0, 1 or null")
+                                            f"value {value!r} is not {what} or null")
                 j = item_pos.setdefault(str(item), len(item_pos))
                 triples.append((s, j, float(value)))
     resp = torch.zeros(len(ids), len(item_pos))
