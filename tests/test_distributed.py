@@ -313,16 +313,16 @@ def test_rank_shards_partition_the_single_process_batches():
 
 
 def test_cli_flags_reach_fit():
-    from ppl_vae.cli.main import build_parser, fit_options
+    from ppl_vae.cli.main import build_parser, fit_overrides
 
     parser = build_parser()
     args = parser.parse_args(["train", "vae", "--out", "run", "--devices", "2",
                               "--num-nodes", "3", "--strategy", "ddp"])
-    options = fit_options(args)
+    options = fit_overrides(args)
     assert (options["devices"], options["num_nodes"], options["strategy"]) == (2, 3, "ddp")
     args = parser.parse_args(["train", "vae", "--out", "run", "--devices", "0,1"])
-    assert fit_options(args)["devices"] == [0, 1]
-    assert "devices" not in fit_options(parser.parse_args(["train", "vae", "--out", "run"]))
+    assert fit_overrides(args)["devices"] == [0, 1]
+    assert "devices" not in fit_overrides(parser.parse_args(["train", "vae", "--out", "run"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "vae", "--out", "run", "--devices", "two"])
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
 
 from ppl_vae.program import SetupError
+from ppl_vae.runs import load_run, train
 
 # model name -> family module (the one place that names concrete models; imported by name)
 FAMILIES: dict[str, str] = {
@@ -39,15 +39,6 @@ def family_module(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-def run_config(run: str | Path) -> dict:
-    """The ``config.json`` of a run folder, with a clear error if it is not one."""
-    path = Path(run) / "config.json"
-    if not path.exists():
-        raise SetupError(f"{run} is not a ppl-vae run folder (no config.json); "
-                         "give the --out folder of a 'ppl-vae train' run")
-    return json.loads(path.read_text())
-
-
 # flag dest -> fit setting; unset flags (None) leave the family's default
 FIT_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
              "objective": "objective", "particles": "num_particles", "optimizer": "optimizer",
@@ -56,12 +47,6 @@ FIT_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
              "renyi_alpha": "renyi_alpha", "device": "device", "devices": "devices",
              "num_nodes": "num_nodes",
              "strategy": "strategy"}
-# what an unset flag meant before families held their defaults (for modules not yet moved)
-LEGACY_DEFAULTS = {"epochs": 10, "batch_size": 128, "lr": 1e-3, "objective": "trace",
-                   "particles": 1, "optimizer": "adam", "beta": 1.0, "kl_anneal_epochs": 0.0,
-                   "seed": 0, "device": "auto"}
-
-
 def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (shared by every model; unset: the family's default)")
     g.add_argument("--out", required=True, type=Path, help="run folder to write")
@@ -112,24 +97,6 @@ def fit_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, dest, None) is not None}
 
 
-def fit_options(args: argparse.Namespace, kl_sites: tuple[str, ...] = ()) -> dict:
-    """The keyword arguments of :func:`ppl_vae.fit` from the common flags (family CLI
-    modules that still call ``fit`` themselves)."""
-    for dest, value in LEGACY_DEFAULTS.items():
-        if getattr(args, dest, None) is None:
-            setattr(args, dest, value)
-    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                objective=args.objective, num_particles=args.particles,
-                optimizer=args.optimizer, lr_schedule=args.lr_schedule,
-                clip_norm=args.clip_norm, kl_sites=kl_sites if
-                (args.beta != 1.0 or args.kl_anneal_epochs) else (),
-                beta=args.beta, kl_anneal_epochs=args.kl_anneal_epochs,
-                patience=args.patience, seed=args.seed, device=args.device, out=args.out,
-                resume=args.resume, progress=False if args.no_progress else None,
-                **{k: getattr(args, k) for k in ("devices", "num_nodes", "strategy")
-                   if getattr(args, k, None) is not None})
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppl-vae", description="Train and check deep latent-variable models "
@@ -144,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = models.add_parser(name, help=getattr(module, "HELP", {}).get(name, ""))
         module.add_train_arguments(p, name)
         add_common_train_arguments(p)
-        # a family may change the common flags' defaults (TRAIN_DEFAULTS: dest -> value)
-        p.set_defaults(family=module_name, **getattr(module, "TRAIN_DEFAULTS", {}))
+        p.set_defaults(family=module_name)
 
     ev = sub.add_parser("evaluate", help="print a run's test figures as 'name: value' lines")
     ev.add_argument("run", type=Path)
@@ -212,20 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
             # only rank 0 writes the run folder's tables and figures after training
             distributed.set_only_rank_zero_continues(True)
-        module = family_module(args.family)
-        if hasattr(module, "cli_spec"):
-            from ppl_vae.runs import train
-
-            spec = module.cli_spec(args)
-            run = train(args.model, args.out, spec, resume=args.resume,
-                        overwrite=args.overwrite, progress=False if args.no_progress else None,
-                        **fit_overrides(args))
-            last = run.history[-1] if run.history else {}
-            print(f"trained {len(run.history)} epochs: " + ", ".join(
-                f"{k} {last[k]:.2f}" for k in ("train_elbo", "val_elbo") if k in last)
-                + " nats per example; wrote " + str(args.out))
-        else:
-            module.train(args)
+        spec = family_module(args.family).cli_spec(args)
+        run = train(args.model, args.out, spec, resume=args.resume, overwrite=args.overwrite,
+                    progress=False if args.no_progress else None, **fit_overrides(args))
+        last = run.history[-1] if run.history else {}
+        print(f"trained {len(run.history)} epochs: " + ", ".join(
+            f"{k} {last[k]:.2f}" for k in ("train_elbo", "val_elbo") if k in last)
+            + " nats per example; wrote " + str(args.out))
         return 0
     if args.command == "data":
         from ppl_vae.data.fetch import fetch_corpus
@@ -235,29 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names:
             print(f"{name}: {fetch_corpus(name, args.dest)}")
         return 0
-    config = run_config(args.run)
-    module = family_module(FAMILIES.get(config.get("model", ""), ""))  \
-        if config.get("model") in FAMILIES else None
-    if module is not None and hasattr(module, "cli_spec"):
-        from ppl_vae.runs import load_run
-
-        run = load_run(args.run, device=args.device)
-        handler = getattr(run.family, args.command, None)
-        if handler is None:
-            raise SetupError(f"'ppl-vae {args.command}' does not apply to "
-                             f"{config['model']} runs")
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-        _print(handler(run, **options), start)
-        return 0
-    module_name = FAMILIES.get(config.get("model", ""))
-    if module_name is None:
-        raise SetupError(f"{args.run}: unknown model {config.get('model')!r}")
-    module = family_module(module_name)
-    handler = getattr(module, args.command, None)
+    run = load_run(args.run, device=args.device)
+    handler = getattr(run.family, args.command, None)
     if handler is None:
-        raise SetupError(f"'ppl-vae {args.command}' does not apply to "
-                         f"{config['model']} runs")
-    _print(handler(args.run, args), start)
+        raise SetupError(f"'ppl-vae {args.command}' does not apply to {run.name} runs")
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+    _print(handler(run, **options), start)
     return 0
 
 
@@ -286,11 +228,6 @@ def run() -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # a family module's "error: ..." (argparse's own exits pass)
-        if isinstance(e.code, str) and e.code.startswith("error: "):
-            print(e.code, file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":
