@@ -24,4 +24,4 @@ def __getattr__(name: str):
 
         return to_arviz
     raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")
-__version__ = "0.1.0"
+__version__ = "0.2.0"

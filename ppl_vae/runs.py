@@ -77,6 +77,9 @@ def read_config(path: str | Path) -> dict:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SetupError(f"{file}: not valid JSON ({e})") from e
+    if isinstance(config, dict) and "model" in config and "spec" not in config:
+        raise SetupError(f"{file}: written by ppl-vae 0.1 (a flat config without 'spec'); "
+                         "this version cannot rebuild that run: train it again")
     if not isinstance(config, dict) or "model" not in config or "spec" not in config:
         raise SetupError(f"{file}: not a ppl-vae run config (needs the keys 'model' and "
                          "'spec')")

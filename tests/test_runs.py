@@ -162,3 +162,19 @@ def test_run_files_get_ordinary_permissions(tmp_path):
     train("test-gauss", tmp_path / "run", epochs=1, progress=False)
     for name in ("config.json", "checkpoint.pt", "metrics.csv", "mu.txt"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_config_errors_name_the_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SetupError, match="not a ppl-vae run folder"):
+        load_run(run)
+    (run / "config.json").write_text("[]")
+    with pytest.raises(SetupError, match=r"config.json: not a ppl-vae run config"):
+        load_run(run)
+    (run / "config.json").write_text("{bad json")
+    with pytest.raises(SetupError, match=r"config.json: not valid JSON"):
+        load_run(run)
+    (run / "config.json").write_text('{"family": "vae", "model": "vae", "latent_dim": 2}')
+    with pytest.raises(SetupError, match="written by ppl-vae 0.1.*train it again"):
+        load_run(run)
