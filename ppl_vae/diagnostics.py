@@ -52,6 +52,7 @@ from .evaluation import (
     as_pair,
     eval_mode,
     find_data_plate,
+    in_particles,
     log_weights,
     module_device,
     pair_log_weights,
@@ -60,7 +61,6 @@ from .plots import save_figure
 from .posterior import (
     _global_trace,
     _in_plate,
-    _vectorized,
     draws_to_arviz,
     samples_to_draws,
     to_arviz,
@@ -237,7 +237,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
             inner = inner_samples if has_local else 1
             with poutine.block():
                 gtrace = poutine.trace(first.call).get_trace(
-                    _vectorized(pair.guide, num_samples, nesting))
+                    in_particles(pair.guide, num_samples, nesting))
             glob = _global_trace(gtrace, plate)
 
             def global_log_ratios(rows: int) -> torch.Tensor:
@@ -487,7 +487,7 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
                                  f"(in plate {plate_name!r}){'' if sites is None else ' among '}"
                                  f"{'' if sites is None else list(sites)}")
             new_args, new_kwargs = replace_data(args, kwargs, simulated)
-            post = poutine.trace(_vectorized(guide, num_draws, nesting)).get_trace(
+            post = poutine.trace(in_particles(guide, num_draws, nesting)).get_trace(
                 *new_args, **new_kwargs)
             for name, value in truth.items():
                 draws = post.nodes[name]["value"].reshape(num_draws, *value.shape)

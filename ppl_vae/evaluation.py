@@ -97,11 +97,11 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
     if enumerated:
         return _enumerated_log_weights(model, guide, batch, num_particles, plate, nesting,
                                        kind)
-    vectorized = _particles(num_particles, nesting)
     k = num_particles or 1
-    guide_trace = poutine.trace(batch.call).get_trace(vectorized(guide))
-    model_trace = poutine.trace(
-        poutine.replay(batch.call, trace=guide_trace)).get_trace(vectorized(model))
+    guide_trace = poutine.trace(batch.call).get_trace(
+        in_particles(guide, num_particles, nesting))
+    model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(
+        in_particles(model, num_particles, nesting))
     local = torch.zeros(k, len(batch), device=batch.subsample.device)
     glob = torch.zeros(k, device=batch.subsample.device)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
@@ -128,15 +128,15 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
                             num_particles: int, plate: str, nesting: int, kind: str
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`log_weights` with enumerated discrete sites summed out (its docstring)."""
-    vectorized = _particles(num_particles, nesting)
 
     # the guide enumerates from the first free dim, the model to the left of the guide's
     # dims (Pyro's TraceEnum_ELBO does the same)
     guide_trace = poutine.trace(
         EnumMessenger(first_available_dim=-nesting - 2)(batch.call)).get_trace(
-        vectorized(guide))
+        in_particles(guide, num_particles, nesting))
     model_trace = poutine.trace(EnumMessenger()(
-        poutine.replay(batch.call, trace=guide_trace))).get_trace(vectorized(model))
+        poutine.replay(batch.call, trace=guide_trace))).get_trace(
+        in_particles(model, num_particles, nesting))
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
@@ -213,9 +213,9 @@ def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particl
     """log p(x_i | z_i, globals) of each row with the model's enumerated discrete sites
     summed out, for the guide's draws in ``guide_trace``: ``{first observed site: (K, B)}``
     (nats; all observed sites of the row together, under the first one's name)."""
-    vectorized = _particles(num_particles, nesting)
     model_trace = poutine.trace(EnumMessenger(first_available_dim=-nesting - 2)(
-        poutine.replay(batch.call, trace=guide_trace))).get_trace(vectorized(pair.model))
+        poutine.replay(batch.call, trace=guide_trace))).get_trace(
+        in_particles(pair.model, num_particles, nesting))
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     model_trace.pack_tensors()
@@ -285,18 +285,16 @@ def _contract(tree: OrderedDict, sum_dims: set[str], target: frozenset, sizes: d
     return out
 
 
-def _particles(num_particles: int | None, nesting: int) -> Callable:
-    """``fn`` -> ``fn`` run inside a plate of ``num_particles`` particles at the dim left of
-    the program's plates (None: ``fn`` itself, one particle)."""
-    def vectorized(fn: Callable) -> Callable:
-        if num_particles is None:
-            return fn
+def in_particles(fn: Callable, num: int | None, nesting: int) -> Callable:
+    """``fn`` run inside a plate of ``num`` particles at the dim left of the program's
+    ``nesting`` plates (``num`` None: ``fn`` itself, one particle without that dim)."""
+    if num is None:
+        return fn
 
-        def run(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, num_particles, dim=-nesting - 1):
-                return fn(*args, **kwargs)
-        return run
-    return vectorized
+    def run(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, num, dim=-nesting - 1):
+            return fn(*args, **kwargs)
+    return run
 
 
 def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,

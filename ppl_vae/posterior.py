@@ -46,6 +46,7 @@ from .evaluation import (
     enumerated_log_likelihood,
     eval_mode,
     find_data_plate,
+    in_particles,
     module_device,
 )
 
@@ -64,16 +65,6 @@ def model_dims(model: Any, dims: Mapping[str, Sequence[str]] | None = None
 
 
 # ---- drawing ---------------------------------------------------------------------------------
-
-def _vectorized(fn: Callable, num: int | None, nesting: int) -> Callable:
-    if num is None:
-        return fn
-
-    def run(*args, **kwargs):
-        with pyro.plate(PARTICLE_PLATE, num, dim=-nesting - 1):
-            return fn(*args, **kwargs)
-    return run
-
 
 def _in_plate(site: dict, plate: str) -> bool:
     return any(f.name == plate for f in site["cond_indep_stack"])
@@ -315,12 +306,12 @@ def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,
         fn = poutine.uncondition(pair.model)
         if glob is not None:
             fn = poutine.replay(fn, trace=glob)
-        model_trace = poutine.trace(batch.call).get_trace(_vectorized(fn, num, nesting))
+        model_trace = poutine.trace(batch.call).get_trace(in_particles(fn, num, nesting))
         if glob is None:
             globs[index] = _global_trace(model_trace, plate)
         return model_trace, None
     g = pair.guide if glob is None else poutine.replay(pair.guide, trace=glob)
-    guide_trace = poutine.trace(batch.call).get_trace(_vectorized(g, num, nesting))
+    guide_trace = poutine.trace(batch.call).get_trace(in_particles(g, num, nesting))
     if glob is None:
         globs[index] = _global_trace(guide_trace, plate)
     model = poutine.replay(pair.model, trace=guide_trace)
@@ -328,7 +319,7 @@ def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,
     if any(name not in guide_trace.nodes for name in structure.enumerated):
         lik = enumerated_log_likelihood(pair, batch, guide_trace, num, plate, nesting)
         model = infer_discrete(model, first_available_dim=-nesting - 2)
-    model_trace = poutine.trace(batch.call).get_trace(_vectorized(model, num, nesting))
+    model_trace = poutine.trace(batch.call).get_trace(in_particles(model, num, nesting))
     return model_trace, lik
 
 
