@@ -219,15 +219,17 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
 def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool | None,
            fit_options: dict) -> Run:
     family = family_of(model)
+    unknown = set(fit_options) - set(FitConfig.__dataclass_fields__) - {
+        "devices", "num_nodes", "strategy"}
+    if unknown:
+        raise SetupError(f"unknown fit settings {sorted(unknown)}")
+    FitConfig(**{k: v for k, v in fit_options.items()  # the caller's own settings: checked
+                 if k in FitConfig.__dataclass_fields__})  # before any data is read
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))
     settings = family.fit_settings(spec)
     settings.update(fit_options)
     family.check_fit_settings(spec, settings)
-    unknown = set(settings) - set(FitConfig.__dataclass_fields__) - {
-        "devices", "num_nodes", "strategy"}
-    if unknown:
-        raise SetupError(f"unknown fit settings {sorted(unknown)}")
     settings.setdefault("seed", 0)
     FitConfig(**{k: v for k, v in settings.items()  # impossible settings: refused here,
                  if k in FitConfig.__dataclass_fields__})  # before anything is written
