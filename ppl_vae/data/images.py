@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import math
 import os
 import shutil
+import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -49,25 +52,59 @@ def _find(name: str, dirs: list[Path]) -> Path | None:
     return None
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    """Read an idx file (the MNIST format) with torchvision's reader."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
-    if path.suffix == ".gz":  # torchvision reads only plain idx: unpack into a cache
-        st = path.resolve().stat()
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        target = CACHE_DIR / "idx" / f"{key.hexdigest()[:16]}-{path.stem}"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target)
-        path = target
+def _unpack(path: Path) -> Path:
+    """The plain idx file of ``path.gz``, unpacked once into the cache (keyed by the .gz's
+    path, size and time). The data goes to a temp file of a unique name in the cache folder,
+    renamed into place when complete: concurrent first loads never share a temp file, and a
+    failed unpack (truncated or corrupt .gz, full disk) leaves nothing behind."""
+    st = path.resolve().stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    target = CACHE_DIR / "idx" / f"{key.hexdigest()[:16]}-{path.stem}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        return read_image_file(str(path)) if "images" in path.name else read_label_file(str(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable idx file ({e})") from e
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, target)
+    except (OSError, EOFError, zlib.error) as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+            raise ValueError(f"{path}: not a readable gzip file ({e}); the download is "
+                             "probably truncated or corrupt: fetch it again") from e
+        raise ValueError(f"{path}: cannot unpack into {target.parent} ({e})") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _read_idx(path: Path, ndim: int | None = None) -> torch.Tensor:
+    """Read an unsigned-byte idx file (the MNIST format), plain or gzipped, checking the
+    magic number and that the size matches the header; errors name the file. ``ndim``: the
+    expected number of dimensions (3 for images, 1 for labels; default from the name)."""
+    ndim = ndim or (3 if "images" in path.name else 1)
+    plain = _unpack(path) if path.suffix == ".gz" else path
+    try:
+        data = plain.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    name = f"{path} (unpacked: {plain})" if plain != path else str(path)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
+        raise ValueError(f"{name}: not an idx file of unsigned bytes with {ndim} dimensions "
+                         f"(magic number {data[:4].hex() or 'missing'}, expected "
+                         f"0000080{ndim})")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{name}: truncated header ({len(data)} bytes)")
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(shape)
+    if len(data) != expected:
+        raise ValueError(f"{name}: {len(data)} bytes but the header (shape {tuple(shape)}) "
+                         f"needs {expected}; the file is "
+                         f"{'truncated' if len(data) < expected else 'too long'}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*shape)
 
 
 def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train",
@@ -103,8 +140,10 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "trai
             f"Fashion-MNIST {split} files ({image_name}[.gz]) not found in: {looked}. "
             "Get them with 'apt-get install dataset-fashion-mnist' (Debian), pass a folder "
             "that holds them (--data DIR / root=), or allow download=True / --download.")
-    images = _read_idx(image_path)
-    labels = _read_idx(label_path).long()
+    images = _read_idx(image_path, 3)
+    labels = _read_idx(label_path, 1).long()
+    if labels.numel() and int(labels.max()) >= len(CLASSES):
+        raise ValueError(f"{label_path}: label {int(labels.max())} outside 0..{len(CLASSES) - 1}")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{image_path} has {images.shape[0]} images but {label_path} has "
                          f"{labels.shape[0]} labels")

@@ -25,13 +25,14 @@ the models, never imputed. Errors name the file, the line and the column.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 ID_COLUMNS = ("student", "student_id", "subject_id", "subject", "examinee", "id")
@@ -55,6 +56,7 @@ class Responses:
         mask: bool tensor (N, I), True where the student answered the item.
         student_ids: N labels; item_ids: I labels (column names / item ids).
         source: the file it came from (for messages).
+        lines: the line of each student in a wide CSV file (for messages), else None.
     """
 
     responses: torch.Tensor
@@ -62,6 +64,7 @@ class Responses:
     student_ids: list[str]
     item_ids: list[str]
     source: str = "<memory>"
+    lines: list[int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_students(self) -> int:
@@ -140,12 +143,17 @@ def load_responses(path: str | Path, format: str = "auto", id_column: str | None
     if not path.exists():
         raise FileNotFoundError(f"no response file at {path} (bundled: "
                                 f"{', '.join(BUNDLED)})")
+    table = None
     if format == "auto":
-        format = _detect_format(path)
+        if path.suffix.lower() in (".jsonl", ".jsonlines", ".json"):
+            format = "jsonl"
+        else:
+            table = _read_csv(path)
+            format = "long" if _is_long(table.columns) else "wide"
     if format == "wide":
-        data = _read_wide(path, id_column, graded)
+        data = _read_wide(path, id_column, graded, table)
     elif format == "long":
-        data = _read_long(path, graded)
+        data = _read_long(path, graded, table)
     elif format in ("jsonl", "jsonlines"):
         data = _read_jsonl(path, graded)
     else:
@@ -158,7 +166,8 @@ def load_responses(path: str | Path, format: str = "auto", id_column: str | None
 def validate(data: Responses, lines: bool = False) -> None:
     """Errors for items or students with no responses; a warning for students who got every
     answered item right (or wrong): their ability is pulled only by the prior."""
-    where = (lambda s: f"line {s + 2} (student {data.student_ids[s]!r})") if lines else \
+    rows = data.lines if lines and data.lines is not None else None
+    where = (lambda s: f"line {rows[s]} (student {data.student_ids[s]!r})") if rows else \
         (lambda s: f"student {data.student_ids[s]!r}")
     if data.num_students == 0 or data.num_items == 0:
         raise ResponseDataError(f"{data.source}: no responses (shape {data.num_students} "
@@ -186,128 +195,211 @@ def validate(data: Responses, lines: bool = False) -> None:
 
 # ---- readers ------------------------------------------------------------------------------
 
+def _read_text(path: Path) -> str:
+    """The file's text (UTF-8, an optional byte-order mark dropped); unreadable files and
+    non-UTF-8 bytes are errors naming the file and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ResponseDataError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ResponseDataError(
+            f"{path}: line {line}: byte {data[e.start]:#04x} at offset {e.start} is not UTF-8; "
+            "save the file as UTF-8 (Excel: 'CSV UTF-8')") from e
+
+
+@dataclass
+class _Table:
+    """A CSV file split into cells: the header (names stripped), the data rows (every one
+    as long as the header) and each row's line number."""
+
+    path: Path
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[int]
+    header_line: int
+
+
+def _read_csv(path: Path) -> _Table:
+    """Parse a CSV file strictly: errors (naming file and line) for an empty file, no data
+    rows, empty or duplicate column names and rows with more or fewer fields than the
+    header. Blank lines are skipped."""
+    text = _read_text(path)
+    if not text.strip():
+        raise ResponseDataError(f"{path}: the file is empty (expected a CSV header line and "
+                                "one row per student)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    last = 0
+    try:
+        for row in reader:
+            first, last = last + 1, reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            if header is None:
+                header, header_line = [c.strip() for c in row], first
+                continue
+            if len(row) != len(header):
+                what = "missing fields (write an empty field for a missing answer, e.g. " \
+                    "'ann,1,,0')" if len(row) < len(header) else "extra fields"
+                raise ResponseDataError(
+                    f"{path}: line {first}: {len(row)} fields but the header (line "
+                    f"{header_line}) has {len(header)}: {what}")
+            rows.append(row)
+            lines.append(first)
+    except csv.Error as e:
+        raise ResponseDataError(f"{path}: line {reader.line_num}: not a readable CSV "
+                                f"({e})") from e
+    if header is None:
+        raise ResponseDataError(f"{path}: no CSV header (only blank lines)")
+    for j, name in enumerate(header):
+        if not name:
+            raise ResponseDataError(f"{path}: line {header_line}, column {j + 1}: empty "
+                                    "column name")
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise ResponseDataError(f"{path}: line {header_line}: duplicate item column "
+                                    f"{name!r}")
+        seen.add(name)
+    if not rows:
+        raise ResponseDataError(f"{path}: only a header line, no data rows (one row per "
+                                "student expected)")
+    return _Table(path, header, rows, lines, header_line)
+
+
+def _is_long(columns: list[str]) -> bool:
+    names = {c.lower() for c in columns}
+    return len(columns) == 3 and bool(names & set(ITEM_COLUMNS)) and \
+        bool(names & set(RESPONSE_COLUMNS))
+
+
 def _detect_format(path: Path) -> str:
     if path.suffix.lower() in (".jsonl", ".jsonlines", ".json"):
         return "jsonl"
-    header = pd.read_csv(path, nrows=0, dtype=str).columns
-    names = {c.strip().lower() for c in header}
-    if len(header) == 3 and names & set(ITEM_COLUMNS) and names & set(RESPONSE_COLUMNS):
-        return "long"
-    return "wide"
+    return "long" if _is_long(_read_csv(path).columns) else "wide"
 
 
-def _cells(values: np.ndarray, path: Path, columns: list[str], row_offset: int,
-           graded: bool = False) -> tuple:
-    """Strings -> (float 0/1 array, mask); the first bad cell raises with its line/column.
-    ``graded``: integer codes 0, 1, 2, ... instead of 0/1."""
-    v = np.char.lower(np.char.strip(values.astype(str)))
-    missing = np.isin(v, MISSING)
+_GRADED_CODE = re.compile(r"[0-9]{1,3}(?:\.0)?", re.ASCII)
+
+
+def _parse_cell(text: str, graded: bool) -> tuple[float, bool] | None:
+    """One cell -> (value, answered), or None when it is not a valid answer."""
+    v = text.strip().lower()
+    if v in MISSING:
+        return 0.0, False
     if graded:
-        code = np.char.replace(v, ".0", "")
-        ok = np.char.isdigit(code) & (np.char.str_len(code) < 4)
-        bad = ~(missing | ok)
-        what = "a category code 0, 1, 2, ... or blank"
-        out = np.where(ok, code, "0").astype(np.float32)
-    else:
-        one, zero = np.isin(v, ("1", "1.0")), np.isin(v, ("0", "0.0"))
-        bad = ~(missing | one | zero)
-        what = "0, 1 or blank"
-        out = one.astype(np.float32)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise ResponseDataError(f"{path}: line {r + row_offset}, column {columns[c]!r}: value "
-                                f"{values[r, c]!r} is not {what}")
-    return out, ~missing
+        return (float(v.split(".")[0]), True) if _GRADED_CODE.fullmatch(v) else None
+    if v in ("1", "1.0"):
+        return 1.0, True
+    if v in ("0", "0.0"):
+        return 0.0, True
+    return None
 
 
-def _read_wide(path: Path, id_column: str | None, graded: bool = False) -> Responses:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ResponseDataError(f"{path}: not a readable CSV: {e}") from e
-    with open(path, newline="", encoding="utf-8") as f:
-        columns = [c.strip() for c in next(csv.reader(f), [])]
-    if len(columns) != frame.shape[1]:
-        raise ResponseDataError(f"{path}: line 1: {len(columns)} header names for "
-                                f"{frame.shape[1]} columns")
-    dup = pd.Series(columns)[pd.Series(columns).duplicated()].tolist()
-    if dup:
-        raise ResponseDataError(f"{path}: line 1: duplicate item column {dup[0]!r}")
+def _cells(rows: list[list[str]], path: Path, columns: list[str], lines: list[int],
+           graded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Cell strings (rows of equal length) -> (float array, answered mask); the first bad cell
+    raises with its line and column. ``graded``: integer codes 0, 1, 2, ... instead of 0/1."""
+    n, k = len(rows), len(columns)
+    lookup: dict[str, int] = {}
+    codes = np.fromiter((lookup.setdefault(c, len(lookup)) for row in rows for c in row),
+                        dtype=np.int64, count=n * k).reshape(n, k)
+    parsed = [_parse_cell(c, graded) for c in lookup]
+    bad = np.array([p is None for p in parsed], dtype=bool)
+    if bad.any() and bad[codes].any():
+        r, c = np.argwhere(bad[codes])[0]
+        what = "a category code 0, 1, 2, ... or blank" if graded else "0, 1 or blank"
+        raise ResponseDataError(f"{path}: line {lines[r]}, column {columns[c]!r}: value "
+                                f"{rows[r][c]!r} is not {what}")
+    values = np.array([p[0] if p else 0.0 for p in parsed], dtype=np.float32)
+    answered = np.array([bool(p and p[1]) for p in parsed], dtype=bool)
+    return values[codes].reshape(n, k), answered[codes].reshape(n, k)
+
+
+def _read_wide(path: Path, id_column: str | None, graded: bool = False,
+               table: _Table | None = None) -> Responses:
+    table = table or _read_csv(path)
+    columns, rows, lines = table.columns, table.rows, table.lines
     lowered = [c.lower() for c in columns]
     if id_column is not None:
         if id_column not in columns:
-            raise ResponseDataError(f"{path}: line 1: no id column {id_column!r} "
-                                    f"(columns: {columns[:6]}...)")
+            raise ResponseDataError(f"{path}: line {table.header_line}: no id column "
+                                    f"{id_column!r} (columns: {columns[:6]}...)")
         key = columns.index(id_column)
     else:
         key = next((lowered.index(c) for c in ID_COLUMNS if c in lowered), None)
     if key is not None:
-        ids = [s.strip() for s in frame.iloc[:, key].tolist()]
+        ids = [row[key].strip() for row in rows]
         seen: dict[str, int] = {}
         for r, s in enumerate(ids):
             if s == "":
-                raise ResponseDataError(f"{path}: line {r + 2}, column {columns[key]!r}: "
+                raise ResponseDataError(f"{path}: line {lines[r]}, column {columns[key]!r}: "
                                         "empty student id")
             if s in seen:
-                raise ResponseDataError(f"{path}: line {r + 2}, column {columns[key]!r}: "
+                raise ResponseDataError(f"{path}: line {lines[r]}, column {columns[key]!r}: "
                                         f"duplicate student {s!r} (first on line {seen[s]})")
-            seen[s] = r + 2
+            seen[s] = lines[r]
         items = [c for j, c in enumerate(columns) if j != key]
-        values = frame.drop(columns=frame.columns[key]).to_numpy()
+        cells = [row[:key] + row[key + 1:] for row in rows]
     else:
-        ids = [str(r) for r in range(1, len(frame) + 1)]
-        items, values = columns, frame.to_numpy()
+        ids = [str(r) for r in range(1, len(rows) + 1)]
+        items, cells = columns, rows
     if not items:
-        raise ResponseDataError(f"{path}: no item columns")
-    r, m = _cells(values, path, items, row_offset=2, graded=graded)
-    return Responses(torch.from_numpy(r), torch.from_numpy(m), ids, items, str(path))
+        raise ResponseDataError(f"{path}: no item columns (only the id column "
+                                f"{columns[key]!r})")
+    r, m = _cells(cells, path, items, lines, graded=graded)
+    return Responses(torch.from_numpy(r), torch.from_numpy(m), ids, items, str(path),
+                     lines=list(lines))
 
 
-def _pick(columns: list[str], names: tuple[str, ...], what: str, path: Path) -> str:
-    for c in columns:
-        if c.strip().lower() in names:
-            return c
+def _pick(columns: list[str], names: tuple[str, ...], what: str, path: Path) -> int:
+    for j, c in enumerate(columns):
+        if c.lower() in names:
+            return j
     raise ResponseDataError(f"{path}: line 1: no {what} column (one of {', '.join(names)}); "
                             f"columns are {columns}")
 
 
-def _read_long(path: Path, graded: bool = False) -> Responses:
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    columns = list(frame.columns)
+def _read_long(path: Path, graded: bool = False, table: _Table | None = None) -> Responses:
+    table = table or _read_csv(path)
+    columns, rows, lines = table.columns, table.rows, table.lines
     sc = _pick(columns, ID_COLUMNS, "student", path)
     ic = _pick(columns, ITEM_COLUMNS, "item", path)
     rc = _pick(columns, RESPONSE_COLUMNS, "response", path)
-    students = frame[sc].str.strip().to_numpy()
-    items = frame[ic].str.strip().to_numpy()
-    for col, values in ((sc, students), (ic, items)):
-        empty = np.nonzero(values == "")[0]
-        if len(empty):
-            raise ResponseDataError(f"{path}: line {empty[0] + 2}, column {col!r}: empty value")
-    r, m = _cells(frame[[rc]].to_numpy(), path, [rc], row_offset=2, graded=graded)
-    keys = pd.Series(list(zip(students, items)))
-    dup = keys.duplicated()
-    if dup.any():
-        row = int(np.nonzero(dup.to_numpy())[0][0])
-        first = int(np.nonzero((keys == keys[row]).to_numpy())[0][0])
-        raise ResponseDataError(f"{path}: line {row + 2}: duplicate response of student "
-                                f"{students[row]!r} to item {items[row]!r} (first on line "
-                                f"{first + 2})")
-    sid, s_index = np.unique(students, return_inverse=True)
-    iid, i_index = np.unique(items, return_inverse=True)
-    s_order = pd.unique(students)  # keep first-appearance order
-    i_order = pd.unique(items)
-    s_map = np.empty(len(sid), dtype=np.int64)
-    s_map[np.searchsorted(sid, s_order)] = np.arange(len(s_order))
-    i_map = np.empty(len(iid), dtype=np.int64)
-    i_map[np.searchsorted(iid, i_order)] = np.arange(len(i_order))
-    rows, cols = s_map[s_index], i_map[i_index]
-    resp = np.zeros((len(s_order), len(i_order)), dtype=np.float32)
+    s_pos: dict[str, int] = {}
+    i_pos: dict[str, int] = {}
+    first: dict[tuple[int, int], int] = {}
+    rows_idx = np.empty(len(rows), dtype=np.int64)
+    cols_idx = np.empty(len(rows), dtype=np.int64)
+    for r, row in enumerate(rows):
+        student, item = row[sc].strip(), row[ic].strip()
+        for col, value in ((sc, student), (ic, item)):
+            if not value:
+                raise ResponseDataError(f"{path}: line {lines[r]}, column {columns[col]!r}: "
+                                        "empty value")
+        s = s_pos.setdefault(student, len(s_pos))
+        j = i_pos.setdefault(item, len(i_pos))
+        if (s, j) in first:
+            raise ResponseDataError(f"{path}: line {lines[r]}: duplicate response of student "
+                                    f"{student!r} to item {item!r} (first on line "
+                                    f"{first[s, j]})")
+        first[s, j] = lines[r]
+        rows_idx[r], cols_idx[r] = s, j
+    r, m = _cells([[row[rc]] for row in rows], path, [columns[rc]], lines, graded=graded)
+    resp = np.zeros((len(s_pos), len(i_pos)), dtype=np.float32)
     mask = np.zeros_like(resp, dtype=bool)
     keep = m[:, 0]
-    resp[rows[keep], cols[keep]] = r[keep, 0]
-    mask[rows[keep], cols[keep]] = True
-    return Responses(torch.from_numpy(resp), torch.from_numpy(mask), [str(s) for s in s_order],
-                     [str(i) for i in i_order], str(path))
+    resp[rows_idx[keep], cols_idx[keep]] = r[keep, 0]
+    mask[rows_idx[keep], cols_idx[keep]] = True
+    return Responses(torch.from_numpy(resp), torch.from_numpy(mask), list(s_pos), list(i_pos),
+                     str(path))
 
 
 def _read_jsonl(path: Path, graded: bool = False) -> Responses:
@@ -315,41 +407,61 @@ def _read_jsonl(path: Path, graded: bool = False) -> Responses:
     seen: dict[str, int] = {}
     item_pos: dict[str, int] = {}
     triples: list[tuple[int, int, float]] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    text = _read_text(path)
+    if not text.strip():
+        raise ResponseDataError(f"{path}: the file is empty (expected one JSON object a line: "
+                                '{"subject_id": ..., "responses": {item: 0/1}})')
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise ResponseDataError(f"{path}: line {line_no}: not JSON: {e}") from e
+        if not isinstance(record, dict):
+            raise ResponseDataError(f"{path}: line {line_no}: expected an object with "
+                                    "'subject_id' and 'responses'")
+        field = "subject_id" if "subject_id" in record or "student" not in record \
+            else "student"
+        raw = record.get(field)
+        if raw is None:
+            raise ResponseDataError(f"{path}: line {line_no}, field 'subject_id': "
+                                    f"{'null' if field in record else 'missing'}")
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            raise ResponseDataError(f"{path}: line {line_no}, field {field!r}: expected a "
+                                    f"string or an integer, got {raw!r}")
+        sid = str(raw).strip()
+        if not sid:
+            raise ResponseDataError(f"{path}: line {line_no}, field {field!r}: empty")
+        if sid in seen:
+            raise ResponseDataError(f"{path}: line {line_no}, field {field!r}: duplicate "
+                                    f"student {sid!r} (first on line {seen[sid]})")
+        seen[sid] = line_no
+        if "responses" not in record:
+            raise ResponseDataError(f"{path}: line {line_no}, field 'responses': missing")
+        responses = record["responses"]
+        if not isinstance(responses, dict):
+            raise ResponseDataError(f"{path}: line {line_no}, field 'responses': expected "
+                                    "an object {item: 0/1}")
+        s = len(ids)
+        ids.append(sid)
+        for item, value in responses.items():
+            if not item.strip():
+                raise ResponseDataError(f"{path}: line {line_no}, field 'responses': empty "
+                                        "item name")
+            if value is None or value == "":
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ResponseDataError(f"{path}: line {line_no}: not JSON: {e}") from e
-            if not isinstance(record, dict) or "responses" not in record:
-                raise ResponseDataError(f"{path}: line {line_no}: expected an object with "
-                                        "'subject_id' and 'responses'")
-            sid = str(record.get("subject_id", record.get("student", ""))).strip()
-            if not sid:
-                raise ResponseDataError(f"{path}: line {line_no}, field 'subject_id': missing")
-            if sid in seen:
-                raise ResponseDataError(f"{path}: line {line_no}, field 'subject_id': duplicate "
-                                        f"student {sid!r} (first on line {seen[sid]})")
-            seen[sid] = line_no
-            responses = record["responses"]
-            if not isinstance(responses, dict):
-                raise ResponseDataError(f"{path}: line {line_no}, field 'responses': expected "
-                                        "an object {item: 0/1}")
-            s = len(ids)
-            ids.append(sid)
-            for item, value in responses.items():
-                if value is None or value == "":
-                    continue
-                ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0
-                      ) if graded else value in (0, 1) and not isinstance(value, str)
-                if not ok:
-                    what = "a category code 0, 1, 2, ..." if graded else "0, 1"
-                    raise ResponseDataError(f"{path}: line {line_no}, field 'responses.{item}': "
-                                            f"value {value!r} is not {what} or null")
-                j = item_pos.setdefault(str(item), len(item_pos))
-                triples.append((s, j, float(value)))
+            if graded:
+                ok = isinstance(value, int) and not isinstance(value, bool) and \
+                    0 <= value < 1000
+            else:
+                ok = isinstance(value, (int, float)) and value in (0, 1)
+            if not ok:
+                what = "a category code 0, 1, 2, ..." if graded else "0, 1"
+                raise ResponseDataError(f"{path}: line {line_no}, field 'responses.{item}': "
+                                        f"value {value!r} is not {what} or null")
+            j = item_pos.setdefault(str(item), len(item_pos))
+            triples.append((s, j, float(value)))
     resp = torch.zeros(len(ids), len(item_pos))
     mask = torch.zeros(len(ids), len(item_pos), dtype=torch.bool)
     if triples:

@@ -86,14 +86,38 @@ def sparse_counts(docs: list[np.ndarray], vocab_size: int) -> torch.Tensor:
                                        size=(len(docs), vocab_size))
 
 
+def _read_text(path: Path) -> str:
+    """A file's text (UTF-8, an optional byte-order mark dropped); unreadable files and
+    non-UTF-8 bytes are errors naming the file and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: byte {data[e.start]:#04x} at offset {e.start} "
+                         "is not UTF-8; convert the file to UTF-8 (e.g. iconv -f latin1 -t "
+                         "utf-8)") from e
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at \\n, \\r\\n or \\r (as reading a file in text mode does)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _read_vocabulary(path: Path) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no vocabulary file (one word a line)")
     words, seen = [], {}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(_lines(_read_text(path)), start=1):
         word = line.strip().split("\t")[0].strip()
         if not word:
             continue
+        if len(word.split()) > 1:
+            raise ValueError(f"{path} line {i}: word {word!r} contains whitespace (documents "
+                             "are split into tokens at whitespace, so it could never occur)")
         if word in seen:
             raise ValueError(f"{path} line {i}: word {word!r} repeats line {seen[word]}")
         seen[word] = i
@@ -152,22 +176,20 @@ def load_octis(folder: str | os.PathLike) -> TopicCorpus:
     docs: list[list[str]] = []
     splits: list[str] = []
     numbers: list[int] = []
-    with open(corpus_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < 2:
-                raise ValueError(f"{corpus_path} line {n}: expected 'tokens<TAB>split"
-                                 f"[<TAB>label]', found {len(fields)} field (no tab)")
-            split = fields[1].strip()
-            if split not in SPLITS:
-                raise ValueError(f"{corpus_path} line {n}: field 'split' is {split!r}; "
-                                 f"expected one of {', '.join(SPLITS)}")
-            docs.append(fields[0].split())
-            splits.append(split)
-            numbers.append(n)
+    for n, line in enumerate(_lines(_read_text(corpus_path)), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise ValueError(f"{corpus_path} line {n}: expected 'tokens<TAB>split"
+                             f"[<TAB>label]', found {len(fields)} field (no tab)")
+        split = fields[1].strip()
+        if split not in SPLITS:
+            raise ValueError(f"{corpus_path} line {n}: field 'split' is {split!r}; "
+                             f"expected one of {', '.join(SPLITS)}")
+        docs.append(fields[0].split())
+        splits.append(split)
+        numbers.append(n)
     if not docs:
         raise ValueError(f"{corpus_path}: no documents")
     ids, texts = _tokens_to_ids(docs, index, str(corpus_path), numbers)
@@ -187,9 +209,11 @@ def _make_corpus(vocabulary: list[str], ids: list, numbers: list[int],
                                        [numbers[i] for i in rows[name]], f"{label} ({name})")
         counts[name] = sparse_counts(part, len(vocabulary))
         lines[name] = part_lines
-    corpus = TopicCorpus(vocabulary, counts, texts, lines, source)
-    corpus.split("train")
-    return corpus
+    if counts["train"].shape[0] == 0:
+        have = [k for k, v in counts.items() if v.shape[0]]
+        raise ValueError(f"{label}: no documents in split 'train' (splits with documents: "
+                         f"{have})")
+    return TopicCorpus(vocabulary, counts, texts, lines, source)
 
 
 def _text_documents(path: Path) -> tuple[list[str], list[int]]:
@@ -197,11 +221,10 @@ def _text_documents(path: Path) -> tuple[list[str], list[int]]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.txt files (and no corpus.tsv)")
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files], \
-            list(range(1, len(files) + 1))
+        return [_read_text(p) for p in files], list(range(1, len(files) + 1))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such corpus file or folder")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = _lines(_read_text(path))
     return lines, list(range(1, len(lines) + 1))
 
 
@@ -268,7 +291,7 @@ def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torc
         raise FileNotFoundError(f"{path}: no such documents file")
     index = {w: i for i, w in enumerate(vocabulary)}
     docs, numbers = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_lines(_read_text(path)), start=1):
         text = line.split("\t")[0]
         if text.strip():
             docs.append(text.lower().split())
