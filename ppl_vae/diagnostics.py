@@ -133,8 +133,10 @@ class ParetoK:
         |k(first S/2) - k(second S/2)| over data points (or of the globals' k). A k-hat from
         S draws is about 1/sqrt(2) as uncertain."""
         if self.local_halves is not None:
-            return float(np.median(np.abs(self.local_halves[0] - self.local_halves[1])))
-        if self.glob_halves is not None:
+            both = np.isfinite(self.local_halves).all(0)  # an infinite k-hat has no distance
+            gaps = np.abs(self.local_halves[0][both] - self.local_halves[1][both])
+            return float(np.median(gaps)) if gaps.size else None
+        if self.glob_halves is not None and np.isfinite(self.glob_halves).all():
             return abs(self.glob_halves[0] - self.glob_halves[1])
         return None
 
