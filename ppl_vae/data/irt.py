@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ppl_vae.data import read_text
+
 ID_COLUMNS = ("student", "student_id", "subject_id", "subject", "examinee", "id")
 ITEM_COLUMNS = ("item", "item_id")
 RESPONSE_COLUMNS = ("response", "correct", "score", "value")
@@ -196,19 +198,8 @@ def validate(data: Responses, lines: bool = False) -> None:
 # ---- readers ------------------------------------------------------------------------------
 
 def _read_text(path: Path) -> str:
-    """The file's text (UTF-8, an optional byte-order mark dropped); unreadable files and
-    non-UTF-8 bytes are errors naming the file and line."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ResponseDataError(f"{path}: cannot read the file ({e.strerror or e})") from e
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ResponseDataError(
-            f"{path}: line {line}: byte {data[e.start]:#04x} at offset {e.start} is not UTF-8; "
-            "save the file as UTF-8 (Excel: 'CSV UTF-8')") from e
+    return read_text(path, ResponseDataError, ": line",
+                     "save the file as UTF-8 (Excel: 'CSV UTF-8')")
 
 
 @dataclass

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ppl_vae.data import read_text
+
 SPLITS = ("train", "val", "test")
 
 
@@ -87,19 +89,7 @@ def sparse_counts(docs: list[np.ndarray], vocab_size: int) -> torch.Tensor:
 
 
 def _read_text(path: Path) -> str:
-    """A file's text (UTF-8, an optional byte-order mark dropped); unreadable files and
-    non-UTF-8 bytes are errors naming the file and line."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from e
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path} line {line}: byte {data[e.start]:#04x} at offset {e.start} "
-                         "is not UTF-8; convert the file to UTF-8 (e.g. iconv -f latin1 -t "
-                         "utf-8)") from e
+    return read_text(path, fix="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def _lines(text: str) -> list[str]:
