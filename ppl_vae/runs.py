@@ -117,7 +117,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
     stored = state["config"].get("extra", {}).get("model")
     if stored is not None and stored != config["model"]:
         raise SetupError(f"{file} was written by a {stored!r} run, not {config['model']!r}")
-    restore(model, guide, state, family.example(spec), device=device)
+    try:
+        restore(model, guide, state, family.example(spec), device=device)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SetupError(f"{file} does not fit the model that {path / 'config.json'} "
+                         f"describes (was config.json edited?): "
+                         f"{str(e).strip().splitlines()[0][:300]}") from e
     return Run(path, family, spec, model, guide, dict(config.get("fit", {})),
                list(state["history"]), device, file)
 

@@ -178,3 +178,15 @@ def test_config_errors_name_the_file(tmp_path):
     (run / "config.json").write_text('{"family": "vae", "model": "vae", "latent_dim": 2}')
     with pytest.raises(SetupError, match="written by ppl-vae 0.1.*train it again"):
         load_run(run)
+
+
+def test_a_checkpoint_that_does_not_fit_the_edited_config_is_a_clear_error(tmp_path):
+    import json
+
+    train("test-gauss", tmp_path / "run", epochs=1, progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["model"] = "vae"
+    config["spec"] = {"model": "vae", "latent_dim": 3, "limit": 10, "val_size": 2}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SetupError, match=r"(written by a 'test-gauss' run|does not fit)"):
+        load_run(tmp_path / "run")
