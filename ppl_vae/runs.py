@@ -122,7 +122,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
     except (RuntimeError, KeyError, ValueError) as e:
         raise SetupError(f"{file} does not fit the model that {path / 'config.json'} "
                          f"describes (was config.json edited?): "
-                         f"{str(e).strip().splitlines()[0][:300]}") from e
+                         f"{' '.join(line.strip() for line in str(e).splitlines()[:2])[:300]}"
+                         ) from e
     return Run(path, family, spec, model, guide, dict(config.get("fit", {})),
                list(state["history"]), device, file)
 
