@@ -46,6 +46,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
+from tqdm.auto import tqdm
 
 from .batching import Data, make_batches, split_structure
 from .evaluation import (
@@ -226,7 +227,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
         has_local = any(_in_plate(s, plate) for s in sites)
         has_global = any(not _in_plate(s, plate) for s in sites)
         if has_local:
-            for batch in batches:
+            for batch in tqdm(batches, desc="k-hat", unit="batch", leave=False, disable=None):
                 chunks = [pair_log_weights(pair, batch, k, plate)[0]
                           for k in _chunks(num_samples, max(1, 200_000 // len(batch)))]
                 ratios = torch.cat(chunks)

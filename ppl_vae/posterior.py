@@ -38,6 +38,7 @@ from pyro.infer import infer_discrete
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
+from tqdm.auto import tqdm
 
 from .batching import Batch, Data, make_batches
 from .evaluation import (
@@ -268,7 +269,8 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
     with eval_mode(model, guide):
         globs: dict[int | None, Trace] = {}
         plate_name = structure = None
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(tqdm(batches, desc="posterior draws", unit="batch",
+                                       leave=False, disable=None)):
             if plate_name is None:
                 structure = pair.inspect(batch)
                 plate_name = find_data_plate(pair.model, pair.guide, batch)

@@ -327,8 +327,9 @@ def test_cli_without_flags_trains_with_the_family_defaults_and_python_gets_the_r
     fit_settings = config["fit"]
     assert {k: fit_settings[k] for k in ("epochs", "batch_size", "lr", "objective")} == \
         {"epochs": 50, "batch_size": 64, "lr": 1e-2, "objective": "meanfield"}
-    assert fit_settings["kl_sites"] == ["logtheta"]
-    assert len(metrics_without_time(out)) == 50
+    assert fit_settings["kl_sites"] == ["logtheta"] and fit_settings["patience"] == 10
+    epochs = len(metrics_without_time(out))
+    assert 11 <= epochs <= 50  # early stopping on the validation ELBO, at most 50 epochs
     quality = json.loads((out / "topic_quality.json").read_text())
     assert len(quality["npmi_per_topic"]) == 3 and 0 < quality["diversity_10"] <= 1
 
