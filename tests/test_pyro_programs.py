@@ -20,6 +20,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -739,3 +740,51 @@ def test_autoguidelist_global_plus_amortized_local(kind):
     print(f"AutoGuideList {kind}: train ELBO {first:.2f} -> {last:.2f}; elbo {e:.4f}, "
           f"log_likelihood {ll:.4f}, exact at the guide's loc {exact:.4f}")
     assert ll == pytest.approx(exact, abs=0.05)
+
+
+# ---- an HMM with pyro.markov and enumerated states (Pyro's hmm example style) ------------------
+
+def test_hmm_with_markov_enumeration_gives_the_forward_algorithms_likelihood():
+    """Sequences are rows; the hidden states are enumerated with config_enumerate under
+    pyro.markov. log_likelihood and elbo (nothing is sampled) must equal the forward
+    algorithm's log p(y) for every sequence, at the trained parameters."""
+    from pyro.ops.indexing import Vindex
+
+    g = torch.Generator().manual_seed(0)
+    trans = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    locs = torch.tensor([-2.0, 0.0, 2.0])
+    num_seqs, length = 30, 6
+    states = torch.zeros(num_seqs, length, dtype=torch.long)
+    state = torch.zeros(num_seqs, dtype=torch.long)
+    for t in range(length):
+        state = torch.multinomial(trans[state], 1, generator=g).squeeze(-1)
+        states[:, t] = state
+    ys = locs[states] + 0.7 * torch.randn(num_seqs, length, generator=g)
+
+    @config_enumerate
+    def model(seqs):
+        probs_x = pyro.param("probs_x", trans.clone(), constraint=constraints.simplex)
+        loc = pyro.param("locs", locs.clone())
+        with pyro.plate("sequences", len(seqs)):
+            x = 0
+            for t in pyro.markov(range(seqs.shape[1])):
+                x = pyro.sample(f"x_{t}", dist.Categorical(Vindex(probs_x)[x]))
+                pyro.sample(f"y_{t}", dist.Normal(Vindex(loc)[x], 0.7), obs=seqs[:, t])
+
+    def guide(seqs):
+        pass
+
+    fit(model, guide, ys, epochs=5, batch_size=10, lr=0.02, objective="enum", seed=0,
+        progress=False, device="cpu")
+    p, loc = pyro.param("probs_x").detach(), pyro.param("locs").detach()
+    emit = dist.Normal(loc, 0.7)
+    alpha = p[0].log() + emit.log_prob(ys[:, :1])  # from state 0, as the model starts
+    for t in range(1, length):
+        alpha = torch.logsumexp(alpha[:, :, None] + p.log(), 1) + emit.log_prob(ys[:, t:t + 1])
+    exact = torch.logsumexp(alpha, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Vindex indexing: particles evaluated one at a time
+        per_seq = log_likelihood(model, guide, ys, num_samples=2, per_example=True)
+        whole = elbo(model, guide, ys)
+    assert torch.allclose(per_seq, exact, atol=1e-4), (per_seq - exact).abs().max()
+    assert whole == pytest.approx(float(exact.mean()), abs=1e-4)
