@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -90,11 +91,11 @@ _CALL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("ppl_vae_ca
 class DataPlate(Messenger):
     """Make the data plate ``name`` stand for the whole dataset of ``size`` rows.
 
-    A site inside a plate called ``name`` that the program opened at the minibatch's length
-    ``batch`` (with no larger full size) gets its scale multiplied by ``size / batch`` and
-    its plate frame's ``full_size`` set to ``size`` -- what ``pyro.plate(name, size,
-    subsample=rows)`` would have given. Sites of a plate already opened at full size are
-    left alone.
+    A site inside a plate called ``name`` that the program opened over the minibatch's
+    ``batch`` rows (``pyro.plate(name, len(x))``, or with its own ``subsample_size`` of them)
+    gets its scale multiplied by ``size / batch`` and its plate frame's ``full_size`` set to
+    ``size`` -- what ``pyro.plate(name, size, subsample=rows)`` would have given. Sites of a
+    plate already opened at full size are left alone.
     """
 
     def __init__(self, name: str, size: int, batch: int):
@@ -106,8 +107,8 @@ class DataPlate(Messenger):
             return
         stack = msg["cond_indep_stack"]
         for i, frame in enumerate(stack):
-            if frame.name == self.name and frame.size == self.batch \
-                    and (frame.full_size or frame.size) == self.batch:
+            # opened at the batch's rows (the program may subsample them further itself)
+            if frame.name == self.name and (frame.full_size or frame.size) == self.batch:
                 msg["scale"] = msg["scale"] * (self.size / self.batch)
                 msg["cond_indep_stack"] = stack[:i] + (frame._replace(full_size=self.size),) \
                     + stack[i + 1:]
@@ -146,17 +147,26 @@ class SharedPlates(Messenger):
         pass
 
 
-def engine_plates(*args, **kwargs) -> list:
+class EnginePlates:
     """``create_plates`` the engine gives an autoguide built without one: inside an engine
-    call on a minibatch, the data plate subsampled at the minibatch's rows; elsewhere
-    (``guide.median()``, Predictive) nothing, so the autoguide's own plates apply."""
-    call = _CALL.get()
-    if call is None:
-        return []
-    plate, dim, size, subsample = call
-    if plate is None or size is None or subsample is None or len(subsample) == size:
-        return []
-    return [pyro.plate(plate, size, subsample=subsample, dim=dim)]
+    call on a minibatch, the data plate subsampled at the minibatch's rows, when the guide
+    has per-row sites there; elsewhere (``guide.median()``, Predictive) nothing, so the
+    autoguide's own plates apply."""
+
+    def __init__(self, guide: AutoGuide):
+        self.guide = weakref.ref(guide)
+
+    def __call__(self, *args, **kwargs) -> list:
+        call, guide = _CALL.get(), self.guide()
+        if call is None or guide is None or guide.prototype_trace is None:
+            return []
+        plate, dim, size, subsample = call
+        if plate is None or size is None or subsample is None or len(subsample) == size:
+            return []
+        if not any(f.name == plate for _, site in guide.prototype_trace.iter_stochastic_nodes()
+                   for f in site["cond_indep_stack"]):
+            return []  # no per-row sites: the guide opens no data plate
+        return [pyro.plate(plate, size, subsample=subsample, dim=dim)]
 
 
 class Program:
@@ -236,7 +246,7 @@ class Pair:
                 and guide.create_plates is None:
             # Pyro's advice for subsampling with autoguides is create_plates=; the engine
             # gives the one that opens the data plate at the minibatch's rows.
-            guide.create_plates = engine_plates
+            guide.create_plates = EnginePlates(guide)
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -273,7 +283,7 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
     for site in observed:
         frames = _vectorized_frames(site)
         f = {fr.name: fr.dim for fr in frames if (fr.full_size or fr.size) == n and fr.size == b}
-        g = {fr.name: fr.dim for fr in frames if fr.size == b}
+        g = {fr.name: fr.dim for fr in frames if (fr.full_size or fr.size) == b}
         full = f if full is None else {k: v for k, v in full.items() if k in f}
         local = g if local is None else {k: v for k, v in local.items() if k in g}
     for candidates in (full, local):

@@ -236,3 +236,31 @@ def test_renyi_bound_lies_between_the_elbo_and_the_iwae_bound():
     values["trace"] = -float(make_objective("trace", num_particles=400)(
         pair.model, pair.guide, batch)) / 40
     assert values["trace"] + 0.05 < values["renyi"] < values["iwae"] - 0.01, values
+
+
+def test_a_model_that_subsamples_its_own_plate_is_scaled_to_the_dataset():
+    """Pyro's idiom `with pyro.plate("data", len(x), subsample_size=16) as idx: obs=x[idx]`
+    on engine minibatches of 50 of 400 rows: two subsamplings, one scale N/16."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, generator=g) + 2.0
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x), subsample_size=16) as idx:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x[idx])
+
+    guide = AutoDelta(model)
+    guide(x)
+    full = Trace_ELBO().differentiable_loss(model, guide, x)  # N/16 scaling, one subsample
+    pair = as_pair(model, guide)
+    batches = make_batches(x, 50, "cpu", shuffle=True)
+    pair.inspect(next(iter(batches)))
+    pyro.set_rng_seed(0)
+    losses = torch.stack([make_objective("trace")(pair.model, pair.guide, batch)
+                          for _ in range(40) for batch in batches])
+    # both are unbiased for the same full-data loss (noise: subsampling 16 rows)
+    assert float(losses.mean()) == pytest.approx(float(full), rel=0.05)
+    guide = AutoNormal(model, init_scale=0.05)
+    fit(model, guide, x, epochs=150, batch_size=50, lr=0.02, progress=False)
+    loc, scale = guide._get_loc_and_scale("mu")
+    assert float(scale) == pytest.approx((1 / 100 + 400) ** -0.5, rel=0.3)
