@@ -52,7 +52,6 @@ from .batching import Data, make_batches, split_structure
 from .evaluation import (
     as_pair,
     eval_mode,
-    find_data_plate,
     in_particles,
     log_weights,
     module_device,
@@ -219,7 +218,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
     with eval_mode(model, guide):
         first = next(iter(batches))
         nesting = pair.inspect(first).nesting
-        plate = find_data_plate(pair.model, pair.guide, first)
+        plate = pair.data_plate(first)
         with poutine.block():
             probe = poutine.trace(first.call).get_trace(pair.guide)
         sites = [s for s in prune_subsample_sites(probe).nodes.values()
@@ -465,7 +464,7 @@ def sbc(model: Callable, guide: Callable, data: Data, num_simulations: int = 100
             args, kwargs = batch.args, batch.kwargs
             if nesting is None:
                 nesting = pair.inspect(batch).nesting
-                plate_name = find_data_plate(model, guide, batch)
+                plate_name = pair.data_plate(batch)
                 with poutine.block():
                     plain = poutine.trace(model).get_trace(*args, **kwargs)
                 observed = {name for name, site in plain.nodes.items()

@@ -51,23 +51,6 @@ def _raw(fn):
     return fn.fn if isinstance(fn, Program) else fn
 
 
-def max_plate_nesting(model: Callable, guide: Callable, batch: Batch) -> int:
-    """How many plate dims the pair uses (one blocked run of guide and model)."""
-    return as_pair(model, guide).inspect(batch, check=False).nesting
-
-
-def find_data_plate(model: Callable, guide: Callable, batch: Batch) -> str:
-    """The name of the plate over examples (see :func:`ppl_vae.program.inspect_pair`).
-    Raises if no plate runs over the rows of the data."""
-    structure = as_pair(model, guide).inspect(batch, check=False)
-    if structure.plate is None:
-        raise SetupError(
-            "could not tell which plate runs over the rows of the data: no plate of length "
-            f"{len(batch)} surrounds every observed site; wrap the observations in "
-            "`with pyro.plate(\"data\", len(x)):` or pass plate=NAME")
-    return structure.plate
-
-
 def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: int,
                 plate: str, nesting: int,
                 weight: Callable[[str, dict], float] | None = None,
@@ -384,7 +367,7 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                           disable=None if progress is None else not progress):
             if structure is None:
                 structure = pair.inspect(batch)
-                plate_name = find_data_plate(pair.model, pair.guide, batch)
+                plate_name = pair.data_plate(batch)
             acc = None
             done = 0
             while done < num_samples:

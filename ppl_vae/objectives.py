@@ -16,7 +16,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from .batching import Batch
-from .evaluation import as_pair, find_data_plate, pair_log_weights
+from .evaluation import as_pair, pair_log_weights
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
 
@@ -123,7 +123,7 @@ class IWAEObjective:
         pair = as_pair(model, guide, self.plate)
         if self._nesting is None:
             self._nesting = pair.inspect(batch).nesting
-            self.plate = find_data_plate(pair.model, pair.guide, batch)
+            self.plate = pair.data_plate(batch)
         weight = None
         if self.kl_weight is not None and self.kl_weight.factor != 1.0:
             sites, factor = self.kl_weight.sites, self.kl_weight.factor

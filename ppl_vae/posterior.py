@@ -46,7 +46,6 @@ from .evaluation import (
     as_pair,
     enumerated_log_likelihood,
     eval_mode,
-    find_data_plate,
     in_particles,
     module_device,
 )
@@ -273,7 +272,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                                        leave=False, disable=None)):
             if plate_name is None:
                 structure = pair.inspect(batch)
-                plate_name = find_data_plate(pair.model, pair.guide, batch)
+                plate_name = pair.data_plate(batch)
             args = (pair, batch, structure, plate_name, globs, prior)
             collect = dict(plate=plate_name, first=i == 0, predictive=predictive and not prior,
                            log_likelihood=log_likelihood and not prior)

@@ -207,18 +207,15 @@ class Structure:
     """What one trace of a pair on a minibatch shows.
 
     ``plate``: the data plate's name (None: no plate runs over rows -- only for full-batch
-    training); ``plate_dim``: its dim; ``nesting``: plate dims used (Pyro's
-    ``max_plate_nesting``, the particle plate excluded); ``enumerated``: sites marked for
-    parallel enumeration (model or guide); ``local_latents`` / ``global_latents``: latent
-    sites of the guide inside / outside the data plate.
+    training); ``nesting``: plate dims used (Pyro's ``max_plate_nesting``, the particle
+    plate excluded); ``enumerated``: sites marked for parallel enumeration (model or
+    guide); ``local_latents``: latent sites of the guide inside the data plate.
     """
 
     plate: str | None
-    plate_dim: int | None
     nesting: int
     enumerated: list[str] = field(default_factory=list)
     local_latents: list[str] = field(default_factory=list)
-    global_latents: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -257,6 +254,17 @@ class Pair:
         if self.structure is None:
             self.structure = inspect_pair(self, batch, check=check)
         return self.structure
+
+    def data_plate(self, batch) -> str:
+        """The name of the plate over the rows of the data; an error if there is none (a
+        per-example figure needs one)."""
+        plate = self.inspect(batch).plate
+        if plate is None:
+            raise SetupError(
+                "could not tell which plate runs over the rows of the data: no plate of "
+                f"length {len(batch)} surrounds every observed site; wrap the observations "
+                "in `with pyro.plate(\"data\", len(x)):` or pass plate=NAME")
+        return plate
 
 
 def _vectorized_frames(site: dict) -> list:
@@ -338,8 +346,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
                      and not site["infer"].get("is_auxiliary")}
     local = [k for k, s in guide_latents.items()
              if any(f.name == plate for f in _vectorized_frames(s))]
-    structure = Structure(plate, pair.plate_dim, nesting, enumerated, local,
-                          [k for k in guide_latents if k not in local])
+    structure = Structure(plate, nesting, enumerated, local)
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
