@@ -11,9 +11,10 @@ from .family import Family, family_of, register
 from .program import SetupError
 from .runs import Run, load_run, train
 from .svi import fit, restore
-from .training import FitConfig, History, Trainer, TrainingDiverged
+from .training import FitConfig, FitFailed, History, Trainer, TrainingDiverged
 
-__all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "SetupError", "restore",
+__all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "FitFailed",
+           "SetupError", "restore",
            "log_likelihood", "elbo", "load_checkpoint", "to_arviz", "train", "load_run", "Run",
            "Family", "register", "family_of"]
 

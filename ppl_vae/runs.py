@@ -35,7 +35,7 @@ from .checkpoint import load_checkpoint, write_json
 from .family import Family, family_of
 from .program import SetupError
 from .svi import fit, restore
-from .training import FitConfig, resolve_device
+from .training import FitConfig, FitFailed, resolve_device
 
 
 @dataclass
@@ -58,8 +58,9 @@ class Run:
         return self.spec.model
 
     def data(self, split: str = "train") -> Any:
-        """The run's data of ``split`` as the family loads it (validated tensors)."""
-        return self.family.load_data(self.spec, split)
+        """The run's data of ``split`` as the family loads it for this run (validated
+        tensors; :meth:`Family.run_data`)."""
+        return self.family.run_data(self, split)
 
     def config(self) -> dict:
         return {"family": self.family.name, "model": self.name,
@@ -128,7 +129,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
                list(state["history"]), device, file)
 
 
-RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.csv")
+RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.csv", "failed.json")
 
 
 @contextmanager
@@ -204,7 +205,8 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
         model: ``vae``, ``irt-2pl``, ``prodlda`` ... (:func:`ppl_vae.family.model_names`).
         out: run folder (config.json, checkpoints, metrics.csv, the family's report).
         spec: the family's spec, or a dict of its fields (the rest take their defaults).
-        resume: continue the run in ``out`` (its spec must be the same).
+        resume: continue the run in ``out`` (its spec must be the same; ``spec=None``: the
+            run's stored spec, and its own copy of the data where the family keeps one).
         **fit_options: override the family's fit settings (:class:`ppl_vae.FitConfig`
             fields and ``devices``/``num_nodes``/``strategy``).
 
@@ -231,6 +233,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
         raise SetupError(f"unknown fit settings {sorted(unknown)}")
     FitConfig(**{k: v for k, v in fit_options.items()  # the caller's own settings: checked
                  if k in FitConfig.__dataclass_fields__})  # before any data is read
+    if spec is None and resume and out is not None:  # continue the run's own spec
+        spec = family.spec_from_json(read_config(out)["spec"])
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))
     settings = family.fit_settings(spec)
@@ -248,8 +252,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
             changed = {k: (saved.get("spec", {}).get(k), v) for k, v in config["spec"].items()
                        if saved.get("spec", {}).get(k) != v}
             raise SetupError(f"--resume with a different model spec: {changed}")
-    data = family.load_data(spec, "train")
-    val = family.load_data(spec, "val")
+    data = family.run_data(run, "train")
+    val = family.run_data(run, "val")
     pyro.set_rng_seed(settings["seed"])  # before build: the seed fixes the initial weights
     run.model, run.guide = family.build(spec)
     if out is not None:
@@ -266,6 +270,16 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
             # report on the state a reloaded run holds: the best epoch's
             state = load_checkpoint(run.checkpoint, run.device)
             restore(run.model, run.guide, state, family.example(spec), device=run.device)
+    problem = family.check_fit(run)
+    if out is not None:
+        failed = Path(out) / "failed.json"
+        if problem:
+            write_json({"failed": problem}, failed)
+        elif failed.exists():
+            failed.unlink()
+    if problem:
+        raise FitFailed(f"{out or model}: {problem}")
+    if out is not None:
         family.report(run)
     return run
 

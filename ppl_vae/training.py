@@ -49,6 +49,13 @@ class TrainingDiverged(FloatingPointError):
     first steps' per-example size); training stopped before corrupting checkpoints."""
 
 
+class FitFailed(RuntimeError):
+    """Training ran to its end but the family's check (:meth:`ppl_vae.family.Family.check_fit`)
+    found the fit unusable, e.g. an ability encoder that gives every student the same value.
+    The run folder keeps its checkpoints and a failed.json with the reason, and no result
+    tables."""
+
+
 PLAUSIBLE = 1e6  # a per-example |ELBO| this many times the first steps' is a runaway
 
 

@@ -124,3 +124,29 @@ def test_from_arrays_nan_is_missing():
     assert data.mask.tolist() == [[True, False], [True, True]]
     with pytest.raises(ResponseDataError, match="row 1, column 0: value 0.5"):
         from_arrays([[1.0, 0.0], [0.5, 1.0]])
+
+
+def test_a_run_keeps_its_own_answers_for_resume_and_evaluate(tmp_path):
+    """Training writes responses.pt before the first step; resume, run.data() and evaluate
+    read it, so editing (or deleting) the original file afterwards changes nothing."""
+    import ppl_vae
+    from ppl_vae.models.irt import simulate
+
+    d = simulate(120, 6, "2pl", missing=0.1, seed=3)
+    rows = ["student," + ",".join(f"q{j}" for j in range(6))]
+    for s in range(120):
+        cells = [str(int(d["responses"][s, j])) if d["mask"][s, j] else "" for j in range(6)]
+        rows.append(f"s{s}," + ",".join(cells))
+    exam = write(tmp_path / "exam.csv", "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    run = ppl_vae.train("irt-2pl", out, {"responses": str(exam)}, epochs=2, progress=False)
+    assert (out / "responses.pt").exists()
+    before = run.family.evaluate(ppl_vae.load_run(out))["log_likelihood"]
+    exam.write_text("student,q0,q1,q2,q3,q4,q5\nz,1,1,1,1,1,1\n")  # the file changes
+    loaded = ppl_vae.load_run(out)
+    y, mask = loaded.data()
+    assert y.shape == (120, 6) and torch.equal(mask, d["mask"])
+    assert loaded.family.evaluate(loaded)["log_likelihood"] == pytest.approx(before)
+    exam.unlink()
+    again = ppl_vae.train("irt-2pl", out, resume=True, epochs=3, progress=False)
+    assert len(again.history) == 3 and again.data()[0].shape == (120, 6)
