@@ -13,6 +13,7 @@ apart; the engine and the CLI only call this contract:
 
         def build(self, spec) -> (model, guide)           # fresh, untrained
         def load_data(self, spec, split) -> Data          # validated tensors of a split
+        def run_data(self, run, split) -> Data            # the run's own copy (default: load_data)
         def example(self, spec) -> Data                   # a few rows to create parameters
         def fit_settings(self, spec) -> dict              # fit defaults + what the family needs
         def check_fit_settings(self, spec, settings)      # refuse overrides it cannot train with
@@ -46,7 +47,8 @@ BUILTIN: dict[str, str] = {
     "cvae": "ppl_vae.models.cvae",
     "ssvae": "ppl_vae.models.ssvae",
     **{name: "ppl_vae.models.irt"
-       for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm")},
+       for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm", "irt-gpcm",
+                    "irt-pcm")},
     "prodlda": "ppl_vae.models.topics",
     "lda": "ppl_vae.models.topics",
 }
@@ -97,6 +99,13 @@ class Family(ABC):
         """The validated data of ``split`` (``train``, ``val`` or ``test``) in the call form
         the model takes (tensor, tuple or dict; rows = examples)."""
 
+    def run_data(self, run: Run, split: str) -> Data:
+        """The data of ``split`` that ``run`` trains and is evaluated on: by default
+        :meth:`load_data` of its spec; a family whose run folder keeps its own copy of the
+        data (the exam runs' responses.pt) reads that, so ``--resume`` and ``run.data()``
+        never re-read a file that may have changed."""
+        return self.load_data(run.spec, split)
+
     @abstractmethod
     def example(self, spec: Any) -> Data:
         """A few rows in the model's call form: enough to create its parameters when a run
@@ -111,6 +120,12 @@ class Family(ABC):
     def check_fit_settings(self, spec: Any, settings: dict[str, Any]) -> None:
         """Refuse settings the family cannot train with (SetupError), after the caller's
         overrides (e.g. M2 needs objective='enum'). Every setting is fine by default."""
+        return None
+
+    def check_fit(self, run: Run) -> str | None:
+        """Why the trained ``run`` is not a usable result (a collapsed encoder, parameters
+        that ran away), or None when it is. Called after training, before :meth:`report`; a
+        reason stops the run with :class:`ppl_vae.FitFailed`. Every fit passes by default."""
         return None
 
     def report(self, run: Run) -> list[Path]:

@@ -24,12 +24,14 @@ from types import ModuleType
 
 from ppl_vae.program import SetupError
 from ppl_vae.runs import load_run, train
+from ppl_vae.training import FitFailed
 
 # model name -> family module (the one place that names concrete models; imported by name)
 FAMILIES: dict[str, str] = {
     "vae": "ppl_vae.cli.vae",
     **{name: "ppl_vae.cli.irt"
-       for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm")},
+       for name in ("irt-lecture", "irt-1pl", "irt-2pl", "irt-3pl", "irt-grm", "irt-gpcm",
+                    "irt-pcm")},
     **{name: "ppl_vae.cli.topics" for name in ("prodlda", "lda")},
     "cvae": "ppl_vae.cli.cvae", "ssvae": "ppl_vae.cli.ssvae",
 }
@@ -212,9 +214,9 @@ def _print(result, start: float) -> None:
 
 def run() -> int:
     """The ``ppl-vae`` command: :func:`main`, with bad input (a ValueError naming the file,
-    line, field or setting) and a diverged run (TrainingDiverged) reported as one
-    ``error: ...`` line and exit status 2 instead of a traceback (``PPL_VAE_DEBUG=1`` keeps
-    the traceback). Tests and scripts call :func:`main`, which raises."""
+    line, field or setting), a diverged run (TrainingDiverged) and a failed fit (FitFailed)
+    reported as one ``error: ...`` line and exit status 2 instead of a traceback
+    (``PPL_VAE_DEBUG=1`` keeps the traceback). Tests and scripts call :func:`main`, which raises."""
     import os
     import warnings
 
@@ -223,7 +225,7 @@ def run() -> int:
             f"warning: {message}", file=sys.stderr)
     try:
         return main()
-    except (ValueError, FloatingPointError, OSError) as e:
+    except (ValueError, FloatingPointError, OSError, FitFailed) as e:
         if os.environ.get("PPL_VAE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
