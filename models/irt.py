@@ -29,8 +29,9 @@ the 1PL/2PL location parameter (see benchmarks/RESULTS.md for LSAT log-likelihoo
 Call form (the engine's convention): ``model(responses, mask, size=N, subsample=idx)``
 with ``responses`` (B, I) float 0/1 (any value where masked) and ``mask`` (B, I) bool.
 The exam family (:class:`IRTFamily`, registered for irt-lecture, irt-1pl, irt-2pl, irt-3pl,
-irt-grm; the graded response model is in models/irt_marginal.py) fits these models by one of
-two methods: ``marginal`` (default for 1pl/2pl/grm) integrates each ability out exactly
+irt-grm, irt-gpcm, irt-pcm; the graded response and (generalized) partial credit models are
+in models/irt_marginal.py) fits these models by one of
+two methods: ``marginal`` (default for 1pl/2pl/grm/gpcm/pcm) integrates each ability out exactly
 (:class:`ppl_vae.models.irt_marginal.MarginalIRT`), fits the items by marginal MAP and gives
 their posterior by the Laplace approximation, abilities by quadrature; ``amortized`` /
 ``meanfield`` train the joint model above with the guides of :func:`build_irt`. A run folder
@@ -389,18 +390,27 @@ def inference_data(model: IRT, guide: nn.Module, responses: torch.Tensor, mask: 
 # with an ability encoder or a Normal per student.
 
 METHODS = ("marginal", "amortized", "meanfield")
-MARGINAL_KINDS = ("1pl", "2pl", "grm")
+MARGINAL_KINDS = ("1pl", "2pl", "grm", "gpcm", "pcm")
+# polytomous kinds: category codes 0..K-1 per item, the marginal method only
+GRADED_KINDS = ("grm", "gpcm", "pcm")
 HELP = {
     "irt-lecture": "the lecture's exam model P = sigmoid(alpha_s * beta_t), beta_t >= 0",
     "irt-1pl": "Rasch model P = sigmoid(theta_s - b_t)",
     "irt-2pl": "2PL model P = sigmoid(a_t (theta_s - b_t))",
     "irt-3pl": "3PL model P = c_t + (1 - c_t) sigmoid(a_t (theta_s - b_t))",
     "irt-grm": "graded response model P(y >= k) = sigmoid(a_t (theta_s - b_tk)), codes 0..K-1",
+    "irt-gpcm": "generalized partial credit model P(y = k) ~ exp(sum_{j<=k} a_t (theta_s - "
+                "b_tj)), codes 0..K-1",
+    "irt-pcm": "partial credit model P(y = k) ~ exp(sum_{j<=k} (theta_s - b_tj)), codes 0..K-1",
 }
 RESPONSES_FILE = "responses.pt"  # the run's own copy of its training answers
 Z90 = 1.6448536269514722  # the 95th percentile of N(0, 1): 90% central interval
 # marginal method: minibatches of students this large, about this many optimizer steps
 MARGINAL_BATCH, MARGINAL_STEPS, MARGINAL_MIN_EPOCHS = 5000, 400, 20
+# amortized / mean-field: about this many steps, batches growing with the exam to this size
+AMORTIZED_STEPS, AMORTIZED_MAX_BATCH, AMORTIZED_MIN_EPOCHS = 4000, 1024, 10
+# a fit is refused as collapsed / run away beyond these (logit scale; IRTFamily.check_fit)
+MIN_ABILITY_SPREAD, MIN_DISCRIMINATION, MAX_DIFFICULTY = 0.05, 0.05, 15.0
 
 
 @dataclass
@@ -409,7 +419,7 @@ class IRTSpec:
 
     ``responses`` is the file (or bundled name: lsat6, lsat7) as given; it is read when the
     run is trained only: the run keeps its own copy of the answers (responses.pt).
-    ``method``: None picks marginal for 1pl/2pl/grm, amortized for lecture/3pl.
+    ``method``: None picks marginal for 1pl/2pl/grm/gpcm/pcm, amortized for lecture/3pl.
     ``difficulty_scale``: prior sd of the difficulties; None: 3 (amortized, meanfield) or the
     ``priors`` preset of the marginal model (``flat``: the MML estimates; ``weak``).
     ``num_items`` .. ``categories`` are filled from the responses."""
@@ -425,12 +435,18 @@ class IRTSpec:
     difficulty_scale: float | None = None
     guessing_prior: list[float] = field(default_factory=lambda: [5.0, 17.0])
     priors: str = "flat"
-    num_nodes: int = 21
+    num_nodes: int | None = None  # None: 41 for gpcm/pcm, else 21 (see make_spec)
     posterior_samples: int = 1000
     num_items: int | None = None
     num_students: int | None = None
     item_ids: list[str] | None = None
     categories: list[int] | None = None
+    # multidimensional abilities (irt-2pl; models/irt_multidim.py): D, the Q-matrix file as
+    # given and its 0/1 rows (filled from it), correlated factors (None: yes with a Q-matrix)
+    dims: int = 1
+    q_matrix: str | None = None
+    loading_pattern: list[list[int]] | None = None
+    correlated: bool | None = None
 
 
 def kind_of(model: str) -> str:
@@ -449,7 +465,7 @@ def read_responses(spec: IRTSpec, path: str | Path | None = None, check: bool = 
     if path is None and spec.responses is None:
         raise SetupError(f"{spec.model}: give the response file (--responses FILE or lsat6)")
     file = resolve(path if path is not None else spec.responses)
-    graded = kind_of(spec.model) == "grm"
+    graded = kind_of(spec.model) in GRADED_KINDS
     key = (str(file), file.stat().st_mtime if file.exists() else None,
            spec.format if path is None else "auto", spec.id_column if path is None else None,
            graded)
@@ -459,6 +475,21 @@ def read_responses(spec: IRTSpec, path: str | Path | None = None, check: bool = 
                                      spec.id_column if path is None else None, check=check,
                                      graded=graded)
     return _CACHE[key]
+
+
+def _warn_unused_categories(data, categories: list[int]) -> None:
+    """One warning naming the items with a category below their top one that nobody chose:
+    the threshold (step) next to it is not identified by the data, only by the prior."""
+    empty = []
+    for t, k in enumerate(categories):
+        used = torch.bincount(data.responses[data.mask[:, t], t].long(), minlength=k)
+        empty += [f"{data.item_ids[t]!r} category {c}" for c in range(k) if used[c] == 0]
+    if empty:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        warnings.warn(f"{data.source}: no answers in {', '.join(empty[:3])}{more}; the "
+                      "thresholds next to an empty category are set by the prior, not the "
+                      "data (merge the category with a neighbour to estimate them)",
+                      stacklevel=3)
 
 
 def run_responses(run):
@@ -478,9 +509,11 @@ def run_responses(run):
 
 def save_responses(data, path: Path) -> Path:
     """The run's copy of its answers: uint8 codes (255 = missing) and the ids."""
+    from ppl_vae.checkpoint import save_checkpoint
+
     codes = torch.where(data.mask, data.responses, 255.0).to(torch.uint8)
-    torch.save({"codes": codes, "student_ids": list(data.student_ids),
-                "item_ids": list(data.item_ids)}, path)
+    save_checkpoint({"codes": codes, "student_ids": list(data.student_ids),
+                     "item_ids": list(data.item_ids)}, path)  # atomic
     return path
 
 
@@ -489,10 +522,14 @@ def marginal_model(spec: IRTSpec):
 
     from .irt_marginal import FirstBatchInit, MarginalIRT
 
-    overrides = ({"difficulty": (0.0, float(spec.difficulty_scale))}
+    kind = kind_of(spec.model)
+    overrides = ({"difficulty": (0.0, float(spec.difficulty_scale)),
+                  "step_difficulty": (0.0, float(spec.difficulty_scale))}
                  if spec.difficulty_scale is not None else None)
     model = MarginalIRT(int(spec.num_items), spec.categories or 2,
-                        fixed_discrimination=1.0 if kind_of(spec.model) == "1pl" else None,
+                        fixed_discrimination=1.0 if kind in ("1pl", "pcm") else None,
+                        response_model="partial_credit" if kind in ("gpcm", "pcm")
+                        else "graded",
                         priors=spec.priors, prior_overrides=overrides,
                         num_nodes=spec.num_nodes)
     return model, AutoDelta(model, init_loc_fn=FirstBatchInit(model))
@@ -613,7 +650,7 @@ def pictures(run, items: dict[str, torch.Tensor], rows: list[dict],
     for j in show:
         ax.plot(theta, icc[:, j], lw=1.2, label=ids[j])
     ax.set_xlabel("ability (logit scale)")
-    ax.set_ylabel("expected score / (K - 1)" if kind == "grm" else "P(correct)")
+    ax.set_ylabel("expected score / (K - 1)" if kind in GRADED_KINDS else "P(correct)")
     ax.set_title("item characteristic curves" + (f" (first {len(show)} items)"
                                                  if len(show) < len(ids) else ""))
     if len(show) <= 10:
@@ -633,14 +670,15 @@ def pictures(run, items: dict[str, torch.Tensor], rows: list[dict],
     paths.append(save_figure(fig, out / "information.png"))
 
     def first(row: dict, suffix: str) -> float:
-        for name in ("inverse_beta", "difficulty", "threshold1"):
+        for name in ("inverse_beta", "difficulty", "threshold1", "step1"):
             value = row.get(f"{name}_{suffix}")
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 return float(value)
         return float("nan")
 
     label = "1 / beta (lecture difficulty)" if kind == "lecture" else (
-        "first threshold b1 (logit)" if kind == "grm" else "difficulty b (logit)")
+        "first threshold b1 (logit)" if kind == "grm" else
+        "first step difficulty (logit)" if kind in GRADED_KINDS else "difficulty b (logit)")
     order = sorted(range(len(rows)), key=lambda j: first(rows[j], "mean"))[:60]
     fig, ax = plt.subplots(figsize=(6, 0.25 * len(order) + 1.2))
     y = list(range(len(order)))
@@ -673,22 +711,32 @@ class IRTFamily(Family):
     # amortized / mean-field: a few global item parameters, one scalar per student
     fit_defaults = {"epochs": 200, "batch_size": 100, "lr": 0.05, "lr_schedule": "cosine",
                     "kl_sites": ("ability",)}
-    dims = {**IRT.dims, "log_discrimination": ["item"], "log_threshold_gaps": ["gap"]}
+    dims = {**IRT.dims, "log_discrimination": ["item"], "log_threshold_gaps": ["gap"],
+            "step_difficulty": ["step"]}
 
     def make_spec(self, model: str, **options: Any) -> IRTSpec:
         """The spec with its method resolved and the data fields (num_items, num_students,
         item_ids, categories) read from the responses."""
         spec = super().make_spec(model, **options)
+        if spec.num_nodes is None:
+            # 21 Gauss-Hermite nodes bias the partial-credit discriminations ~8% low (mirt's
+            # 21-node EM too); 41 take it to <1% (benchmarks/RESULTS.md, polytomous items)
+            spec.num_nodes = 41 if kind_of(model) in ("gpcm", "pcm") else 21
+        if spec.dims != 1 or spec.q_matrix is not None:
+            from .irt_multidim import make_spec as multidim_spec
+
+            return multidim_spec(spec)
         kind = kind_of(model)
         if spec.method is None:
             spec.method = "marginal" if kind in MARGINAL_KINDS else "amortized"
         if spec.method not in METHODS:
             raise SetupError(f"{model}: unknown method {spec.method!r}; choose one of {METHODS}")
         if spec.method == "marginal" and kind not in MARGINAL_KINDS:
-            raise SetupError(f"{model}: --method marginal is for irt-1pl, irt-2pl, irt-grm; "
+            raise SetupError(f"{model}: --method marginal is for irt-1pl, irt-2pl, irt-grm, "
+                             "irt-gpcm, irt-pcm; "
                              "use amortized or meanfield")
-        if kind == "grm" and spec.method != "marginal":
-            raise SetupError("irt-grm is fitted by the marginal method only")
+        if kind in GRADED_KINDS and spec.method != "marginal":
+            raise SetupError(f"{model} is fitted by the marginal method only")
         if spec.items == "fullrank" and spec.method != "amortized":
             raise SetupError("--items fullrank goes with --method amortized")
         if spec.hierarchical and spec.method == "marginal":
@@ -697,15 +745,20 @@ class IRTFamily(Family):
             data = read_responses(spec)
             spec.num_items, spec.num_students = data.num_items, data.num_students
             spec.item_ids = list(data.item_ids)
-            if kind == "grm":
+            if kind in GRADED_KINDS:
                 top = ((data.responses * data.mask).amax(0) + 1).clamp_min(2)
                 spec.categories = [int(k) for k in top.tolist()]
+                _warn_unused_categories(data, spec.categories)
         elif spec.num_items is None:
             raise SetupError(f"{model}: give the response file (--responses FILE or lsat6)")
         return spec
 
     # ---- model, data, settings ------------------------------------------------------------
     def build(self, spec: IRTSpec):
+        if spec.dims > 1:
+            from .irt_multidim import build_spec
+
+            return build_spec(spec)
         if spec.method == "marginal":
             return marginal_model(spec)
         config = {"kind": kind_of(spec.model), "num_items": spec.num_items,
@@ -720,30 +773,91 @@ class IRTFamily(Family):
             return None  # an exam has one table: every student is in training
         return read_responses(spec).align(spec.item_ids).tensors()
 
+    def run_data(self, run, split: str):
+        """The run's own copy of its answers (responses.pt) once the run exists; a new run
+        reads the spec's file and writes the copy before training starts."""
+        if split != "train":
+            return None
+        if run.path is None:
+            return self.load_data(run.spec, split)
+        copy = Path(run.path) / RESPONSES_FILE
+        if copy.exists() and (Path(run.path) / "config.json").exists():
+            return run_responses(run).tensors()
+        data = read_responses(run.spec).align(run.spec.item_ids)
+        save_responses(data, copy)
+        return data.tensors()
+
     def example(self, spec: IRTSpec):
         n = int(spec.num_students) if spec.method == "meanfield" else 2
         return torch.zeros(n, int(spec.num_items)), torch.ones(n, int(spec.num_items),
                                                                dtype=torch.bool)
 
     def fit_settings(self, spec: IRTSpec) -> dict[str, Any]:
-        """Amortized/mean-field: :attr:`fit_defaults`. Marginal: batches of up to 5000
-        students and about 400 steps (at least 20 epochs), lr 0.05 on a cosine schedule."""
+        """Mean-field: :attr:`fit_defaults`. Amortized: about 4000 steps, batches of N/100
+        students (100 to 1024), at least 10 epochs. Marginal: batches of up to 5000 students
+        and about 400 steps (at least 20 epochs), lr 0.05 on a cosine schedule.
+        Multidimensional: :func:`ppl_vae.models.irt_multidim.fit_settings`."""
+        if spec.dims > 1:
+            from .irt_multidim import fit_settings
+
+            return fit_settings(spec)
+        n = int(spec.num_students or 1)
+        if spec.method == "amortized":  # batches grow with the exam; about 4000 steps
+            batch = min(AMORTIZED_MAX_BATCH, max(self.fit_defaults["batch_size"], n // 100))
+            epochs = max(AMORTIZED_MIN_EPOCHS, math.ceil(AMORTIZED_STEPS / math.ceil(n / batch)))
+            return {**self.fit_defaults, "batch_size": batch, "epochs": epochs}
         if spec.method != "marginal":
             return dict(self.fit_defaults)
-        n = int(spec.num_students or 1)
         batch = min(MARGINAL_BATCH, n)
         epochs = max(MARGINAL_MIN_EPOCHS, math.ceil(MARGINAL_STEPS / math.ceil(n / batch)))
         return {"epochs": epochs, "batch_size": batch, "lr": 0.05, "lr_schedule": "cosine"}
 
     # ---- after training -------------------------------------------------------------------
+    def check_fit(self, run) -> str | None:
+        """Amortized and mean-field fits fail (:class:`ppl_vae.FitFailed`, no tables written)
+        when the abilities collapsed (the sd over students of their posterior means is below
+        :data:`MIN_ABILITY_SPREAD` logits: every student gets about the same ability) or the
+        items ran away (median discrimination or lecture beta below
+        :data:`MIN_DISCRIMINATION`, or a difficulty beyond :data:`MAX_DIFFICULTY` logits).
+        Marginal fits integrate the abilities out and cannot collapse. (Multidimensional
+        fits are checked by their own module.)"""
+        if run.spec.method == "marginal" or getattr(run.spec, "dims", 1) > 1:
+            return None
+        y, mask = self.run_data(run, "train")
+        means, _ = ability_posterior(run.guide, y, mask)
+        spread = float(means.std()) if len(means) > 1 else 1.0
+        samples = posterior_samples(run.model, run.guide, y, mask, num_samples=200)
+        fix = ("retrain with another --seed or a lower --lr, or use --method marginal "
+               "(abilities integrated out exactly)")
+        if spread < MIN_ABILITY_SPREAD:
+            return (f"the ability posterior collapsed: the sd of the {len(means)} students' "
+                    f"ability means is {spread:.3g} (< {MIN_ABILITY_SPREAD}); {fix}")
+        slope = samples.get("discrimination", samples.get("beta"))
+        if slope is not None and float(slope.mean(0).median()) < MIN_DISCRIMINATION:
+            return (f"the items ran away: median discrimination "
+                    f"{float(slope.mean(0).median()):.3g} (< {MIN_DISCRIMINATION}); {fix}")
+        if "difficulty" in samples and float(samples["difficulty"].mean(0).abs().max()) > \
+                MAX_DIFFICULTY:
+            worst = int(samples["difficulty"].mean(0).abs().argmax())
+            return (f"the items ran away: item {run.spec.item_ids[worst]!r} has difficulty "
+                    f"{float(samples['difficulty'].mean(0)[worst]):.3g} (|b| > "
+                    f"{MAX_DIFFICULTY}); {fix}")
+        return None
+
     def report(self, run) -> list[Path]:
         """responses.pt (the run's copy of its answers), items.csv, students.csv, loss.png,
-        icc.png, information.png, difficulties.png, abilities.png."""
+        icc.png, information.png, difficulties.png, abilities.png. Multidimensional runs:
+        :func:`ppl_vae.models.irt_multidim.report`."""
         from ppl_vae import plots
 
+        if run.spec.dims > 1:
+            from .irt_multidim import report
+
+            return report(run)
+
         out = Path(run.path)
-        data = read_responses(run.spec, check=False).align(run.spec.item_ids)
-        paths = [save_responses(data, out / RESPONSES_FILE)]
+        data = run_responses(run)
+        paths = [out / RESPONSES_FILE]
         for m in (run.model, run.guide):
             m.eval()
         y, mask = data.tensors()
@@ -777,10 +891,15 @@ class IRTFamily(Family):
         """Log-likelihood per student (nats) on the run's answers. Marginal runs: the exact
         marginal log p(y_s | items at the mode) (101 Gauss-Hermite nodes). Amortized /
         mean-field runs: ELBO and importance-sampled log p(y_s) (items drawn from q,
-        K = ``iwae_samples``). Writes evaluation.json."""
+        K = ``iwae_samples``). Writes evaluation.json. Multidimensional runs:
+        :func:`ppl_vae.models.irt_multidim.evaluate`."""
         from ppl_vae import elbo, log_likelihood
         from ppl_vae.checkpoint import write_json
 
+        if run.spec.dims > 1:
+            from .irt_multidim import evaluate
+
+            return evaluate(run, iwae_samples=iwae_samples, limit=limit, seed=seed)
         data = run_responses(run)
         y, mask = data.tensors()
         if limit:
@@ -824,6 +943,10 @@ class IRTFamily(Family):
         file count as unanswered."""
         if responses is None or out is None:
             raise SetupError("score needs responses= (a response file) and out= (a CSV)")
+        if run.spec.dims > 1:
+            from .irt_multidim import score
+
+            return score(run, responses, out)
         if run.spec.method == "meanfield":
             raise SetupError(f"{run.path} was trained with --method meanfield; scoring new "
                              "students needs a marginal or an amortized run")
@@ -860,6 +983,9 @@ class IRTFamily(Family):
         from ppl_vae.checks import check_posterior
         from ppl_vae.diagnostics import nuts_crosscheck, sbc
 
+        if run.spec.dims > 1:
+            raise SetupError(f"{run.path}: 'ppl-vae check' does not cover multidimensional "
+                             "runs yet (evaluate and score do)")
         data = run_responses(run)
         tensors = data.tensors()
         items = list(run.spec.item_ids)

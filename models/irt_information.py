@@ -23,6 +23,7 @@ parameters of one item only (found from the Jacobian's sparsity; dense otherwise
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,9 @@ def marginal_hessian(steps: Callable[[torch.Tensor], torch.Tensor], phi: torch.T
     phi = phi.detach().to(dtype)
     S = steps(phi).detach().to(dtype)                                     # (J, Q)
     num_indicators, num_nodes = S.shape
-    jac = torch.func.jacfwd(steps)(phi).to(dtype)                         # (J, Q, P)
+    with warnings.catch_warnings():  # torch's forward-mode AD loads its decompositions
+        warnings.filterwarnings("ignore", ".*torch.jit.script.*", FutureWarning)
+        jac = torch.func.jacfwd(steps)(phi).to(dtype)                     # (J, Q, P)
     num_params = jac.shape[-1]
     log_w = log_weights.to(dtype=dtype, device=S.device)
     nonzero = jac.abs().amax(1) > 0                                       # (J, P)
@@ -85,7 +88,9 @@ def marginal_hessian(steps: Callable[[torch.Tensor], torch.Tensor], phi: torch.T
     def weighted_steps(x: torch.Tensor) -> torch.Tensor:
         return (accumulated_a * steps(x).to(dtype)).sum()
 
-    curvature = torch.func.hessian(weighted_steps)(phi)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch.jit.script.*", FutureWarning)
+        curvature = torch.func.hessian(weighted_steps)(phi)
     hessian = first - scores_outer + curvature
     return 0.5 * (hessian + hessian.T)
 

@@ -150,3 +150,11 @@ def test_a_run_keeps_its_own_answers_for_resume_and_evaluate(tmp_path):
     exam.unlink()
     again = ppl_vae.train("irt-2pl", out, resume=True, epochs=3, progress=False)
     assert len(again.history) == 3 and again.data()[0].shape == (120, 6)
+
+
+def test_bundled_name_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """``--responses lsat6 --out lsat6``: the run folder is not the response file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lsat6").mkdir()
+    table = load_responses("lsat6")
+    assert table.num_students == 1000 and table.num_items == 5

@@ -1,6 +1,7 @@
 """The closed-form Laplace Hessian of the marginal exam models equals autograd's."""
 
 import pyro
+import pytest
 import torch
 from pyro.infer.autoguide import AutoLaplaceApproximation, init_to_value
 
@@ -40,30 +41,30 @@ def _mode(model, y, mask):
     return {n: v.detach() for n, v in zip(names, torch.split(x, sizes))}
 
 
-def test_marginal_hessian_equals_autograd_for_binary_and_graded_items():
-    for categories in ([2] * 5, [2, 3, 4, 5, 3]):
-        y, mask = _exam(categories)
-        model = MarginalIRT(len(categories), categories, num_nodes=15).double()
-        point = _point(model, y, mask)
-        names = model.latent_sites
-        sizes = [point[n].numel() for n in names]
-        phi = torch.cat([point[n].reshape(-1) for n in names])
+@pytest.mark.parametrize("categories", [[2] * 5, [2, 3, 4, 5, 3]])
+def test_marginal_hessian_equals_autograd_for_binary_and_graded_items(categories):
+    y, mask = _exam(categories)
+    model = MarginalIRT(len(categories), categories, num_nodes=15).double()
+    point = _point(model, y, mask)
+    names = model.latent_sites
+    sizes = [point[n].numel() for n in names]
+    phi = torch.cat([point[n].reshape(-1) for n in names])
 
-        def items(x):
-            return model.item_parameters(dict(zip(names, torch.split(x, sizes))))
+    def items(x):
+        return model.item_parameters(dict(zip(names, torch.split(x, sizes))))
 
-        def steps(x):
-            log_p = model.category_log_probs(model.nodes.to(x.dtype), items(x))
-            return model.cumulative_differences(log_p).flatten(-2).T
+    def steps(x):
+        log_p = model.category_log_probs(model.nodes.to(x.dtype), items(x))
+        return model.cumulative_differences(log_p).flatten(-2).T
 
-        expected = torch.autograd.functional.hessian(
-            lambda x: model.log_marginal(y, mask, items(x)).sum(), phi)
-        counts = model.response_counts(y, mask, torch.float64)
-        exact = marginal_hessian(steps, phi, counts, model.log_weights, chunk_size=64,
-                                 node_dtype=torch.float64)
-        assert torch.allclose(exact, expected, rtol=0, atol=1e-9 * expected.abs().max())
-        fast = marginal_hessian(steps, phi, counts, model.log_weights, chunk_size=64)
-        assert torch.allclose(fast, expected, rtol=0, atol=1e-5 * expected.abs().max())
+    expected = torch.autograd.functional.hessian(
+        lambda x: model.log_marginal(y, mask, items(x)).sum(), phi)
+    counts = model.response_counts(y, mask, torch.float64)
+    exact = marginal_hessian(steps, phi, counts, model.log_weights, chunk_size=64,
+                             node_dtype=torch.float64)
+    assert torch.allclose(exact, expected, rtol=0, atol=1e-9 * expected.abs().max())
+    fast = marginal_hessian(steps, phi, counts, model.log_weights, chunk_size=64)
+    assert torch.allclose(fast, expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
 def test_laplace_guide_matches_pyro_laplace_approximation():
@@ -78,8 +79,11 @@ def test_laplace_guide_matches_pyro_laplace_approximation():
     reference = reference.laplace_approximation(y, mask)
     ours = laplace_guide(model, point, y, mask, args, kwargs, chunk_size=50)
     assert torch.allclose(ours.loc.double(), reference.loc.double(), atol=1e-6)
-    cov = lambda g: (g.scale[:, None] * g.scale_tril).double() @ \
-        (g.scale[:, None] * g.scale_tril).double().T  # noqa: E731
+
+    def cov(g):
+        tril = (g.scale[:, None] * g.scale_tril).double()
+        return tril @ tril.T
+
     assert torch.allclose(cov(ours), cov(reference), rtol=1e-3, atol=1e-7)
     draws = ours.get_posterior().sample((2,))
     assert draws.shape == (2, reference.latent_dim)

@@ -389,3 +389,218 @@ def test_graded_response_model_trains_from_the_cli(tmp_path):
     with pytest.raises(ValueError, match="marginal method only"):
         main(["train", "irt-grm", "--method", "amortized", "--responses", str(data),
               "--out", str(tmp_path / "x"), "--no-progress"])
+
+
+# ---- (generalized) partial credit models -----------------------------------------------------
+
+def partial_credit_exam(cats, n: int = 12, missing: float = 0.25, seed: int = 0,
+                        fixed: float | None = None):
+    """A small simulated partial credit exam; item parameters in float64."""
+    d = simulate(n, cats, missing=missing, fixed_discrimination=fixed, seed=seed,
+                 response_model="partial_credit")
+    return d, {"discrimination": d["discrimination"].double(), "steps": d["steps"].double()}
+
+
+def partial_credit_probability(theta: float, a: float, steps: np.ndarray, k: int) -> float:
+    """P(y = k) by the definition: exp(sum_{j<=k} a (theta - b_j)) over its sum over k."""
+    numerators = [math.exp(sum(a * (theta - b) for b in steps[:j]))
+                  for j in range(len(steps) + 1)]
+    return numerators[k] / sum(numerators)
+
+
+def partial_credit_density(y, mask, items, cats):
+    """Unnormalized posterior density of one student's ability, N(0, 1) prior."""
+    a, steps = items["discrimination"].numpy(), items["steps"].numpy()
+
+    def density(theta: float) -> float:
+        p = math.exp(-0.5 * theta ** 2) / math.sqrt(2 * math.pi)
+        for t, k in enumerate(cats):
+            if mask[t]:
+                p *= partial_credit_probability(theta, a[t], steps[t, :k - 1], int(y[t]))
+        return p
+    return density
+
+
+def test_partial_credit_probabilities_follow_the_definition_and_binary_items_are_the_2pl():
+    cats = [2, 5, 3, 2]
+    d, items = partial_credit_exam(cats)
+    model = MarginalIRT(len(cats), cats, response_model="partial_credit")
+    theta = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    p = model.category_log_probs(theta, items).exp()  # (T, I, Kmax)
+    for t, k in enumerate(cats):
+        assert torch.allclose(p[:, t, :k].sum(-1), torch.ones(9, dtype=torch.float64))
+        for i, th in enumerate(theta.tolist()):
+            for c in range(k):
+                expected = partial_credit_probability(th, float(items["discrimination"][t]),
+                                                      items["steps"][t, :k - 1].numpy(), c)
+                assert float(p[i, t, c]) == pytest.approx(expected, abs=1e-12)
+    # an exam of binary items: the same log-likelihood as the graded model's (the 2PL)
+    binary = {"discrimination": items["discrimination"], "thresholds": items["steps"][:, :1]}
+    pcm2 = MarginalIRT(len(cats), 2, response_model="partial_credit")
+    grm2 = MarginalIRT(len(cats), 2)
+    y = d["responses"].clamp(max=1.0).double()
+    got = pcm2.log_marginal(y, d["mask"], {"discrimination": binary["discrimination"],
+                                           "steps": binary["thresholds"]})
+    assert torch.allclose(got, grm2.log_marginal(y, d["mask"], binary), rtol=0, atol=1e-12)
+    assert torch.allclose(pcm2.category_log_probs(theta, {"discrimination": binary[
+        "discrimination"], "steps": binary["thresholds"]}), grm2.category_log_probs(
+        theta, binary), rtol=0, atol=1e-12)
+
+
+def test_partial_credit_log_marginal_and_abilities_equal_brute_force_integrals():
+    cats = [2, 5, 3, 4]
+    d, items = partial_credit_exam(cats, n=10, missing=0.2, seed=3)
+    model = MarginalIRT(len(cats), cats, response_model="partial_credit", num_nodes=61)
+    log_marginal = model.log_marginal(d["responses"].double(), d["mask"], items)
+    got = model.abilities(d["responses"], d["mask"], items, num_nodes=61)
+    for s in range(5):
+        density = partial_credit_density(d["responses"][s], d["mask"][s], items, cats)
+
+        def moment(power: int, f=density) -> float:
+            return integrate.quad(lambda t: t ** power * f(t), -12, 12, epsabs=0,
+                                  epsrel=1e-12, limit=200, points=[0.0])[0]
+        z = moment(0)
+        mean = moment(1) / z
+        mode = optimize.minimize_scalar(lambda t, f=density: -math.log(f(t)), bounds=(-8, 8),
+                                        method="bounded", options={"xatol": 1e-10}).x
+        assert float(log_marginal[s]) == pytest.approx(math.log(z), abs=1e-6)
+        assert float(got["eap"][s]) == pytest.approx(mean, abs=1e-6)
+        assert float(got["sd"][s]) == pytest.approx(math.sqrt(moment(2) / z - mean ** 2),
+                                                    abs=1e-6)
+        assert float(got["map"][s]) == pytest.approx(mode, abs=1e-6)
+
+
+def test_partial_credit_program_rebuilds_its_steps_and_scales_minibatches():
+    """The Pyro program's sites: ``step_difficulty`` (G,) fills the padded (item, step)
+    slots in item order; the factor is the summed marginal, a minibatch counts N/B times."""
+    cats = [2, 4, 3]
+    d, items = partial_credit_exam(cats, n=20)
+    model = MarginalIRT(len(cats), cats, response_model="partial_credit")
+    assert model.latent_sites == ("log_discrimination", "step_difficulty")
+    steps = items["steps"]
+    latents = {"log_discrimination": items["discrimination"].log(),
+               "step_difficulty": steps[~torch.isnan(steps)]}
+    assert latents["step_difficulty"].shape == (1 + 3 + 2,)
+    rebuilt = model.item_parameters(latents)
+    assert torch.equal(rebuilt["steps"][~torch.isnan(steps)], latents["step_difficulty"])
+    y = d["responses"].double()
+
+    def factor(rows=None):
+        args = (y, d["mask"]) if rows is None else (y[rows], d["mask"][rows])
+        kwargs = {} if rows is None else {"size": len(y), "subsample": rows}
+        trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(*args, **kwargs)
+        trace.compute_log_prob()
+        assert trace.nodes["step_difficulty"]["value"].shape == (6,)
+        return float(trace.nodes["responses"]["log_prob_sum"])
+
+    expected = float(model.log_marginal(y, d["mask"], rebuilt).sum())
+    assert factor() == pytest.approx(expected, abs=1e-9)
+    assert sum(factor(rows) for rows in torch.arange(20).split(5)) / 4 == \
+        pytest.approx(expected, abs=1e-9)
+
+
+def test_marginal_map_recovers_simulated_gpcm_items():
+    d = simulate(2000, [4] * 10, seed=1, response_model="partial_credit")
+    model = MarginalIRT(10, 4, response_model="partial_credit")
+    guide = make_guide(model, d["responses"], d["mask"])
+    fit(model, guide, (d["responses"], d["mask"]), epochs=40, batch_size=500, lr=0.05,
+        lr_schedule="cosine", progress=False, device="cpu")
+    est = item_estimates(model, guide, d["responses"], d["mask"])
+    assert corr(est["discrimination"], d["discrimination"]) > 0.97
+    assert corr(est["steps"].flatten(), d["steps"].flatten()) > 0.98
+    reversed_pairs = d["steps"].diff(dim=-1) < 0  # disordered steps come out disordered
+    assert bool(reversed_pairs.any())
+    assert bool(((est["steps"].diff(dim=-1) < 0) == reversed_pairs).float().mean() > 0.85)
+
+
+def test_partial_credit_model_fixes_every_discrimination_to_one():
+    cats = [3, 3, 4, 2, 3, 4]
+    d, _ = partial_credit_exam(cats, n=1500, missing=0.1, seed=5, fixed=1.0)
+    model = MarginalIRT(len(cats), cats, fixed_discrimination=1.0,
+                        response_model="partial_credit")
+    assert model.latent_sites == ("step_difficulty",)
+    trace = poutine.trace(model).get_trace(d["responses"][:4], d["mask"][:4])
+    assert "log_discrimination" not in trace.nodes and "difficulty" not in trace.nodes
+    guide = make_guide(model, d["responses"], d["mask"])
+    fit(model, guide, (d["responses"], d["mask"]), epochs=30, batch_size=500, lr=0.05,
+        lr_schedule="cosine", progress=False, device="cpu")
+    est = item_estimates(model, guide, d["responses"], d["mask"])
+    assert torch.equal(est["discrimination"], torch.ones(len(cats)))
+    valid = ~torch.isnan(d["steps"])
+    assert corr(est["steps"][valid], d["steps"][valid]) > 0.98
+    table = item_table(model, guide, d["responses"], d["mask"], num_samples=10)
+    assert "a" not in set(table["parameter"])
+    assert table.loc[table["item"] == "item3", "parameter"].tolist() == \
+        ["step1", "step2", "step3"]
+    assert table.loc[table["item"] == "item4", "parameter"].tolist() == ["b"]
+
+
+def test_gpcm_trains_from_the_cli_reloads_scores_and_refuses_bad_codes(tmp_path):
+    cats = [4, 4, 3, 2]
+    d = simulate(300, cats, missing=0.1, seed=6, response_model="partial_credit")
+    data = write_codes(tmp_path / "gpcm.csv", d["responses"], d["mask"])
+    run = tmp_path / "gpcm"
+    main(["train", "irt-gpcm", "--responses", str(data), "--out", str(run), "--epochs", "20",
+          "--no-progress", "--posterior-samples", "50", "--device", "cpu"])
+    loaded = load_run(run)
+    assert loaded.spec.categories == cats and loaded.spec.method == "marginal"
+    assert loaded.model.response_model == "partial_credit"
+    rows = {r["item"]: r for r in read_rows(run / "items.csv")}
+    assert {"discrimination_mode", "step1_mode", "step3_sd", "step3_95%"} <= set(rows["q1"])
+    assert rows["q1"]["step3_mode"] != "" and rows["q3"]["step3_mode"] == ""
+    assert rows["q4"]["difficulty_mode"] != ""  # a binary item: its 2PL difficulty
+    est = item_estimates(loaded.model, loaded.guide, d["responses"], d["mask"])
+    assert float(rows["q2"]["step2_mode"]) == pytest.approx(float(est["steps"][1, 1]),
+                                                            abs=1e-5)
+    written = torch.tensor([float(r["ability_mean"]) for r in read_rows(run / "students.csv")])
+    eap = loaded.model.abilities(d["responses"], d["mask"], est)["eap"]
+    assert torch.allclose(eap.float(), written, atol=1e-5)
+    result = loaded.family.evaluate(loaded)
+    assert result["students"] == 300 and result["log_likelihood"] < 0
+    new = tmp_path / "new.csv"
+    new.write_text("student,q1,q2,q3,q4\nhigh,3,3,2,1\nlow,0,0,0,0\n")
+    assert loaded.family.score(loaded, responses=new, out=tmp_path / "s.csv")["scored"] == 2
+    scores = {r["student"]: r for r in read_rows(tmp_path / "s.csv")}
+    assert float(scores["high"]["ability_mean"]) > float(scores["low"]["ability_mean"]) + 1
+    new.write_text("student,q1,q2,q3,q4\nhigh,3,3,2,1\nlow,0,0,3,0\n")  # q3 has codes 0..2
+    with pytest.raises(ValueError, match=r"row 1, item 2: value 3.0 is not a category code 0..2"):
+        loaded.family.score(loaded, responses=new, out=tmp_path / "s.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("student,q1,q2\na,1,2\nb,1.5,0\n")
+    with pytest.raises(ValueError, match=r"line 3, column 'q1': value '1.5'"):
+        main(["train", "irt-pcm", "--responses", str(bad), "--out", str(tmp_path / "x"),
+              "--no-progress"])
+    with pytest.raises(ValueError, match="irt-gpcm is fitted by the marginal method only"):
+        main(["train", "irt-gpcm", "--method", "amortized", "--responses", str(data),
+              "--out", str(tmp_path / "y"), "--no-progress"])
+
+
+def test_pcm_run_through_the_python_api_has_no_discrimination_columns(tmp_path):
+    import ppl_vae
+
+    d = simulate(200, [3, 3, 3], seed=7, fixed_discrimination=1.0,
+                 response_model="partial_credit")
+    data = write_codes(tmp_path / "pcm.csv", d["responses"], d["mask"])
+    run = ppl_vae.train("irt-pcm", tmp_path / "pcm", {"responses": str(data),
+                                                      "posterior_samples": 20},
+                        epochs=5, progress=False, device="cpu")
+    rows = read_rows(tmp_path / "pcm" / "items.csv")
+    assert [r["item"] for r in rows] == ["q1", "q2", "q3"]
+    assert not any(k.startswith("discrimination") for k in rows[0])
+    assert float(rows[0]["step1_sd"]) > 0  # the Laplace posterior
+    assert load_run(run.path).model.fixed_discrimination == 1.0
+
+
+@pytest.mark.parametrize("response_model", ["graded", "partial_credit"])
+def test_log_marginal_stays_finite_at_draws_from_the_flat_priors(response_model):
+    """The engine traces the model once at prior draws before training: with flat priors a
+    threshold gap can vanish against its threshold in float32, which must not give -inf
+    log-probabilities (0 * -inf = NaN in the counts product)."""
+    import pyro
+
+    d = simulate(200, [5] * 20, missing=0.1, seed=1, response_model=response_model)
+    model = MarginalIRT(20, 5, priors="flat", response_model=response_model)
+    for seed in range(20):
+        pyro.set_rng_seed(seed)
+        items = model.sample_items()
+        assert bool(torch.isfinite(model.log_marginal(d["responses"], d["mask"], items)).all())

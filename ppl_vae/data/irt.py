@@ -131,8 +131,9 @@ def from_arrays(responses: np.ndarray | torch.Tensor, mask: np.ndarray | torch.T
 
 def resolve(path: str | Path) -> Path:
     """The file of a response table: ``path`` itself, or the bundled file of a name in
-    :data:`BUNDLED` (``lsat6``, ``lsat7``) when no such file exists."""
-    if not Path(path).exists() and str(path).lower() in BUNDLED:
+    :data:`BUNDLED` (``lsat6``, ``lsat7``) when no such file exists (a folder of that name,
+    e.g. the run folder of ``--responses lsat6 --out lsat6``, is not a response file)."""
+    if not Path(path).is_file() and str(path).lower() in BUNDLED:
         return Path(__file__).with_name(BUNDLED[str(path).lower()])
     return Path(path)
 
