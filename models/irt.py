@@ -255,7 +255,7 @@ def build_irt(spec: dict) -> tuple[IRT, nn.Module]:
     """Model and guide from a JSON-able spec (a run folder's ``config.json``):
 
     ``kind`` (lecture|1pl|2pl|3pl), ``num_items``, ``hierarchical`` (bool), ``guide``
-    (``amortized``: an MLP encoder maps responses*mask concatenated with mask (2I inputs) to
+    (``amortized``: an MLP encoder (ELU) maps responses*mask concatenated with mask (2I inputs) to
     q(ability_s), item parameters mean-field; ``meanfield``: a Normal per student and per item
     value), ``items`` (amortized guide only: ``meanfield`` (default), a Normal per item
     value, or ``fullrank``, one multivariate Normal over all item values, which keeps the
@@ -277,7 +277,11 @@ def build_irt(spec: dict) -> tuple[IRT, nn.Module]:
         return model, mean_field(model, IRT.student_plate, init_scale=init_scale)
     if kind != "amortized":
         raise ValueError(f"unknown IRT guide {kind!r}; choose amortized or meanfield")
-    encoder = NormalEncoder.mlp(2 * model.num_items, list(spec.get("hidden", [64])), 1)
+    # ELU, not ReLU: at the exam's lr 0.05 a ReLU layer can die in the first epoch (every
+    # unit negative on every student), and the encoder then gives everyone one ability --
+    # 1 of 20 seeds on a 2,000 x 50 exam (benchmarks/irt_collapse.py); ELU units never die
+    encoder = NormalEncoder.mlp(2 * model.num_items, list(spec.get("hidden", [64])), 1,
+                                activation=spec.get("activation", "elu"))
     local = AmortizedNormal(encoder, site="ability", plate=IRT.student_plate, event_dim=0,
                             inputs=encoder_input)
     return model, mean_field_with_amortized(model, local, init_scale=init_scale,
@@ -431,6 +435,7 @@ class IRTSpec:
     method: str | None = None
     items: str = "meanfield"
     hidden: list[int] = field(default_factory=lambda: [64])
+    activation: str = "elu"  # of the amortized encoder (runs before 0.3 used relu)
     hierarchical: bool = False
     difficulty_scale: float | None = None
     guessing_prior: list[float] = field(default_factory=lambda: [5.0, 17.0])
@@ -753,6 +758,13 @@ class IRTFamily(Family):
             raise SetupError(f"{model}: give the response file (--responses FILE or lsat6)")
         return spec
 
+    def spec_from_json(self, stored: dict) -> IRTSpec:
+        """A stored spec; amortized runs saved before the encoder's ``activation`` was a
+        field were trained with ReLU and reload with it."""
+        if isinstance(stored, dict) and "activation" not in stored:
+            stored = {**stored, "activation": "relu"}
+        return super().spec_from_json(stored)
+
     # ---- model, data, settings ------------------------------------------------------------
     def build(self, spec: IRTSpec):
         if spec.dims > 1:
@@ -764,6 +776,7 @@ class IRTFamily(Family):
         config = {"kind": kind_of(spec.model), "num_items": spec.num_items,
                   "hierarchical": spec.hierarchical, "guide": spec.method,
                   "items": spec.items, "hidden": list(spec.hidden),
+                  "activation": spec.activation,
                   "difficulty_scale": 3.0 if spec.difficulty_scale is None
                   else spec.difficulty_scale, "guessing_prior": list(spec.guessing_prior)}
         return build_irt(config)

@@ -58,9 +58,10 @@ class NeuralLDA(nn.Module):
         probs = self.drop(theta) @ F.softmax(self.beta, -1)
         return probs.clamp_min(1e-30).log()
 
-    def model(self, docs: torch.Tensor, size: int | None = None,
-              subsample: torch.Tensor | None = None) -> torch.Tensor:
-        """docs: word counts (B, V), float. Returns theta (B, K)."""
+    def model(self, docs: torch.Tensor, embeddings: torch.Tensor | None = None,
+              size: int | None = None, subsample: torch.Tensor | None = None) -> torch.Tensor:
+        """docs: word counts (B, V), float; ``embeddings``: the guide's extra input (unused
+        here). Returns theta (B, K)."""
         pyro.module("lda", self)
         with pyro.plate("data", size or len(docs), subsample=subsample):
             theta = topic_proportions_site(self.prior, self.alpha)
@@ -75,8 +76,9 @@ class NeuralLDA(nn.Module):
 
 
 def build_lda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
-              alpha: float = 1.0, prior: str = "laplace"):
-    """Neural LDA and the shared amortized guide
-    (see :func:`ppl_vae.models.prodlda.topic_guide`)."""
+              alpha: float = 1.0, prior: str = "laplace", embedding_dim: int = 0):
+    """Neural LDA and the shared amortized guide (see
+    :func:`ppl_vae.models.prodlda.topic_guide`; ``embedding_dim`` > 0: it also reads
+    contextual document embeddings)."""
     model = NeuralLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout)
-    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior)
+    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim)

@@ -2,11 +2,25 @@
 
 For document i with word counts x_i (a V-vector, N_i = sum_v x_iv words) and K topics:
 
-    log theta_i ~ N(mu, diag sigma^2)                  logistic-normal prior, theta = softmax
-    x_i | theta_i ~ Multinomial(N_i, softmax(BN(beta^T theta_i)))     product of experts
+    beta_kv ~ N(0, 1/lambda)                          topic k's log-odds of word v (MAP)
+    log theta_i ~ N(mu, diag sigma^2)                 logistic-normal prior, theta = softmax
+    x_i | theta_i ~ Multinomial(N_i, softmax(b + beta^T theta_i))      product of experts
 
-beta (K, V) are the topics' unnormalized log word weights, BN a batch norm without affine
-part. (mu, sigma^2) is the Laplace approximation, in the softmax basis, of a Dirichlet(alpha)
+b (V,) is a background of log word frequencies (initialized from the training counts,
+learned), so a topic's row of beta holds only its departures from the corpus's word
+frequencies, and the Normal prior of precision lambda (``beta_precision``) keeps rare words
+from taking over topics on the strength of a few documents (issue 16: without it the
+validation ELBO keeps improving while the topics drift to rare words). The prior enters
+the training objective only; held-out ELBOs (early stopping, perplexity) score documents.
+
+``decoder_bn=True`` is AVITM's original decoder, softmax(BN(beta^T theta_i)) with a batch
+norm without affine part and no background or prior. Batch norm forces every word's logit
+to mean 0 and variance 1 over a minibatch, so the model cannot say that a word is rare
+except through a topic that loads on rare words: on BBC_News, K=20, two or three such
+"junk" topics (NPMI about -0.45, e.g. *satisfy explode broadcasting transform check*) in
+every run (benchmarks/RESULTS.md, "Issue 16").
+
+(mu, sigma^2) is the Laplace approximation, in the softmax basis, of a Dirichlet(alpha)
 prior on theta (MacKay 1998; Srivastava & Sutton eq. 3); for alpha_1..alpha_K
 
     mu_k      = log alpha_k - (1/K) sum_j log alpha_j
@@ -145,33 +159,69 @@ def word_counts_site(logits: torch.Tensor, docs: torch.Tensor,
 class ProdLDA(nn.Module):
     """The ProdLDA generative model for count matrices (B, V), data plate ``data``.
 
+    Two decoders (module docstring): ``decoder_bn=False`` (the default) gives word logits
+    ``b + beta^T theta`` with a background ``b`` (V,) of log word frequencies and a Normal
+    prior of precision ``beta_precision`` on beta; ``decoder_bn=True`` is AVITM's
+    ``BN(beta^T theta)`` (batch norm without affine part, no background, no prior on beta).
+
     Args:
         vocab_size: V.  num_topics: K.
         alpha: symmetric Dirichlet concentration of the prior on theta (default 1).
         prior: ``laplace`` (logistic normal, site ``logtheta``) or ``dirichlet`` (site
             ``theta``).
         dropout: dropout on theta before the decoder (training only).
+        decoder_bn: AVITM's batch-norm decoder instead of background + prior.
+        beta_precision: lambda of beta_kv ~ Normal(0, 1/sqrt(lambda)) (0: no prior).
+        background: initial b (V,), e.g. :func:`log_frequencies` of the training counts
+            (default zeros; a reloaded run takes its trained b from the checkpoint).
     """
 
     def __init__(self, vocab_size: int, num_topics: int, alpha: float = 1.0,
-                 prior: str = "laplace", dropout: float = 0.2):
+                 prior: str = "laplace", dropout: float = 0.2, decoder_bn: bool = False,
+                 beta_precision: float = 10.0, background: torch.Tensor | None = None):
         super().__init__()
+        if beta_precision < 0:
+            raise ValueError(f"beta_precision must be >= 0, got {beta_precision}")
         self.vocab_size, self.num_topics, self.prior = vocab_size, num_topics, prior
+        self.decoder_bn = decoder_bn
+        self.beta_precision = 0.0 if decoder_bn else float(beta_precision)
         self.register_buffer("alpha", prior_concentration(prior, alpha, num_topics))
         self.beta = nn.Linear(num_topics, vocab_size, bias=False)
-        self.bn = nn.BatchNorm1d(vocab_size, affine=False)
+        if decoder_bn:
+            self.bn = nn.BatchNorm1d(vocab_size, affine=False)
+        else:
+            if background is not None and tuple(background.shape) != (vocab_size,):
+                raise ValueError(f"background must have shape ({vocab_size},), got "
+                                 f"{tuple(background.shape)}")
+            self.background = nn.Parameter(torch.zeros(vocab_size) if background is None
+                                           else background.detach().float().clone())
         self.drop = nn.Dropout(dropout)
 
     def decode(self, theta: torch.Tensor) -> torch.Tensor:
-        """theta (..., K) -> word log-probabilities (..., V): log softmax(BN(beta^T theta))."""
+        """theta (..., K) -> word log-probabilities (..., V): log softmax(b + beta^T theta),
+        or log softmax(BN(beta^T theta)) with ``decoder_bn``."""
         h = self.beta(self.drop(theta))
-        return F.log_softmax(DocumentEncoder._bn(self.bn, h), -1)
+        if self.decoder_bn:
+            return F.log_softmax(DocumentEncoder._bn(self.bn, h), -1)
+        return F.log_softmax(h + self.background, -1)
 
-    def model(self, docs: torch.Tensor, size: int | None = None,
-              subsample: torch.Tensor | None = None) -> torch.Tensor:
-        """docs: word counts (B, V), float. Returns theta (B, K)."""
+    def topic_prior_site(self, size: int, rows: int) -> None:
+        """log N(beta | 0, 1/lambda) (constant dropped), spread over the ``size`` documents of
+        the data plate (``rows`` of them in this minibatch) so that the engine's N/B scaling
+        adds it once per pass over the data. Training only: held-out ELBOs (validation, early
+        stopping, perplexity) score the documents alone."""
+        if self.beta_precision and self.training:
+            log_prior = -0.5 * self.beta_precision * self.beta.weight.pow(2).sum()
+            pyro.factor("beta_prior", (log_prior / size).expand(rows))
+
+    def model(self, docs: torch.Tensor, embeddings: torch.Tensor | None = None,
+              size: int | None = None, subsample: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """docs: word counts (B, V), float; ``embeddings`` (B, E): the guide's extra input
+        (unused by the generative model). Returns theta (B, K)."""
         pyro.module("prodlda", self)
         with pyro.plate("data", size or len(docs), subsample=subsample):
+            self.topic_prior_site(size or len(docs), len(docs))
             theta = topic_proportions_site(self.prior, self.alpha)
             word_counts_site(self.decode(theta), docs, normalized=True)
         return theta
@@ -180,22 +230,54 @@ class ProdLDA(nn.Module):
 
     def topic_word(self) -> torch.Tensor:
         """The topics' word weights (K, V): the rows of beta (unnormalized log weights, as
-        OCTIS/AVITM rank them)."""
+        OCTIS/AVITM rank them; with the background decoder, each topic's log-odds against
+        the background)."""
         return self.beta.weight.detach().t()
 
 
+def log_frequencies(counts: torch.Tensor, smoothing: float = 1.0) -> torch.Tensor:
+    """log of each word's share of all tokens, (V,), from counts (D, V) dense or sparse CSR,
+    with ``smoothing`` added to every word's count (so unseen words stay finite)."""
+    if counts.layout == torch.sparse_csr:
+        totals = torch.zeros(counts.shape[1]).index_add_(
+            0, counts.col_indices(), counts.values().float())
+    else:
+        totals = counts.float().sum(0)
+    totals = totals + smoothing
+    return (totals / totals.sum()).log()
+
+
 def build_prodlda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
-                  alpha: float = 1.0, prior: str = "laplace"):
+                  alpha: float = 1.0, prior: str = "laplace", decoder_bn: bool = False,
+                  beta_precision: float = 10.0, background: torch.Tensor | None = None,
+                  embedding_dim: int = 0):
     """ProdLDA and its amortized guide: the :class:`~ppl_vae.nn.DocumentEncoder` feeding
-    AmortizedNormal over ``logtheta`` (laplace) or AmortizedDirichlet over ``theta``."""
-    model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout)
-    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior)
+    AmortizedNormal over ``logtheta`` (laplace) or AmortizedDirichlet over ``theta``;
+    ``embedding_dim`` E > 0: the encoder reads [counts, embeddings] (CTM, see
+    :func:`topic_guide`)."""
+    model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout,
+                    decoder_bn=decoder_bn, beta_precision=beta_precision,
+                    background=background)
+    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim)
 
 
-def topic_guide(vocab_size: int, num_topics: int, hidden: int, dropout: float, prior: str):
-    """The amortized guide for the topic-proportion site of either prior."""
+def encoder_input(docs: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder's input for a minibatch: the counts (B, V), or with contextual embeddings
+    (B, E) the concatenation (B, V + E) (Bianchi et al. 2021, CombinedTM)."""
+    if embeddings is None:
+        return docs
+    return torch.cat([docs, embeddings.to(docs.dtype)], -1)
+
+
+def topic_guide(vocab_size: int, num_topics: int, hidden: int, dropout: float, prior: str,
+                embedding_dim: int = 0):
+    """The amortized guide for the topic-proportion site of either prior. With
+    ``embedding_dim`` E > 0 the data are ``(counts, embeddings)`` and the encoder reads both
+    (:func:`encoder_input`); the model ignores the embeddings."""
+    width = vocab_size + embedding_dim
+    inputs = encoder_input if embedding_dim else None
     if prior == "laplace":
-        encoder = DocumentEncoder(vocab_size, num_topics, hidden, dropout, head="normal")
-        return AmortizedNormal(encoder, site="logtheta", plate="data")
-    encoder = DocumentEncoder(vocab_size, num_topics, hidden, dropout, head="dirichlet")
-    return AmortizedDirichlet(encoder, site="theta", plate="data")
+        encoder = DocumentEncoder(width, num_topics, hidden, dropout, head="normal")
+        return AmortizedNormal(encoder, site="logtheta", plate="data", inputs=inputs)
+    encoder = DocumentEncoder(width, num_topics, hidden, dropout, head="dirichlet")
+    return AmortizedDirichlet(encoder, site="theta", plate="data", inputs=inputs)

@@ -2,9 +2,11 @@
 (:mod:`ppl_vae.models.lda`) share their data, training defaults and reports.
 
 :class:`TopicFamily` holds the spec a run stores, the corpus (:mod:`ppl_vae.data.topics`),
-the AVITM training defaults, the topic proportions of documents (:meth:`TopicFamily.theta`),
-the report (topics.csv, topics.png, NPMI and diversity) and the commands evaluate /
-transform / check.
+the training defaults, the topic proportions of documents (:meth:`TopicFamily.theta`),
+the report (topics.csv with per-topic NPMI and usage, topics.png, topic_quality.json) and the
+commands evaluate / transform / check. With contextual document embeddings (CTM: spec field
+``embeddings``, a ``.npy`` matrix in corpus order) the data are ``(counts, embeddings)`` and
+the encoder reads both; every command that encodes documents then needs their embeddings.
 """
 
 from __future__ import annotations
@@ -15,12 +17,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ppl_vae.batching import take_rows
 from ppl_vae.checkpoint import atomic_write_bytes, write_json
 from ppl_vae.data.fetch import CORPORA, fetch_corpus
-from ppl_vae.data.topics import TopicCorpus, load_corpus, read_documents
+from ppl_vae.data.topics import (
+    TopicCorpus,
+    load_corpus,
+    read_documents,
+    read_embeddings,
+)
 from ppl_vae.evaluation import eval_mode
 from ppl_vae.family import Family, register
 from ppl_vae.models.lda import build_lda
@@ -28,6 +36,7 @@ from ppl_vae.models.prodlda import (
     PRIORS,
     SITES,
     build_prodlda,
+    log_frequencies,
 )
 from ppl_vae.program import SetupError
 from ppl_vae.topic_metrics import diversity, perplexity, top_words, topic_quality
@@ -46,6 +55,16 @@ class TopicSpec:
     for ``dirichlet``, where alpha = 1 lets the topics collapse onto the frequent words).
     ``vocab_size`` None is read from the corpus (once per process while its files are
     unchanged). Bad values raise :class:`~ppl_vae.SetupError` naming the field.
+
+    ProdLDA's decoder: ``decoder_bn`` False (default) = background log-frequencies plus
+    beta with a Normal prior of precision ``beta_precision`` (None: 10 (20/K)^2,
+    :func:`default_beta_precision`); True = AVITM's batch norm on
+    the logits (the pre-issue-16 default, whose runs reload with it; benchmarks/RESULTS.md,
+    "Issue 16"). ``embeddings``: a ``.npy`` matrix (documents, E), one row per document of
+    the corpus in its order, fed to the encoder beside the counts (CTM);
+    ``embedding_model``: a sentence-transformers model name that computes them from the
+    corpus's texts instead (needs ``sentence_transformers``). ``embedding_dim`` E is read
+    from them.
     """
 
     model: str
@@ -61,9 +80,19 @@ class TopicSpec:
     max_features: int | None = 5000
     split_seed: int = 0
     vocab_size: int | None = None
+    decoder_bn: bool = False
+    beta_precision: float | None = None
+    embeddings: str | None = None
+    embedding_model: str | None = None
+    embedding_dim: int | None = None
 
     def __post_init__(self):
         self.corpus = str(self.corpus)
+        if self.embeddings is not None:
+            self.embeddings = str(self.embeddings)
+        if self.embeddings and self.embedding_model:
+            raise SetupError("give either embeddings (--embeddings FILE.npy) or "
+                             "embedding_model (--embedding-model NAME), not both")
         if self.prior not in PRIORS:
             raise SetupError(f"prior (--prior) must be one of {PRIORS}, got {self.prior!r}")
         if self.alpha is None:
@@ -75,6 +104,11 @@ class TopicSpec:
             if not ok:
                 raise SetupError(f"{name} (--{name}) must be {rule}, got "
                                  f"{getattr(self, name)}")
+        if self.beta_precision is None:
+            self.beta_precision = default_beta_precision(self.topics)
+        if self.beta_precision < 0 or not math.isfinite(self.beta_precision):
+            raise SetupError(f"beta_precision (--beta-precision) must be >= 0, got "
+                             f"{self.beta_precision}")
         # scikit-learn: an int is a number of documents, a float a fraction of them
         if float(self.min_df).is_integer() and self.min_df >= 1:
             self.min_df = int(self.min_df)
@@ -85,6 +119,20 @@ class TopicSpec:
                 raise SetupError("the topic models need a corpus: spec field 'corpus' "
                                  "(--corpus FOLDER_OR_FILE)")
             self.vocab_size = topic_corpus(self).vocab_size
+        if (self.embeddings or self.embedding_model) and self.embedding_dim is None:
+            self.embedding_dim = int(document_embeddings(self).shape[1])
+
+
+def default_beta_precision(num_topics: int) -> float:
+    """The prior precision on ProdLDA's topic weights: 10 at K = 20, scaled by (20/K)^2.
+
+    A document's topic proportions spread over more topics as K grows (the logistic-normal
+    prior has variance about 1 per topic whatever K), so a topic's weights must be about
+    K/20 times larger to move a document's words as much; the precision scales by the
+    square of that. Measured on BBC_News (benchmarks/RESULTS.md, "Issue 16"): lambda 10 is
+    the best of 3/10/30 at K = 20; at K = 50 it stops training at epoch 4 (the validation
+    ELBO peaks there), 2 trains to epoch 40."""
+    return 10.0 * (20.0 / num_topics) ** 2
 
 
 _CORPORA: dict[tuple, TopicCorpus] = {}
@@ -118,9 +166,60 @@ def topic_corpus(spec: TopicSpec) -> TopicCorpus:
     return _CORPORA[key]
 
 
+_EMBEDDINGS: dict[tuple, torch.Tensor] = {}
+
+
+def document_embeddings(spec: TopicSpec) -> torch.Tensor:
+    """The contextual embeddings (documents, E) of every document of the spec's corpus, in
+    the corpus's order (:attr:`~ppl_vae.data.topics.TopicCorpus.documents` maps count rows
+    to them): read from ``spec.embeddings`` (.npy, checked by
+    :func:`~ppl_vae.data.topics.read_embeddings`) or computed by the sentence-transformers
+    model ``spec.embedding_model`` from the documents' tokens. Kept while the file is
+    unchanged."""
+    corpus = topic_corpus(spec)
+    what = f"the corpus {spec.corpus}"
+    if spec.embeddings:
+        path = Path(spec.embeddings)
+        stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+        key = ("file", str(path.resolve()), stamp, corpus.source, corpus.num_documents)
+    else:
+        key = ("model", spec.embedding_model, corpus.source, corpus.num_documents)
+    if key not in _EMBEDDINGS:
+        if spec.embeddings:
+            try:
+                matrix = read_embeddings(spec.embeddings, corpus.num_documents, what)
+            except (FileNotFoundError, ValueError) as e:
+                raise SetupError(f"embeddings (--embeddings): {e}") from e
+        else:
+            matrix = encode_texts([" ".join(t) for t in corpus.texts], spec.embedding_model)
+        _EMBEDDINGS.clear()
+        _EMBEDDINGS[key] = matrix
+    matrix = _EMBEDDINGS[key]
+    if spec.embedding_dim is not None and matrix.shape[1] != spec.embedding_dim:
+        raise SetupError(f"embeddings: {spec.embeddings or spec.embedding_model} now give "
+                         f"{matrix.shape[1]} columns, the run was trained on "
+                         f"embedding_dim {spec.embedding_dim}")
+    return matrix
+
+
+def encode_texts(texts: list[str], model_name: str | None) -> torch.Tensor:
+    """Sentence-transformers embeddings (len(texts), E) of ``texts`` by ``model_name``; a
+    SetupError when the package is missing."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise SetupError(f"embedding_model (--embedding-model {model_name}) needs the "
+                         "sentence_transformers package; install it, or compute the "
+                         "embeddings elsewhere and pass --embeddings FILE.npy") from e
+    encoder = SentenceTransformer(model_name)
+    array = encoder.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    return torch.as_tensor(array, dtype=torch.float32)
+
+
 def plot_topics(weights: torch.Tensor, vocabulary: list[str], path: str | Path,
-                n: int = 10) -> Path:
-    """One panel per topic: its ``n`` top words as horizontal bars of their weights."""
+                n: int = 10, titles: list[str] | None = None) -> Path:
+    """One panel per topic: its ``n`` top words as horizontal bars of their weights;
+    ``titles``: one panel title per topic (default ``topic k``)."""
     import matplotlib.pyplot as plt
 
     from ppl_vae.plots import save_figure
@@ -137,7 +236,7 @@ def plot_topics(weights: torch.Tensor, vocabulary: list[str], path: str | Path,
         words = [vocabulary[i] for i in top.indices[t].tolist()]
         ax.barh(range(len(words))[::-1], top.values[t].tolist(), color="tab:blue")
         ax.set_yticks(range(len(words))[::-1], words, fontsize=8)
-        ax.set_title(f"topic {t}", fontsize=9)
+        ax.set_title(titles[t] if titles else f"topic {t}", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     return save_figure(fig, path)
 
@@ -160,60 +259,116 @@ class TopicFamily(Family):
               "lda": "neural LDA topic model (mixture decoder theta . softmax(beta))"}
     Spec = TopicSpec
     # AVITM-style settings: small batches, a high learning rate (BBC_News, K=20: NPMI 0.09 at
-    # lr 1e-2 vs 0.03 at 2e-3), analytic KL of the logistic-normal/Dirichlet posterior
-    # AVITM's settings; training stops when the validation ELBO has not improved for 10
-    # epochs, and the run keeps its best epoch (best.pt: what load_run and the report use)
+    # lr 1e-2 vs 0.03 at 2e-3), analytic KL of the logistic-normal/Dirichlet posterior.
+    # Training stops when the validation ELBO has not improved for 10 epochs, and the run
+    # keeps its best epoch (best.pt: what load_run, the report and evaluate use). Issue 16
+    # (benchmarks/RESULTS.md): with ProdLDA's background decoder and prior (the spec's
+    # defaults) these settings give BBC_News NPMI 0.18 with no negative topic.
     fit_defaults = {"lr": 1e-2, "batch_size": 64, "epochs": 50, "objective": "meanfield",
                     "patience": 10}
     dims = {"logtheta": ["document", "topic"], "theta": ["document", "topic"],
             "counts": ["document", "word"]}
 
     def build(self, spec: TopicSpec):
+        embedding_dim = spec.embedding_dim or 0
         if spec.model == "lda":
-            builder = build_lda
-        else:
-            builder = build_prodlda
-        return builder(spec.vocab_size, spec.topics, hidden=spec.hidden,
-                       dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior)
+            return build_lda(spec.vocab_size, spec.topics, hidden=spec.hidden,
+                             dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
+                             embedding_dim=embedding_dim)
+        return build_prodlda(spec.vocab_size, spec.topics, hidden=spec.hidden,
+                             dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
+                             decoder_bn=spec.decoder_bn, beta_precision=spec.beta_precision,
+                             background=self.background(spec),
+                             embedding_dim=embedding_dim)
 
-    def load_data(self, spec: TopicSpec, split: str) -> torch.Tensor | None:
-        """Sparse CSR counts (documents, V) of ``split``; None for an empty val/test split."""
+    @staticmethod
+    def background(spec: TopicSpec) -> torch.Tensor | None:
+        """The initial background of ProdLDA's decoder: log word frequencies of the training
+        split (:func:`~ppl_vae.models.prodlda.log_frequencies`); None for the batch-norm
+        decoder, or when the corpus cannot be read (a reloaded run takes b from its
+        checkpoint, so it does not need the corpus)."""
+        if spec.decoder_bn or spec.model != "prodlda":
+            return None
+        try:
+            corpus = topic_corpus(spec)
+        except (SetupError, OSError, ValueError):
+            return None
+        if corpus.vocab_size != spec.vocab_size:
+            return None
+        return log_frequencies(corpus.counts["train"])
+
+    def spec_from_json(self, stored: dict) -> TopicSpec:
+        """A stored spec; runs written before ``decoder_bn`` existed (issue 16) used AVITM's
+        batch-norm decoder and reload with it."""
+        if isinstance(stored, dict) and "decoder_bn" not in stored:
+            stored = {**stored, "decoder_bn": True}
+        return super().spec_from_json(stored)
+
+    def load_data(self, spec: TopicSpec, split: str):
+        """Sparse CSR counts (documents, V) of ``split``; with embeddings the pair (counts,
+        embeddings (documents, E)); None for an empty val/test split."""
         corpus = topic_corpus(spec)
         if corpus.vocab_size != spec.vocab_size:
             raise SetupError(f"vocabulary mismatch: {_vocabulary_file(spec)} now has "
                              f"{corpus.vocab_size} words, the spec says vocab_size "
                              f"{spec.vocab_size}")
         counts = corpus.counts.get(split)
-        return counts if counts is not None and counts.shape[0] else None
+        if counts is None or not counts.shape[0]:
+            return None
+        if spec.embedding_dim:
+            return counts, split_embeddings(spec, corpus, split)
+        return counts
 
-    def example(self, spec: TopicSpec) -> torch.Tensor:
-        return torch.ones(2, spec.vocab_size)
+    def example(self, spec: TopicSpec):
+        counts = torch.ones(2, spec.vocab_size)
+        return (counts, torch.zeros(2, spec.embedding_dim)) if spec.embedding_dim else counts
 
     def fit_settings(self, spec: TopicSpec) -> dict[str, Any]:
-        """The AVITM defaults; ``--beta``/``--kl-anneal-epochs`` weight the site of theta."""
+        """The defaults; ``--beta``/``--kl-anneal-epochs`` weight the site of theta."""
         return {**self.fit_defaults, "kl_sites": (SITES[spec.prior],)}
 
     # ---- after training ----------------------------------------------------------------
     def report(self, run) -> list[Path]:
-        """vocabulary.txt, topics.csv (topic, rank, word, weight of the top 25 words),
-        topics.png (each topic's top 10 words) and topic_quality.json (NPMI per topic,
-        diversity at 10 and 25)."""
+        """On the state a reloaded run holds (best.pt when there is validation data):
+        vocabulary.txt; topics.csv (topic, rank, word, weight of the top 25 words, and per
+        topic its ``npmi`` (top 10), ``usage`` (mean topic proportion over the training
+        documents) and ``documents`` (training documents whose largest proportion is the
+        topic)); topics.png (each topic's top 10 words, its NPMI and usage in the title);
+        topic_quality.json (the same per-topic figures, mean NPMI, diversity at 10 and 25)."""
         corpus = topic_corpus(run.spec)
         vocabulary = corpus.vocabulary
         path = Path(run.path)
         atomic_write_bytes(path / "vocabulary.txt", ("\n".join(vocabulary) + "\n").encode())
         weights = run.model.topic_word().cpu()
+        quality = topic_quality(weights, vocabulary, corpus.texts)
+        quality.update(self.usage(run, corpus))
         top = weights.topk(min(25, weights.shape[1]), -1)
-        rows = ["topic,rank,word,weight"]
+        rows = ["topic,rank,word,weight,npmi,usage,documents"]
         for k in range(weights.shape[0]):
+            per_topic = (f"{quality['npmi_per_topic'][k]:.6g},{quality['usage'][k]:.6g},"
+                         f"{quality['documents'][k]}")
             for r, (i, w) in enumerate(zip(top.indices[k].tolist(), top.values[k].tolist())):
                 word = vocabulary[i].replace('"', '""')
-                rows.append(f'{k},{r + 1},"{word}",{w:.6g}')
+                rows.append(f'{k},{r + 1},"{word}",{w:.6g},{per_topic}')
         atomic_write_bytes(path / "topics.csv", ("\n".join(rows) + "\n").encode())
-        write_json(topic_quality(weights, vocabulary, corpus.texts), path / "topic_quality.json")
+        write_json(quality, path / "topic_quality.json")
+        titles = [f"topic {k}: NPMI {n:+.2f}, usage {u:.1%}" for k, (n, u) in
+                  enumerate(zip(quality["npmi_per_topic"], quality["usage"]))]
         return [path / "vocabulary.txt", path / "topics.csv",
-                plot_topics(weights, vocabulary, path / "topics.png"),
+                plot_topics(weights, vocabulary, path / "topics.png", titles=titles),
                 path / "topic_quality.json"]
+
+    def usage(self, run, corpus: TopicCorpus | None = None) -> dict[str, list]:
+        """How much the training documents use each topic: ``usage`` (K,) the mean topic
+        proportion (sums to 1), ``documents`` (K,) how many documents have it as their
+        largest proportion."""
+        corpus = corpus or self.corpus(run)
+        train = corpus.split("train")
+        embeddings = (split_embeddings(run.spec, corpus, "train") if run.spec.embedding_dim
+                      else None)
+        theta = self.theta(run, train, embeddings=embeddings)
+        counts = torch.bincount(theta.argmax(-1), minlength=theta.shape[1])
+        return {"usage": theta.mean(0).tolist(), "documents": counts.tolist()}
 
     def vocabulary(self, run) -> list[str]:
         """The run's words (column v of its counts is word v): its vocabulary.txt, or for a
@@ -242,28 +397,39 @@ class TopicFamily(Family):
         return corpus
 
     @torch.no_grad()
-    def theta(self, run, counts: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    def theta(self, run, counts: torch.Tensor, batch_size: int = 1000,
+              embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Topic proportions (D, K) of count rows (D, V), dense or sparse CSR, in one encoder
         pass: the guide's posterior mean for the Dirichlet guide, softmax of the posterior
-        mean of log theta (its mode in the logistic basis) for the logistic-normal guide."""
+        mean of log theta (its mode in the logistic basis) for the logistic-normal guide.
+        A run trained with contextual embeddings needs the documents' ``embeddings``
+        (D, E) too."""
+        check_embeddings(run.spec, embeddings, counts.shape[0], "theta(run, counts, "
+                         "embeddings=...)")
         out = []
         with eval_mode(run.model, run.guide):
             for i in range(0, counts.shape[0], batch_size):
                 rows = torch.arange(i, min(i + batch_size, counts.shape[0]))
-                q = run.guide.distribution(take_rows(counts, rows).to(run.device))
+                inputs = [take_rows(counts, rows).to(run.device)]
+                if embeddings is not None:
+                    inputs.append(embeddings[rows].to(run.device))
+                q = run.guide.distribution(*inputs)
                 out.append((q.mean if run.spec.prior == "dirichlet"
                             else torch.softmax(q.mean, -1)).cpu())
         return torch.cat(out) if out else torch.zeros(0, run.spec.topics)
 
     # ---- commands ----------------------------------------------------------------------
     def evaluate(self, run, limit: int | None = None, seed: int = 0, **_: Any) -> dict:
-        """NPMI (top 10, the whole corpus as reference), diversity (top 25) and the test
-        perplexity bound (the val split when there is no test split); ``limit``: the first
-        documents only. Written to evaluation.json too."""
+        """NPMI (top 10, the whole corpus as reference; ``npmi_per_topic`` in
+        evaluation.json), diversity (top 25) and the test perplexity bound (the val split
+        when there is no test split); ``limit``: the first documents only. Written to
+        evaluation.json too."""
         corpus = self.corpus(run)
         weights = run.model.topic_word().cpu()
         quality = topic_quality(weights, corpus.vocabulary, corpus.texts)
         test = _heldout(corpus, limit)
+        if run.spec.embedding_dim:
+            test = (test, _heldout_embeddings(run.spec, corpus, limit))
         torch.manual_seed(seed)
         top = min(25, corpus.vocab_size)
         per_topic = quality["npmi_per_topic"]
@@ -272,18 +438,34 @@ class TopicFamily(Family):
                   "perplexity": perplexity(run.model, run.guide, test, device=run.device),
                   "npmi_min": float(min(per_topic)), "npmi_max": float(max(per_topic)),
                   "diversity_10": quality["diversity_10"],
-                  "test_documents": int(test.shape[0])}
+                  "test_documents": int(_rows(test))}
         if run.path is not None:
-            write_json(result, Path(run.path) / "evaluation.json")
+            write_json({**result, "npmi_per_topic": per_topic},
+                       Path(run.path) / "evaluation.json")
         return result
 
-    def transform(self, run, docs: str | Path, out: str | Path, **_: Any) -> dict:
+    def transform(self, run, docs: str | Path, out: str | Path,
+                  embeddings: str | Path | np.ndarray | torch.Tensor | None = None,
+                  **_: Any) -> dict:
         """``out`` (CSV): the topic proportions of each document of ``docs`` (one a line,
-        tokens as the corpus's; ``doc`` = its line number), columns topic_0..K-1."""
+        tokens as the corpus's; ``doc`` = its line number), columns topic_0..K-1. A run
+        trained with contextual embeddings needs the new documents' ``embeddings`` too: a
+        ``.npy`` file or matrix (documents, E), one row per non-blank line of ``docs``
+        (computed here instead when the run used ``--embedding-model``)."""
         counts, empty = read_documents(docs, self.vocabulary(run))
-        theta = self.theta(run, counts)
         lines = [i for i, line in enumerate(Path(docs).read_text(encoding="utf-8")
                                              .splitlines(), start=1) if line.split("\t")[0].strip()]
+        matrix = None
+        if embeddings is not None and isinstance(embeddings, (str, Path)):
+            matrix = read_embeddings(embeddings, counts.shape[0],
+                                     f"{docs} (its non-blank lines)")
+        elif embeddings is not None:
+            matrix = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+        elif run.spec.embedding_model:
+            texts = [line.split("\t")[0].lower() for line in Path(docs).read_text(
+                encoding="utf-8").splitlines() if line.split("\t")[0].strip()]
+            matrix = encode_texts(texts, run.spec.embedding_model)
+        theta = self.theta(run, counts, embeddings=matrix)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:
@@ -310,7 +492,11 @@ class TopicFamily(Family):
                              "ppl_vae.load_run(path)")
         corpus = self.corpus(run)
         test = _heldout(corpus, 50)  # dense rows
-        test = test[test.sum(-1) > 0]
+        keep = test.sum(-1) > 0
+        test = test[keep]
+        data = test
+        if run.spec.embedding_dim:
+            data = (test, _heldout_embeddings(run.spec, corpus, 50)[keep])
         top = torch.argsort(test.sum(0), descending=True)[:30].numpy()
 
         def shares(counts: np.ndarray) -> np.ndarray:
@@ -321,7 +507,7 @@ class TopicFamily(Family):
         ppc = {"share of the 30 most frequent held-out words":
                ("counts", shares, [corpus.vocabulary[i] for i in top])}
         torch.manual_seed(seed)
-        result = check_posterior(run.model, run.guide, test, run.path,
+        result = check_posterior(run.model, run.guide, data, run.path,
                                  dims={k: self.dims[k] for k in (site, "counts")},
                                  coords={"word": corpus.vocabulary},
                                  num_samples=min(samples, 100), khat_samples=khat_samples,
@@ -332,6 +518,50 @@ class TopicFamily(Family):
         result["heldout_documents"] = int(test.shape[0])
         write_json(result, Path(run.path) / "check.json")
         return result
+
+
+def split_embeddings(spec: TopicSpec, corpus: TopicCorpus, split: str) -> torch.Tensor:
+    """The embeddings (documents, E) of the count rows of ``split``, in their order."""
+    rows = torch.as_tensor(corpus.documents[split], dtype=torch.long)
+    return document_embeddings(spec).index_select(0, rows)
+
+
+def check_embeddings(spec: TopicSpec, embeddings: torch.Tensor | None, documents: int,
+                     call: str) -> None:
+    """A clear error when a run's encoder input and the given ``embeddings`` disagree: a
+    run trained with contextual embeddings needs (documents, E) finite values; a run
+    without them takes none."""
+    if spec.embedding_dim and embeddings is None:
+        source = spec.embeddings or f"--embedding-model {spec.embedding_model}"
+        raise SetupError(
+            f"this run was trained with contextual document embeddings ({spec.embedding_dim} "
+            f"columns, from {source}), so its encoder needs the new documents' embeddings "
+            f"too: pass them to {call} (a .npy file or matrix, one row per document, in the "
+            f"documents' order, made by the same embedding model)")
+    if embeddings is None:
+        return
+    if not spec.embedding_dim:
+        raise SetupError("this run was trained without document embeddings; do not pass "
+                         "embeddings")
+    if embeddings.dim() != 2 or embeddings.shape != (documents, spec.embedding_dim):
+        raise SetupError(f"embeddings of shape {tuple(embeddings.shape)}; this run needs "
+                         f"({documents}, {spec.embedding_dim}): one row per document, "
+                         f"{spec.embedding_dim} columns")
+    if not bool(torch.isfinite(embeddings).all()):
+        bad = int((~torch.isfinite(embeddings).all(-1)).nonzero()[0])
+        raise SetupError(f"embeddings hold NaN or infinite values, first in row {bad}")
+
+
+def _rows(data) -> int:
+    return (data[0] if isinstance(data, tuple) else data).shape[0]
+
+
+def _heldout_embeddings(spec: TopicSpec, corpus: TopicCorpus,
+                        limit: int | None = None) -> torch.Tensor:
+    """The embeddings of :func:`_heldout`'s documents."""
+    split = "test" if corpus.counts["test"].shape[0] else "val"
+    matrix = split_embeddings(spec, corpus, split)
+    return matrix[:limit] if limit else matrix
 
 
 def _heldout(corpus: TopicCorpus, limit: int | None = None) -> torch.Tensor:

@@ -149,19 +149,23 @@ def log_multinomial_coefficient(counts: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(counts.sum(-1) + 1) - torch.lgamma(counts + 1).sum(-1)
 
 
-def perplexity(model: Callable, guide: Callable, counts: torch.Tensor,
+def perplexity(model: Callable, guide: Callable, counts: torch.Tensor | tuple,
                num_particles: int = 1, batch_size: int = 500,
                device: str | torch.device | None = None) -> float:
     """Held-out perplexity bound exp(-sum_d [ELBO_d - log C_d] / sum_d N_d).
 
-    counts: (D, V) word counts (dense or sparse CSR). ELBO_d from :func:`ppl_vae.elbo`
-    (``num_particles`` draws), C_d the multinomial coefficient, N_d the document's length.
-    An upper bound on the true perplexity (ELBO <= log p(x)); lower is better.
+    counts: (D, V) word counts (dense or sparse CSR), or a tuple whose first element they
+    are (the rest, e.g. document embeddings (D, E), go to model and guide as well). ELBO_d
+    from :func:`ppl_vae.elbo` (``num_particles`` draws), C_d the multinomial coefficient,
+    N_d the document's length. An upper bound on the true perplexity (ELBO <= log p(x));
+    lower is better.
     """
     from ppl_vae.batching import take_rows
     from ppl_vae.evaluation import elbo
 
-    per_doc = elbo(model, guide, counts, num_particles=num_particles, batch_size=batch_size,
+    data = counts
+    counts = data[0] if isinstance(data, tuple) else data
+    per_doc = elbo(model, guide, data, num_particles=num_particles, batch_size=batch_size,
                    per_example=True, device=device, progress=False)
     coef, words = [], []
     for i in range(0, counts.shape[0], batch_size):

@@ -86,3 +86,16 @@ def test_amortized_settings_follow_the_exam_size():
                                           num_students=100_000, num_items=100))
     assert (small["batch_size"], small["epochs"]) == (100, 200)   # 4000 steps
     assert big["batch_size"] == 1000 and big["epochs"] == 40       # 4000 steps, not 200k
+
+
+def test_encoder_uses_elu_and_older_runs_reload_with_relu():
+    """A ReLU encoder at the exam's lr can die in its first epoch (every unit negative for
+    every student: one ability for all; seed 17 of benchmarks/irt_collapse.py); new runs
+    use ELU, and a config.json from before the field existed still rebuilds its ReLU net."""
+    family = family_of("irt-2pl")
+    spec = family.Spec(model="irt-2pl", method="amortized", num_items=5, num_students=10)
+    _, guide = family.build(spec)
+    assert isinstance(guide.local.encoder.body[-1], torch.nn.ELU)
+    stored = {k: v for k, v in vars(spec).items() if k != "activation"}
+    _, old = family.build(family.spec_from_json(stored))
+    assert isinstance(old.local.encoder.body[-1], torch.nn.ReLU)

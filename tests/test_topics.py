@@ -250,7 +250,7 @@ def test_cli_train_evaluate_transform(tmp_path, capsys):
         assert (run / name).exists(), name
     with open(run / "topics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["topic", "rank", "word", "weight"]
+    assert list(rows[0]) == ["topic", "rank", "word", "weight", "npmi", "usage", "documents"]
     assert {r["topic"] for r in rows} == {"0", "1", "2"} and rows[0]["word"] in WORDS
     capsys.readouterr()
     cli(["evaluate", str(run)])
@@ -373,8 +373,179 @@ def test_bad_topic_settings_are_setup_errors_naming_the_field(tmp_path):
         cli(base + ["--topics", "1"])
     with pytest.raises(SetupError, match=r"alpha \(--alpha\) must be > 0, got -1"):
         cli(base + ["--alpha", "-1"])
+    with pytest.raises(SetupError, match=r"beta_precision \(--beta-precision\) must be >= 0, "
+                       r"got -2"):
+        cli(base + ["--beta-precision", "-2"])
     with pytest.raises(SetupError, match=r"corpus \(--corpus\): .*missing"):
         cli(["train", "lda", "--corpus", str(tmp_path / "missing"), "--out",
              str(tmp_path / "r")])
     with pytest.raises(SetupError, match="need a corpus"):
         ppl_vae.train("prodlda", None, {"topics": 3})
+
+
+# ---- issue 16: the background decoder, one answer per run, contextual embeddings --------
+
+def test_log_frequencies_and_the_prior_on_beta_shrinks_the_topics():
+    """b = log word shares (sparse or dense counts alike); the Normal prior on beta is in
+    the training objective only and pulls the topics' weights towards 0."""
+    from ppl_vae.models.prodlda import log_frequencies
+
+    counts, _ = planted_corpus(n=120)
+    shares = (counts.sum(0) + 1) / (counts.sum() + counts.shape[1])
+    torch.testing.assert_close(log_frequencies(counts.to_sparse_csr()), shares.log())
+    torch.testing.assert_close(log_frequencies(counts), shares.log())
+    norms = {}
+    for precision in (0.0, 100.0):
+        torch.manual_seed(0)
+        model, guide = build_prodlda(len(WORDS), 3, hidden=16, beta_precision=precision,
+                                     background=log_frequencies(counts))
+        fit(model, guide, counts.to_sparse_csr(), epochs=8, batch_size=60, lr=2e-2,
+            objective="meanfield", progress=False, seed=0)
+        norms[precision] = float(model.beta.weight.detach().norm())
+        model.eval()  # held-out scores leave the prior out
+        trace = poutine.trace(model).get_trace(counts[:5])
+        assert "beta_prior" not in trace.nodes
+        model.train()
+        assert ("beta_prior" in poutine.trace(model).get_trace(counts[:5]).nodes) \
+            == (precision > 0)
+    assert norms[100.0] < 0.7 * norms[0.0]
+    with pytest.raises(ValueError, match="beta_precision must be >= 0"):
+        build_prodlda(len(WORDS), 3, beta_precision=-1)
+
+
+def test_runs_written_before_issue_16_reload_with_the_batch_norm_decoder(tmp_path):
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=40))
+    from ppl_vae.models.topics import TopicFamily
+
+    family = TopicFamily()
+    old = family.spec_from_json({"model": "prodlda", "corpus": str(folder), "topics": 3,
+                                 "vocab_size": len(WORDS)})
+    assert old.decoder_bn and hasattr(family.build(old)[0], "bn")
+    new = family.make_spec("prodlda", corpus=str(folder), topics=3)
+    model = family.build(new)[0]
+    assert not new.decoder_bn and not hasattr(model, "bn")
+    # the prior's precision: 10 at K = 20, scaled by (20/K)^2 unless given
+    assert family.make_spec("prodlda", corpus=str(folder), topics=20).beta_precision == 10
+    assert family.make_spec("prodlda", corpus=str(folder), topics=40).beta_precision == 2.5
+    assert family.make_spec("prodlda", corpus=str(folder), topics=40,
+                            beta_precision=0).beta_precision == 0
+    assert model.beta_precision == pytest.approx(10 * (20 / 3) ** 2)
+    # the background starts at the training split's log word frequencies
+    corpus = load_octis(folder)
+    from ppl_vae.models.prodlda import log_frequencies
+    torch.testing.assert_close(model.background.detach(),
+                               log_frequencies(corpus.counts["train"]))
+
+
+def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):
+    """topics.csv, topic_quality.json and `ppl-vae evaluate` score the same topics: those of
+    the best validation epoch (best.pt), not the last one; topics.csv carries each topic's
+    NPMI and usage."""
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=90))
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--epochs", "12", "--lr", "0.3", "--patience", "4", "--seed", "1",
+                "--beta-precision", "10",
+                "--out", str(out), "--no-progress"]) == 0
+    history = metrics_without_time(out)
+    best = max(history, key=lambda r: float(r["val_elbo"]))
+    assert int(best["epoch"]) < len(history)  # the last epoch is not the best here
+    with open(out / "topics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_topic = {}
+    for row in rows:
+        per_topic[int(row["topic"])] = (float(row["npmi"]), float(row["usage"]),
+                                        int(row["documents"]))
+    quality = json.loads((out / "topic_quality.json").read_text())
+    assert [v[0] for _, v in sorted(per_topic.items())] == pytest.approx(
+        quality["npmi_per_topic"], abs=1e-5)
+    assert sum(v[1] for v in per_topic.values()) == pytest.approx(1, abs=1e-4)
+    assert sum(v[2] for v in per_topic.values()) == load_octis(folder).split("train").shape[0]
+
+    capsys.readouterr()
+    assert cli(["evaluate", str(out)]) == 0
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert float(printed["npmi"]) == pytest.approx(quality["npmi"], abs=1e-6)
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["npmi_per_topic"] == pytest.approx(quality["npmi_per_topic"])
+
+    # and both are the best epoch's: the last epoch's topics (checkpoint.pt) differ
+    run = ppl_vae.load_run(out)
+    assert run.checkpoint.name == "best.pt"
+    last = torch.load(out / "checkpoint.pt", weights_only=True)["model"]["beta.weight"].t()
+    assert not torch.allclose(last, run.model.topic_word())
+
+
+def embeddings_corpus(tmp_path, n=60, dim=5):
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=n))
+    matrix = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    np.save(tmp_path / "emb.npy", matrix)
+    return folder, matrix
+
+
+def test_contextual_embeddings_feed_the_encoder_and_the_run_reloads(tmp_path):
+    folder, matrix = embeddings_corpus(tmp_path)
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--epochs", "3", "--embeddings", str(tmp_path / "emb.npy"), "--out", str(out),
+                "--no-progress"]) == 0
+    spec = json.loads((out / "config.json").read_text())["spec"]
+    assert spec["embedding_dim"] == 5 and spec["embeddings"].endswith("emb.npy")
+    run = ppl_vae.load_run(out)
+    assert run.guide.encoder.body[0].in_features == len(WORDS) + 5
+    result = run.family.evaluate(run)
+    assert -1 <= result["npmi"] <= 1 and result["perplexity"] > 1
+
+    corpus = load_octis(folder)
+    test = corpus.split("test")
+    rows = corpus.documents["test"]
+    theta = run.family.theta(run, test, embeddings=torch.as_tensor(matrix[rows]))
+    assert theta.shape == (test.shape[0], 3)
+    other = run.family.theta(run, test, embeddings=torch.as_tensor(matrix[rows] + 3.0))
+    assert not torch.allclose(theta, other)  # the encoder reads the embeddings
+
+    docs = tmp_path / "new.txt"
+    docs.write_text("w0 w1 w2 w3\n\nw20 w21\n")
+    with pytest.raises(SetupError, match=r"trained with contextual document embeddings .*"
+                       r"needs the new documents' embeddings too"):
+        run.family.transform(run, docs=docs, out=tmp_path / "theta.csv")
+    np.save(tmp_path / "new.npy", matrix[:2])
+    written = run.family.transform(run, docs=docs, out=tmp_path / "theta.csv",
+                                   embeddings=tmp_path / "new.npy")
+    assert written["documents"] == 2
+    np.save(tmp_path / "three.npy", matrix[:3])
+    with pytest.raises(ValueError, match=r"3 rows of embeddings, but .*new.txt .* has 2 "
+                       r"documents"):
+        run.family.transform(run, docs=docs, out=tmp_path / "theta.csv",
+                             embeddings=tmp_path / "three.npy")
+
+
+def test_bad_embeddings_are_refused_before_training(tmp_path):
+    folder, matrix = embeddings_corpus(tmp_path)
+    base = ["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--out",
+            str(tmp_path / "r"), "--no-progress", "--embeddings"]
+    np.save(tmp_path / "short.npy", matrix[:50])
+    with pytest.raises(SetupError, match=r"short.npy: 50 rows of embeddings, but the corpus "
+                       r".* has 60 documents"):
+        cli(base + [str(tmp_path / "short.npy")])
+    bad = matrix.copy()
+    bad[7, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(SetupError, match=r"1 rows of embeddings hold NaN or infinite values, "
+                       r"first row 7"):
+        cli(base + [str(tmp_path / "nan.npy")])
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(SetupError, match=r"text.npy: not a NumPy .npy array"):
+        cli(base + [str(tmp_path / "text.npy")])
+    np.save(tmp_path / "flat.npy", matrix[:, 0])
+    with pytest.raises(SetupError, match=r"2-D matrix \(documents, E\), got shape \(60,\)"):
+        cli(base + [str(tmp_path / "flat.npy")])
+    with pytest.raises(SetupError, match=r"no such embeddings file"):
+        cli(base + [str(tmp_path / "missing.npy")])
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(SetupError, match=r"--embedding-model all-MiniLM-L6-v2\) needs the "
+                           r"sentence_transformers package"):
+            cli(base[:-1] + ["--embedding-model", "all-MiniLM-L6-v2"])
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("run", type=Path)
     tr.add_argument("--docs", type=Path, required=True)
     tr.add_argument("--out", type=Path, required=True)
+    tr.add_argument("--embeddings", type=Path, default=None,
+                    help="a run trained with --embeddings: the new documents' (docs, E) .npy")
     tr.add_argument("--device", default="auto")
 
     da = sub.add_parser("data", help="download public data sets by name")

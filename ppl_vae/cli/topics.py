@@ -5,9 +5,11 @@
     ppl-vae transform RUN --docs new.txt --out theta.csv
     ppl-vae check RUN
 
+    ppl-vae train prodlda --corpus DIR --embeddings DIR_embeddings.npy --out RUN   # CTM
+
 The flags map to the spec of :class:`ppl_vae.models.topics.TopicFamily`, which holds the
-models, the corpus, the training defaults (50 epochs, batch 64, lr 1e-2, meanfield), the
-report (vocabulary.txt, topics.csv, topics.png, topic_quality.json) and the commands.
+models, the corpus, the training defaults, the report (vocabulary.txt, topics.csv with
+per-topic NPMI and usage, topics.png, topic_quality.json) and the commands.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--prior", choices=PRIORS, default=S.prior,
                    help="laplace: logistic normal + Normal guide; dirichlet: Dirichlet prior "
                    "+ reparameterized Dirichlet guide")
+    g.add_argument("--decoder-bn", action="store_true",
+                   help="prodlda: AVITM's batch norm on the decoder logits (the old default) "
+                   "instead of background word frequencies + a Normal prior on the topics")
+    g.add_argument("--beta-precision", type=float, default=None,
+                   help="prodlda: precision of the Normal prior on the topics' word weights "
+                   "(default 10 (20/K)^2; 0: none)")
+    e = g.add_mutually_exclusive_group()
+    e.add_argument("--embeddings", type=Path, default=None,
+                   help="contextual document embeddings for the encoder (CTM): a .npy matrix "
+                   "(documents, E), one row per document of the corpus in its order")
+    e.add_argument("--embedding-model", default=None,
+                   help="compute those embeddings from the corpus's texts with this "
+                   "sentence-transformers model (needs sentence_transformers)")
     t = p.add_argument_group("plain-text corpora (scikit-learn CountVectorizer; the split "
                              "into train/val/test follows --seed)")
     t.add_argument("--min-df", type=float, default=S.min_df)
@@ -50,5 +65,8 @@ def cli_spec(args: argparse.Namespace) -> dict:
     return dict(corpus=str(args.corpus), topics=args.topics, hidden=args.hidden,
                 dropout=args.dropout, alpha=args.alpha, prior=args.prior,
                 min_df=args.min_df, max_df=args.max_df, stop_words=args.stop_words,
-                max_features=args.max_features,
+                max_features=args.max_features, decoder_bn=args.decoder_bn,
+                beta_precision=args.beta_precision,
+                embeddings=str(args.embeddings) if args.embeddings else None,
+                embedding_model=args.embedding_model,
                 split_seed=args.seed if args.seed is not None else S.split_seed)

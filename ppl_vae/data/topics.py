@@ -48,6 +48,10 @@ class TopicCorpus:
             texts of NPMI, as OCTIS uses them).
         lines: split name -> the 1-based source line (or file index) of each counts row.
         source: where it was read from.
+        documents: split name -> the 0-based position of each counts row among the corpus's
+            documents (its non-blank lines, or files, in order: the row order of a document
+            embedding matrix, :func:`load_embeddings`).
+        num_documents: how many documents the source has (empty ones included).
     """
 
     vocabulary: list[str]
@@ -55,6 +59,8 @@ class TopicCorpus:
     texts: list[list[str]]
     lines: dict[str, list[int]] = field(default_factory=dict)
     source: str = ""
+    documents: dict[str, list[int]] = field(default_factory=dict)
+    num_documents: int = 0
 
     @property
     def vocab_size(self) -> int:
@@ -193,17 +199,18 @@ def _make_corpus(vocabulary: list[str], ids: list, numbers: list[int],
     """Split documents (word ids, their line numbers) into train/val/test count matrices,
     dropping empty documents with one counted warning per split; ``label`` names the file in
     messages. Checks that the training split is usable."""
-    counts, lines = {}, {}
+    counts, lines, documents = {}, {}, {}
     for name in SPLITS:
         part, part_lines = _drop_empty([ids[i] for i in rows[name]],
                                        [numbers[i] for i in rows[name]], f"{label} ({name})")
         counts[name] = sparse_counts(part, len(vocabulary))
         lines[name] = part_lines
+        documents[name] = [i for i in rows[name] if len(ids[i])]
     if counts["train"].shape[0] == 0:
         have = [k for k, v in counts.items() if v.shape[0]]
         raise ValueError(f"{label}: no documents in split 'train' (splits with documents: "
                          f"{have})")
-    return TopicCorpus(vocabulary, counts, texts, lines, source)
+    return TopicCorpus(vocabulary, counts, texts, lines, source, documents, len(ids))
 
 
 def _text_documents(path: Path) -> tuple[list[str], list[int]]:
@@ -303,3 +310,41 @@ def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torc
                       "their topic proportions are the encoder's answer for an empty "
                       "document", CorpusWarning, stacklevel=2)
     return sparse_counts(ids, len(vocabulary)), len(empty)
+
+
+def read_embeddings(path: str | os.PathLike, num_documents: int,
+                    what: str = "the corpus") -> torch.Tensor:
+    """Document embeddings (CTM's contextual encoder input) from a NumPy ``.npy`` file.
+
+    The file holds a float matrix (documents, E), one row per document of ``what`` in its
+    order (for a corpus: its non-blank lines or files, :attr:`TopicCorpus.documents`).
+    Returns a float32 tensor (documents, E). Errors name the file and the problem: missing,
+    not a ``.npy`` array, not 2-D, not numbers, a row count other than ``num_documents``,
+    NaN or infinite values (the first bad row).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such embeddings file (a .npy matrix, one row per "
+                                f"document of {what})")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a NumPy .npy array ({e}); save the embeddings with "
+                         "numpy.save(path, matrix)") from e
+    if not isinstance(array, np.ndarray) or array.ndim != 2:
+        shape = getattr(array, "shape", None)
+        raise ValueError(f"{path}: embeddings must be a 2-D matrix (documents, E), got shape "
+                         f"{shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{path}: embeddings must be numbers, got dtype {array.dtype}")
+    if array.shape[0] != num_documents:
+        raise ValueError(f"{path}: {array.shape[0]} rows of embeddings, but {what} has "
+                         f"{num_documents} documents (one row per document, in order)")
+    if array.shape[1] == 0:
+        raise ValueError(f"{path}: embeddings have 0 columns")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        bad = np.nonzero(~finite)[0]
+        raise ValueError(f"{path}: {len(bad)} rows of embeddings hold NaN or infinite values, "
+                         f"first row {int(bad[0])} (0-based)")
+    return torch.as_tensor(array, dtype=torch.float32)
