@@ -8,7 +8,7 @@ item estimates with standard errors and every student's EAP ability written to C
     mirt: csv -> numpy, fit_mirt(2PL, standard errors), fscores(EAP), two CSV files written
 
 Each run is a fresh process with one thread (OMP/MKL/OpenBLAS/RAYON = 1); CPU seconds and
-peak RSS come from the process's own rusage (os.wait4), so imports count on both sides.
+peak RSS come from GNU time (/usr/bin/time), so imports count on both sides.
 Runs alternate; the table gives medians and the CPU ratio.
 
     python3 benchmarks/irt_end_to_end.py --peer-python /tmp/peers/bin/python --repeats 3
@@ -74,18 +74,18 @@ def write_exam(folder: Path, size: str) -> tuple[Path, dict]:
 
 
 def timed(command: list[str]) -> dict:
-    """Run a fresh process; its own CPU seconds, wall seconds and peak RSS (MB)."""
+    """Run a fresh process; its own CPU seconds, wall seconds and peak RSS (MB), measured by
+    GNU time (a process forked from this big driver would inherit the driver's peak RSS in
+    its rusage; GNU time forks the command from a small process)."""
     env = {**os.environ, **ONE_THREAD}
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "RUSAGE %U %S %M", *command], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
-    err = proc.stderr.read().decode()
-    if status != 0:
-        raise RuntimeError(f"{command[:3]} failed: {err[-2000:]}")
-    return {"cpu": usage.ru_utime + usage.ru_stime, "wall": wall,
-            "peak_mb": usage.ru_maxrss / 1024}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed: {proc.stderr[-2000:]}")
+    user, system, peak_kb = proc.stderr.strip().splitlines()[-1].split()[1:]
+    return {"cpu": float(user) + float(system), "wall": wall, "peak_mb": float(peak_kb) / 1024}
 
 
 def read_columns(path: Path, *names: str) -> list[np.ndarray]:

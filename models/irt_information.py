@@ -31,7 +31,7 @@ import torch
 
 def marginal_hessian(steps: Callable[[torch.Tensor], torch.Tensor], phi: torch.Tensor,
                      counts: torch.Tensor, log_weights: torch.Tensor, *,
-                     chunk_size: int = 20_000, dtype: torch.dtype = torch.float64,
+                     chunk_size: int = 4096, dtype: torch.dtype = torch.float64,
                      node_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact Hessian (P, P) of sum_s log p(y_s | phi) (nats) at ``phi``.
 
@@ -97,7 +97,7 @@ def marginal_hessian(steps: Callable[[torch.Tensor], torch.Tensor], phi: torch.T
 
 def laplace_guide(model, values: dict[str, torch.Tensor], responses: torch.Tensor,
                   mask: torch.Tensor | None, args: tuple, kwargs: dict,
-                  chunk_size: int = 20_000):
+                  chunk_size: int = 4096):
     """The Laplace approximation N(mode, H^-1) of a marginal exam model's item posterior as an
     ``AutoMultivariateNormal`` (loc, scale, scale_tril buffers, as Pyro's
     ``AutoLaplaceApproximation.laplace_approximation`` returns), H the exact Hessian of the

@@ -669,7 +669,7 @@ def make_spec(spec: Any) -> Any:
     """Check an exam spec with ``dims`` > 1 or a ``q_matrix`` and fill its data fields
     (num_items, num_students, item_ids, dims and loading_pattern from the Q-matrix, method,
     correlated). Raises SetupError naming the flag or file."""
-    from .irt import read_responses
+    from .irt_tables import read_responses
 
     name = spec.model
     if name != "irt-2pl":
@@ -730,7 +730,7 @@ def fit_settings(spec: Any) -> dict[str, Any]:
     """Marginal: the 1-D marginal runs' settings (batches of up to 5000 students, about 400
     Adam steps, lr 0.05 cosine). Amortized: the importance-weighted bound with K = 5,
     batches of 100 students, lr 0.01 on a cosine schedule, about 3000 steps (>= 10 epochs)."""
-    from .irt import MARGINAL_BATCH, MARGINAL_MIN_EPOCHS, MARGINAL_STEPS
+    from .irt_tables import MARGINAL_BATCH, MARGINAL_MIN_EPOCHS, MARGINAL_STEPS
 
     n = int(spec.num_students or 1)
     if spec.method == "marginal":
@@ -812,7 +812,7 @@ def _item_rows(spec: Any, sol: dict[str, Any]) -> list[dict]:
 
 
 def _student_rows(data, sol: dict[str, Any]) -> list[dict]:
-    from .irt import Z90
+    from .irt_tables import Z90
 
     theta, sd = sol["theta"], sol["theta_sd"]
     answered = data.mask.sum(1).tolist()
@@ -894,7 +894,7 @@ def report(run) -> list[Path]:
     from ppl_vae import plots
     from ppl_vae.checkpoint import write_json
 
-    from .irt import RESPONSES_FILE, read_responses, save_responses, write_csv
+    from .irt_tables import RESPONSES_FILE, read_responses, save_responses, write_csv
 
     out = Path(run.path)
     data = read_responses(run.spec, check=False).align(run.spec.item_ids)
@@ -920,7 +920,7 @@ def evaluate(run, iwae_samples: int = 1000, limit: int | None = None, seed: int 
     amortized runs (a stochastic lower bound, tight as K grows). Writes evaluation.json."""
     from ppl_vae.checkpoint import write_json
 
-    from .irt import run_responses
+    from .irt_tables import run_responses
 
     y, mask = run_responses(run).tensors()
     if limit:
@@ -949,7 +949,7 @@ def score(run, responses: str | Path, out: str | Path) -> dict[str, Any]:
     """Abilities of new students (items missing from their file count as unanswered) into
     the CSV ``out``: by quadrature given the items (marginal runs) or from the encoder and
     importance weights (amortized runs); same columns as students.csv."""
-    from .irt import read_responses, write_csv
+    from .irt_tables import read_responses, write_csv
 
     data = read_responses(run.spec, responses, check=False).align(run.spec.item_ids)
     y, mask = data.tensors()
