@@ -601,13 +601,14 @@ def laplace_approximation(model: MarginalIRT, guide: nn.Module, responses: torch
     over the students instead of one backward pass per latent number)."""
     from .irt_information import laplace_guide
 
-    args, kwargs = _guide_call(guide, responses, mask)
+    args, kwargs = guide_call(guide, responses, mask)
     values = guide_mode(model, guide, responses, mask)
     return laplace_guide(model, values, responses, mask, args, kwargs)
 
 
-def _guide_call(guide: nn.Module, responses: torch.Tensor, mask: torch.Tensor | None):
-    """Arguments that run a guide of global sites cheaply: two students, the full size."""
+def guide_call(guide: nn.Module, responses: torch.Tensor, mask: torch.Tensor | None):
+    """Arguments that run a guide of item (global) sites cheaply: two students, the full
+    size (any exam program with the ``(responses, mask, size=, subsample=)`` call form)."""
     n = len(responses)
     device = next((p.device for p in guide.parameters()), responses.device)
     idx = torch.arange(min(2, n), device=device)
@@ -620,7 +621,7 @@ def guide_mode(model: MarginalIRT, guide: nn.Module, responses: torch.Tensor,
                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The latent sites at the guide's mode: its median in the unconstrained space, where
     every site here lives (a point guide's point)."""
-    args, kwargs = _guide_call(guide, responses, mask)
+    args, kwargs = guide_call(guide, responses, mask)
     try:
         mode = guide.median(*args, **kwargs)
     except NotImplementedError:  # AutoLaplaceApproximation: a point mass, its draw is the mode
@@ -644,7 +645,7 @@ def posterior_draws(model: MarginalIRT, guide: nn.Module, responses: torch.Tenso
                     mask: torch.Tensor | None = None, num_samples: int = 2000, seed: int = 0
                     ) -> dict[str, torch.Tensor]:
     """Draws of the latent item sites (S, I) / (S, G) from the guide, on the CPU."""
-    args, kwargs = _guide_call(guide, responses, mask)
+    args, kwargs = guide_call(guide, responses, mask)
     with pyro.poutine.seed(rng_seed=seed), pyro.plate("_posterior_draws", num_samples, dim=-2):
         trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
     out = {}

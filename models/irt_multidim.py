@@ -63,7 +63,7 @@ from torch.nn.functional import logsigmoid
 
 from ppl_vae.program import SetupError
 
-from .irt_marginal import gauss_hermite
+from .irt_marginal import gauss_hermite, guide_call
 
 #: prior (loc, scale) of the Normal item sites and the LKJ concentration, by preset
 PRIORS = {
@@ -399,21 +399,12 @@ def _item_guide(guide: nn.Module) -> nn.Module:
     return getattr(guide, "items", guide)
 
 
-def _guide_call(guide: nn.Module, responses: torch.Tensor, mask: torch.Tensor | None):
-    """Arguments that run a guide of item sites cheaply: two students, the full size."""
-    n = len(responses)
-    device = next((p.device for p in guide.parameters()), responses.device)
-    idx = torch.arange(min(2, n), device=device)
-    m = None if mask is None else mask[:len(idx)].to(device)
-    return (responses[:len(idx)].to(device), m), {"size": n, "subsample": idx}
-
-
 @torch.no_grad()
 def guide_mode(model: MultidimIRT, guide: nn.Module, responses: torch.Tensor,
                mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The item sites at a point guide's value (AutoDelta: the marginal MAP), detached."""
     items = _item_guide(guide)
-    args, kwargs = _guide_call(items, responses, mask)
+    args, kwargs = guide_call(items, responses, mask)
     mode = items.median(*args, **kwargs)
     return {k: mode[k].detach() for k in model.latent_sites}
 
@@ -440,7 +431,7 @@ def laplace_items(model: MultidimIRT, guide: nn.Module, responses: torch.Tensor,
     mode = guide_mode(model, guide, responses, mask)
     laplace = autoguide.AutoLaplaceApproximation(
         model, init_loc_fn=autoguide.init_to_value(values=mode))
-    args, kwargs = _guide_call(guide, responses, mask)
+    args, kwargs = guide_call(guide, responses, mask)
     laplace(*args, **kwargs)  # builds its prototype at the mode
     device = args[0].device
     try:
