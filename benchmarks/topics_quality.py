@@ -18,6 +18,8 @@ ratio to the first setting's.
         --corpora BBC_News --seeds 0 1 --settings old background prior10 default
     OMP_NUM_THREADS=1 nice -n 10 python3 benchmarks/topics_quality.py \\
         --corpora M10 DBLP --max-train 10000 --seeds 0 --settings old default
+    OMP_NUM_THREADS=1 nice -n 10 python3 benchmarks/topics_quality.py \\
+        --corpora M10 --seeds 0 1 --settings old long-defaults default
 """
 
 from __future__ import annotations
@@ -60,8 +62,16 @@ SETTINGS: dict[str, tuple[dict, dict]] = {
     "prior5-b256": ({"beta_precision": 5.0}, {"lr": 2e-2, "batch_size": 256, "epochs": 100}),
     "alpha0.1": ({"alpha": 0.1}, {}),
     "dropout0": ({"dropout": 0.0}, {}),
-    # the family's defaults as they stand
+    # the family's defaults as they stand (on short texts, under 15 tokens per training
+    # document: alpha 0.1 and beta_precision 3 (20/K)^2, ppl_vae.models.topics.short_texts)
     "default": ({}, {}),
+    # the long-text defaults forced on any corpus (alpha 1, lambda 10 (20/K)^2; K = 20 here)
+    "long-defaults": ({"alpha": 1.0, "beta_precision": 10.0}, {}),
+    # the short-text defaults forced on any corpus (K = 20), and other priors with alpha 0.1
+    "short-defaults": ({"alpha": 0.1, "beta_precision": 3.0}, {}),
+    "short-prior0.3": ({"alpha": 0.1, "beta_precision": 0.3}, {}),
+    "short-prior1": ({"alpha": 0.1, "beta_precision": 1.0}, {}),
+    "old-a0.1": ({"decoder_bn": True, "alpha": 0.1}, {}),
     # no early stopping: 30 epochs, the last one's topics (short-text corpora, M10 / DBLP,
     # reach their best validation ELBO within a few epochs, long before their best topics)
     "old-30": ({"decoder_bn": True}, {"lr": 1e-2, "batch_size": 64, "epochs": 30,

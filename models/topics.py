@@ -52,13 +52,16 @@ class TopicSpec:
     a line or a folder of ``*.txt`` files; ``min_df``, ``max_df``, ``stop_words`` (``none``
     for none), ``max_features`` and ``split_seed`` (the random train/val/test split) apply
     to plain text only. ``alpha`` None takes the prior's default (1 for ``laplace``, 0.1
-    for ``dirichlet``, where alpha = 1 lets the topics collapse onto the frequent words).
+    for ``dirichlet``, where alpha = 1 lets the topics collapse onto the frequent words),
+    and 0.1 for ProdLDA on short texts (:func:`short_texts`: the training documents average
+    fewer than :data:`SHORT_TEXT_TOKENS` tokens, e.g. titles; the rule and its measurements
+    are in :func:`short_texts`).
     ``vocab_size`` None is read from the corpus (once per process while its files are
     unchanged). Bad values raise :class:`~ppl_vae.SetupError` naming the field.
 
     ProdLDA's decoder: ``decoder_bn`` False (default) = background log-frequencies plus
-    beta with a Normal prior of precision ``beta_precision`` (None: 10 (20/K)^2,
-    :func:`default_beta_precision`); True = AVITM's batch norm on
+    beta with a Normal prior of precision ``beta_precision`` (None: 10 (20/K)^2, or
+    3 (20/K)^2 on short texts, :func:`default_beta_precision`); True = AVITM's batch norm on
     the logits (the pre-issue-16 default, whose runs reload with it; benchmarks/RESULTS.md,
     "Issue 16"). ``embeddings``: a ``.npy`` matrix (documents, E), one row per document of
     the corpus in its order, fed to the encoder beside the counts (CTM);
@@ -95,25 +98,28 @@ class TopicSpec:
                              "embedding_model (--embedding-model NAME), not both")
         if self.prior not in PRIORS:
             raise SetupError(f"prior (--prior) must be one of {PRIORS}, got {self.prior!r}")
-        if self.alpha is None:
-            self.alpha = 1.0 if self.prior == "laplace" else 0.1
-        for name, ok, rule in (("topics", self.topics >= 2, ">= 2"),
-                               ("hidden", self.hidden >= 1, ">= 1"),
-                               ("alpha", self.alpha > 0, "> 0"),
-                               ("dropout", 0 <= self.dropout < 1, "in [0, 1)")):
-            if not ok:
-                raise SetupError(f"{name} (--{name}) must be {rule}, got "
-                                 f"{getattr(self, name)}")
-        if self.beta_precision is None:
-            self.beta_precision = default_beta_precision(self.topics)
-        if self.beta_precision < 0 or not math.isfinite(self.beta_precision):
-            raise SetupError(f"beta_precision (--beta-precision) must be >= 0, got "
-                             f"{self.beta_precision}")
         # scikit-learn: an int is a number of documents, a float a fraction of them
         if float(self.min_df).is_integer() and self.min_df >= 1:
             self.min_df = int(self.min_df)
         if float(self.max_df).is_integer() and self.max_df > 1:
             self.max_df = int(self.max_df)
+        for name, ok, rule in (("topics", self.topics >= 2, ">= 2"),
+                               ("hidden", self.hidden >= 1, ">= 1"),
+                               ("dropout", 0 <= self.dropout < 1, "in [0, 1)")):
+            if not ok:
+                raise SetupError(f"{name} (--{name}) must be {rule}, got "
+                                 f"{getattr(self, name)}")
+        short = (self.model == "prodlda" and (self.alpha is None or self.beta_precision is None)
+                 and short_texts(self))
+        if self.alpha is None:
+            self.alpha = 1.0 if self.prior == "laplace" and not short else 0.1
+        if not self.alpha > 0:
+            raise SetupError(f"alpha (--alpha) must be > 0, got {self.alpha}")
+        if self.beta_precision is None:
+            self.beta_precision = default_beta_precision(self.topics, short)
+        if self.beta_precision < 0 or not math.isfinite(self.beta_precision):
+            raise SetupError(f"beta_precision (--beta-precision) must be >= 0, got "
+                             f"{self.beta_precision}")
         if self.vocab_size is None:
             if not self.corpus:
                 raise SetupError("the topic models need a corpus: spec field 'corpus' "
@@ -123,8 +129,9 @@ class TopicSpec:
             self.embedding_dim = int(document_embeddings(self).shape[1])
 
 
-def default_beta_precision(num_topics: int) -> float:
-    """The prior precision on ProdLDA's topic weights: 10 at K = 20, scaled by (20/K)^2.
+def default_beta_precision(num_topics: int, short: bool = False) -> float:
+    """The prior precision on ProdLDA's topic weights: 10 at K = 20 (3 on short texts,
+    :func:`short_texts`), scaled by (20/K)^2.
 
     A document's topic proportions spread over more topics as K grows (the logistic-normal
     prior has variance about 1 per topic whatever K), so a topic's weights must be about
@@ -132,7 +139,58 @@ def default_beta_precision(num_topics: int) -> float:
     square of that. Measured on BBC_News (benchmarks/RESULTS.md, "Issue 16"): lambda 10 is
     the best of 3/10/30 at K = 20; at K = 50 it stops training at epoch 4 (the validation
     ELBO peaks there), 2 trains to epoch 40."""
-    return 10.0 * (20.0 / num_topics) ** 2
+    return (3.0 if short else 10.0) * (20.0 / num_topics) ** 2
+
+
+SHORT_TEXT_TOKENS = 15.0  # mean tokens per training document below which texts are short
+
+
+def mean_document_length(corpus: TopicCorpus) -> float:
+    """Tokens per training document (after the vocabulary's filtering), averaged; 0 for an
+    empty training split."""
+    counts = corpus.counts["train"]
+    if not counts.shape[0]:
+        return 0.0
+    total = counts.values().sum() if counts.layout == torch.sparse_csr else counts.sum()
+    return float(total) / counts.shape[0]
+
+
+def short_texts(spec: TopicSpec) -> bool:
+    """Whether the spec's corpus holds short texts: its training documents average fewer
+    than :data:`SHORT_TEXT_TOKENS` (15) tokens (M10 5.9, DBLP 5.4: titles; BBC_News 120).
+    False when the spec names no corpus, or names one that cannot be read while the spec
+    already knows its vocabulary size (a reloaded run keeps its stored alpha and
+    beta_precision, so this is never needed there).
+
+    ProdLDA's defaults on short texts are alpha 0.1 and beta_precision 3 (20/K)^2 (instead
+    of 1 and 10 (20/K)^2). Why (benchmarks/RESULTS.md, "Issue 16", short texts; K = 20, per-epoch
+    validation ELBO and NPMI): with 6-word documents the model that ignores its topics
+    (background frequencies only, theta at the prior) has the best validation ELBO (M10:
+    -33 nats per document against -40..-46 once topics form), so with alpha 1 the background
+    decoder stays in that state whatever the prior (NPMI -0.34..-0.50 at epochs 1-40, all
+    topics near the background; lambda 1 or 0 leave it only after 8-12 epochs, and the
+    validation ELBO, hence best.pt, prefers the collapsed epochs). alpha 0.1 (a wide
+    logistic-normal prior, variance 9.5: one topic per title is cheap) puts it in the
+    topic-using state from the start, where the validation ELBO and NPMI rise together, so
+    early stopping works again. The prior on beta must then be weaker than on long texts
+    and depends on the corpus's size: lambda 10 over-shrinks (M10 NPMI -0.02..-0.09), 0.3
+    drifts to rare words (M10 -0.12, DBLP -0.05); lambda 1 is best on M10 (+0.01/+0.03 at
+    the best validation epoch, 34k training tokens) but weak on 10,000 DBLP titles (+0.01,
+    54k tokens); lambda 3 beats the LDA peers on both (DBLP +0.06 at 10,000 titles, +0.070
+    over 2 seeds with diversity 0.88 on all 38,215, OCTIS ProdLDA 0.06-0.07; M10
+    +0.004 over 2 seeds against LDA's -0.07, DBLP's LDA 0.03-0.05) but costs M10 diversity
+    (0.65 against 0.81 at lambda 1, whose NPMI there is +0.031).
+    The threshold 15 lies between the short corpora measured (5-6 tokens) and BBC_News
+    (120); nothing in between was measured."""
+    if not spec.corpus:
+        return False
+    try:
+        corpus = topic_corpus(spec)
+    except SetupError:
+        if spec.vocab_size is None:
+            raise
+        return False
+    return mean_document_length(corpus) < SHORT_TEXT_TOKENS
 
 
 _CORPORA: dict[tuple, TopicCorpus] = {}
@@ -263,7 +321,11 @@ class TopicFamily(Family):
     # Training stops when the validation ELBO has not improved for 10 epochs, and the run
     # keeps its best epoch (best.pt: what load_run, the report and evaluate use). Issue 16
     # (benchmarks/RESULTS.md): with ProdLDA's background decoder and prior (the spec's
-    # defaults) these settings give BBC_News NPMI 0.18 with no negative topic.
+    # defaults) these settings give BBC_News NPMI 0.18 with no negative topic. On short
+    # texts the same fit settings serve, because the spec's short-text defaults (alpha 0.1,
+    # a weaker prior: short_texts) make the validation ELBO rise with the topics' quality
+    # (M10: best epoch 17-24 of 27-34); with alpha 1 it peaks on a model that ignores its
+    # topics, and no patience or epoch count fixes that (best.pt holds the peak).
     fit_defaults = {"lr": 1e-2, "batch_size": 64, "epochs": 50, "objective": "meanfield",
                     "patience": 10}
     dims = {"logtheta": ["document", "topic"], "theta": ["document", "topic"],

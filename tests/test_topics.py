@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import warnings
@@ -435,6 +436,31 @@ def test_runs_written_before_issue_16_reload_with_the_batch_norm_decoder(tmp_pat
     from ppl_vae.models.prodlda import log_frequencies
     torch.testing.assert_close(model.background.detach(),
                                log_frequencies(corpus.counts["train"]))
+
+
+def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
+    """Titles (under 15 tokens per training document): alpha 0.1 and beta_precision
+    3 (20/K)^2; long documents keep 1 and 10 (20/K)^2; given values and LDA are untouched."""
+    from ppl_vae.models.topics import TopicFamily, mean_document_length, topic_corpus
+
+    family = TopicFamily()
+    _, texts = planted_corpus(n=60, length=5)
+    splits = ["train"] * 42 + ["val"] * 9 + ["test"] * 9
+    titles = write_octis(tmp_path / "titles", [f"{' '.join(t)}\t{s}\t0"
+                                               for t, s in zip(texts, splits)])
+    spec = family.make_spec("prodlda", corpus=str(titles), topics=10)
+    assert mean_document_length(topic_corpus(spec)) == pytest.approx(5)
+    assert (spec.alpha, spec.beta_precision) == (0.1, pytest.approx(12.0))
+    given = family.make_spec("prodlda", corpus=str(titles), topics=10, alpha=0.5,
+                             beta_precision=3)
+    assert (given.alpha, given.beta_precision) == (0.5, 3)
+    assert family.make_spec("lda", corpus=str(titles), topics=10).alpha == 1.0
+    documents = write_octis(tmp_path / "documents", octis_lines(n=60))  # 20 tokens each
+    long = family.make_spec("prodlda", corpus=str(documents), topics=10)
+    assert (long.alpha, long.beta_precision) == (1.0, pytest.approx(40.0))
+    # a reloaded run keeps what it stored, readable corpus or not
+    stored = family.spec_from_json({**dataclasses.asdict(spec), "corpus": str(tmp_path / "gone")})
+    assert (stored.alpha, stored.beta_precision) == (0.1, pytest.approx(12.0))
 
 
 def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):

@@ -34,8 +34,9 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--dropout", type=float, default=S.dropout)
     g.add_argument("--alpha", type=float, default=None,
                    help="symmetric Dirichlet concentration of the prior on theta (default: "
-                   "1 for --prior laplace, 0.1 for --prior dirichlet, where alpha = 1 lets "
-                   "the topics collapse onto the frequent words)")
+                   "1 for --prior laplace, 0.1 on short texts (< 15 tokens a document) and "
+                   "for --prior dirichlet, where alpha = 1 lets the topics collapse onto "
+                   "the frequent words)")
     g.add_argument("--prior", choices=PRIORS, default=S.prior,
                    help="laplace: logistic normal + Normal guide; dirichlet: Dirichlet prior "
                    "+ reparameterized Dirichlet guide")
@@ -44,7 +45,7 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    "instead of background word frequencies + a Normal prior on the topics")
     g.add_argument("--beta-precision", type=float, default=None,
                    help="prodlda: precision of the Normal prior on the topics' word weights "
-                   "(default 10 (20/K)^2; 0: none)")
+                   "(default 10 (20/K)^2, 3 (20/K)^2 on short texts; 0: none)")
     e = g.add_mutually_exclusive_group()
     e.add_argument("--embeddings", type=Path, default=None,
                    help="contextual document embeddings for the encoder (CTM): a .npy matrix "
