@@ -764,9 +764,13 @@ class IRTFamily(Family):
         :data:`MIN_ABILITY_SPREAD` logits: every student gets about the same ability) or the
         items ran away (median discrimination or lecture beta below
         :data:`MIN_DISCRIMINATION`, or a difficulty beyond :data:`MAX_DIFFICULTY` logits).
-        Marginal fits integrate the abilities out and cannot collapse. (Multidimensional
-        fits are checked by their own module.)"""
-        if run.spec.method == "marginal" or getattr(run.spec, "dims", 1) > 1:
+        Marginal fits integrate the abilities out and cannot collapse. Multidimensional
+        amortized fits: :func:`ppl_vae.models.irt_multidim.check_fit`."""
+        if getattr(run.spec, "dims", 1) > 1:
+            from .irt_multidim import check_fit
+
+            return check_fit(run, self.run_data(run, "train"), MIN_ABILITY_SPREAD)
+        if run.spec.method == "marginal":
             return None
         y, mask = self.run_data(run, "train")
         means, _ = ability_posterior(run.guide, y, mask)

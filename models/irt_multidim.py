@@ -780,6 +780,25 @@ def solution(run, y: torch.Tensor, mask: torch.Tensor, num_samples: int = 1000,
     return out
 
 
+def check_fit(run, data: tuple[torch.Tensor, torch.Tensor], min_spread: float) -> str | None:
+    """Why an amortized multidimensional fit is unusable, or None: a factor whose encoder
+    means have an sd over students below ``min_spread`` (the encoder gives everyone one
+    value on it). Quadrature fits integrate the abilities out and cannot collapse."""
+    if run.model.method == "marginal":
+        return None
+    y, mask = data
+    items = item_estimates(run.model, run.guide, y, mask)
+    means = importance_abilities(run.model, run.guide, y, mask, items, num_samples=2)["mean"]
+    spread = means.std(0)
+    dead = [f"factor {j + 1} (sd {float(v):.3g})" for j, v in enumerate(spread)
+            if float(v) < min_spread]
+    if dead:
+        return (f"the ability posterior collapsed on {', '.join(dead)}: the encoder gives every "
+                f"student about the same value (< {min_spread}); retrain with another --seed "
+                "or a lower --lr, or fewer --dims")
+    return None
+
+
 def _item_rows(spec: Any, sol: dict[str, Any]) -> list[dict]:
     a, d = sol["loadings"], sol["intercept"]
     norm = np.sqrt((a ** 2).sum(1))

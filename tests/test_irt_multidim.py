@@ -245,3 +245,22 @@ def test_cli_3d_amortized_and_exploratory_runs(tmp_path):
                                                     "method": "marginal"})
     with pytest.raises(SetupError, match="available for irt-2pl"):
         ppl_vae.train("irt-1pl", tmp_path / "bad", {"responses": str(exam), "dims": 2})
+
+
+def test_a_collapsed_factor_of_an_amortized_fit_is_detected(tmp_path):
+    """The fit check of 3+ dimensional (encoder) runs: a factor on which the encoder gives
+    every student the same value is named; a trained run passes."""
+    q = simple_structure(9, 3)
+    d = simulate(300, q, seed=8)
+    exam = write_exam(tmp_path / "exam.csv", d["responses"], d["mask"])
+    qfile = tmp_path / "Q.csv"
+    qfile.write_text("item,F1,F2,F3\n" + "".join(
+        f"q{t + 1},{','.join(map(str, q[t]))}\n" for t in range(9)))
+    run = ppl_vae.train("irt-2pl", tmp_path / "r3", {"responses": str(exam), "dims": 3,
+                                                     "q_matrix": str(qfile)},
+                        epochs=10, progress=False)
+    assert run.family.check_fit(run) is None
+    loc = run.guide.local.encoder.loc
+    with torch.no_grad():
+        loc.weight[1].zero_()     # factor 2: one value for every student
+    assert "collapsed on factor 2" in run.family.check_fit(run)
