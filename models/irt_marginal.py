@@ -572,10 +572,12 @@ def make_guide(model: MarginalIRT, responses: torch.Tensor, mask: torch.Tensor |
 
 
 class FirstBatchInit:
-    """``init_loc_fn`` of an autoguide over a :class:`MarginalIRT`: the data-driven starting
-    values of :meth:`MarginalIRT.initial_values` from the batch the model is called with when
-    the guide builds its prototype (the engine's first minibatch), so a guide can be built
-    before any data is seen (as a run is, from its spec). Other sites: their prior median."""
+    """``init_loc_fn`` of an autoguide over an exam program with ``latent_sites``,
+    ``initial_values(responses, mask)`` and ``last_batch`` (:class:`MarginalIRT`, the
+    multidimensional model): the data-driven starting values from the batch the model is
+    called with when the guide builds its prototype (the engine's first minibatch), so a
+    guide can be built before any data is seen (as a run is, from its spec). Other sites:
+    their prior median."""
 
     def __init__(self, model: MarginalIRT):
         self.model = model
@@ -587,7 +589,10 @@ class FirstBatchInit:
         if batch is None or site["name"] not in self.model.latent_sites:
             return init_to_median(site)
         value = self.model.initial_values(*batch)[site["name"]]
-        ref = site["fn"].mean  # the prior (a Normal): device and dtype of the site
+        try:  # the prior's mean: device, dtype and shape of the site
+            ref = site["fn"].mean
+        except NotImplementedError:  # e.g. LKJCholesky: a draw has them too
+            ref = site["fn"].sample()
         return value.to(device=ref.device, dtype=ref.dtype).expand(ref.shape).clone()
 
 

@@ -63,7 +63,7 @@ from torch.nn.functional import logsigmoid
 
 from ppl_vae.program import SetupError
 
-from .irt_marginal import gauss_hermite, guide_call
+from .irt_marginal import FirstBatchInit, gauss_hermite, guide_call
 
 #: prior (loc, scale) of the Normal item sites and the LKJ concentration, by preset
 PRIORS = {
@@ -277,7 +277,7 @@ class MultidimIRT(nn.Module):
         if mask is None:
             mask = torch.ones_like(responses, dtype=torch.bool)
         dtype = responses.dtype if responses.is_floating_point() else torch.get_default_dtype()
-        self.last_batch = (responses, mask)  # for :class:`ItemInit` (no copy, no host read)
+        self.last_batch = (responses, mask)  # for FirstBatchInit (no copy, no host read)
         items = self.sample_items(responses.device, dtype)
         with pyro.plate(self.student_plate, size or len(responses), subsample=subsample,
                         dim=-1):
@@ -325,25 +325,6 @@ class MultidimIRT(nn.Module):
 
 # ---- guides ------------------------------------------------------------------------------
 
-class ItemInit:
-    """``init_loc_fn`` of the item autoguide: :meth:`MultidimIRT.initial_values` from the
-    batch the model is called with when the guide builds its prototype (the engine's first
-    minibatch), so a guide can be built from a spec before any data is seen."""
-
-    def __init__(self, model: MultidimIRT):
-        self.model = model
-
-    def __call__(self, site: dict) -> torch.Tensor:
-        from pyro.infer.autoguide import init_to_median
-
-        batch = getattr(self.model, "last_batch", None)
-        if batch is None or site["name"] not in self.model.latent_sites:
-            return init_to_median(site)
-        value = self.model.initial_values(*batch)[site["name"]]
-        ref = site["fn"].sample()  # device, dtype and shape of the site
-        return value.to(device=ref.device, dtype=ref.dtype).expand(ref.shape).clone()
-
-
 def encoder_input(responses: torch.Tensor, mask: torch.Tensor | None = None, **_) -> torch.Tensor:
     """The ability encoder's input: [responses * mask, mask], (B, 2I)."""
     if mask is None:
@@ -354,8 +335,9 @@ def encoder_input(responses: torch.Tensor, mask: torch.Tensor | None = None, **_
 
 class PointItemsAmortizedAbilities(nn.Module):
     """Guide of the amortized (joint) model: AutoDelta over the item sites (the model with
-    ``ability`` hidden; started at :class:`ItemInit`) and q(theta_s | y_s) = N(mu, L L^T)
-    from an MLP encoder (Algorithm 2). Attributes ``items``, ``local``."""
+    ``ability`` hidden; started at :class:`~ppl_vae.models.irt_marginal.FirstBatchInit`)
+    and q(theta_s | y_s) = N(mu, L L^T) from an MLP encoder (Algorithm 2). Attributes
+    ``items``, ``local``."""
 
     def __init__(self, model: MultidimIRT, hidden: list[int]):
         from pyro.infer.autoguide import AutoDelta
@@ -364,7 +346,7 @@ class PointItemsAmortizedAbilities(nn.Module):
 
         super().__init__()
         self.items = AutoDelta(poutine.block(model, hide=["ability"]),
-                               init_loc_fn=ItemInit(model))
+                               init_loc_fn=FirstBatchInit(model))
         encoder = FullCovEncoder.mlp(2 * model.num_items, list(hidden), model.dims,
                                      activation="elu")
         self.local = AmortizedFullCovNormal(encoder, site="ability", plate=model.student_plate,
@@ -389,7 +371,7 @@ def build(num_items: int, dims: int, q_matrix: Any = None, correlated: bool | No
     model = MultidimIRT(num_items, dims, q_matrix, correlated, method, priors,
                         prior_overrides, num_nodes)
     if method == "marginal":
-        return model, AutoDelta(model, init_loc_fn=ItemInit(model))
+        return model, AutoDelta(model, init_loc_fn=FirstBatchInit(model))
     return model, PointItemsAmortizedAbilities(model, hidden or [128])
 
 
@@ -967,7 +949,7 @@ def score(run, responses: str | Path, out: str | Path) -> dict[str, Any]:
     write_csv(_student_rows(data, sol), Path(out))
     return {"scored": len(y), "out": str(out)}
 
-__all__ = ["MultidimIRT", "PRIORS", "ItemInit", "PointItemsAmortizedAbilities", "build",
+__all__ = ["MultidimIRT", "PRIORS", "PointItemsAmortizedAbilities", "build",
            "build_spec", "evaluate", "fit_settings", "make_spec", "report", "score",
            "solution",
            "encoder_input", "guide_mode", "importance_abilities", "item_estimates",
