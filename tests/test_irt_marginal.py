@@ -62,15 +62,17 @@ def category_probability(theta: float, a: float, b: np.ndarray, k: int) -> float
     return at_least(k) - at_least(k + 1)
 
 
-def brute_posterior(y, mask, items, cats):
-    """Unnormalized posterior density of one student's ability, N(0, 1) prior."""
-    a, th = items["discrimination"].numpy(), items["thresholds"].numpy()
+def brute_posterior(y, mask, items, cats, probability=None, parameter="thresholds"):
+    """Unnormalized posterior density of one student's ability, N(0, 1) prior; answers'
+    ``probability(theta, a, item's parameter row, k)`` (default: the graded model's)."""
+    probability = probability or category_probability
+    a, th = items["discrimination"].numpy(), items[parameter].numpy()
 
     def density(theta: float) -> float:
         p = math.exp(-0.5 * theta ** 2) / math.sqrt(2 * math.pi)
         for t, k in enumerate(cats):
             if mask[t]:
-                p *= category_probability(theta, a[t], th[t, :k - 1], int(y[t]))
+                p *= probability(theta, a[t], th[t, :k - 1], int(y[t]))
         return p
     return density
 
@@ -408,19 +410,6 @@ def partial_credit_probability(theta: float, a: float, steps: np.ndarray, k: int
     return numerators[k] / sum(numerators)
 
 
-def partial_credit_density(y, mask, items, cats):
-    """Unnormalized posterior density of one student's ability, N(0, 1) prior."""
-    a, steps = items["discrimination"].numpy(), items["steps"].numpy()
-
-    def density(theta: float) -> float:
-        p = math.exp(-0.5 * theta ** 2) / math.sqrt(2 * math.pi)
-        for t, k in enumerate(cats):
-            if mask[t]:
-                p *= partial_credit_probability(theta, a[t], steps[t, :k - 1], int(y[t]))
-        return p
-    return density
-
-
 def test_partial_credit_probabilities_follow_the_definition_and_binary_items_are_the_2pl():
     cats = [2, 5, 3, 2]
     d, items = partial_credit_exam(cats)
@@ -454,7 +443,8 @@ def test_partial_credit_log_marginal_and_abilities_equal_brute_force_integrals()
     log_marginal = model.log_marginal(d["responses"].double(), d["mask"], items)
     got = model.abilities(d["responses"], d["mask"], items, num_nodes=61)
     for s in range(5):
-        density = partial_credit_density(d["responses"][s], d["mask"][s], items, cats)
+        density = brute_posterior(d["responses"][s], d["mask"][s], items, cats,
+                                  partial_credit_probability, "steps")
 
         def moment(power: int, f=density) -> float:
             return integrate.quad(lambda t: t ** power * f(t), -12, 12, epsabs=0,

@@ -218,13 +218,19 @@ def test_train_writes_tables_and_reloads(tmp_path):
         assert float(scores["high"][f"theta{j}_mean"]) > float(scores["low"][f"theta{j}_mean"])
 
 
-def test_cli_3d_amortized_and_exploratory_runs(tmp_path):
+def three_factor_exam(folder: Path) -> tuple[Path, Path]:
+    """A simulated 300 x 9 exam with a 3-factor simple structure: its CSV and Q-matrix."""
     q = simple_structure(9, 3)
     d = simulate(300, q, seed=8)
-    exam = write_exam(tmp_path / "exam.csv", d["responses"], d["mask"])
-    qfile = tmp_path / "Q.csv"
+    exam = write_exam(folder / "exam.csv", d["responses"], d["mask"])
+    qfile = folder / "Q.csv"
     qfile.write_text("item,F1,F2,F3\n" + "".join(
         f"q{t + 1},{','.join(map(str, q[t]))}\n" for t in range(9)))
+    return exam, qfile
+
+
+def test_cli_3d_amortized_and_exploratory_runs(tmp_path):
+    exam, qfile = three_factor_exam(tmp_path)
     main(["train", "irt-2pl", "--responses", str(exam), "--dims", "3", "--q-matrix",
           str(qfile), "--no-correlated", "--epochs", "3", "--out", str(tmp_path / "r3"),
           "--no-progress", "--device", "cpu"])
@@ -250,12 +256,7 @@ def test_cli_3d_amortized_and_exploratory_runs(tmp_path):
 def test_a_collapsed_factor_of_an_amortized_fit_is_detected(tmp_path):
     """The fit check of 3+ dimensional (encoder) runs: a factor on which the encoder gives
     every student the same value is named; a trained run passes."""
-    q = simple_structure(9, 3)
-    d = simulate(300, q, seed=8)
-    exam = write_exam(tmp_path / "exam.csv", d["responses"], d["mask"])
-    qfile = tmp_path / "Q.csv"
-    qfile.write_text("item,F1,F2,F3\n" + "".join(
-        f"q{t + 1},{','.join(map(str, q[t]))}\n" for t in range(9)))
+    exam, qfile = three_factor_exam(tmp_path)
     run = ppl_vae.train("irt-2pl", tmp_path / "r3", {"responses": str(exam), "dims": 3,
                                                      "q_matrix": str(qfile)},
                         epochs=10, progress=False)
