@@ -45,13 +45,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import workers
+from workers import THREADS, peak_mb
 
 SIZES = {"small": (2000, 50, 0.0), "large": (100_000, 100, 0.7)}
 # engine settings per exam: (batch size, epochs); short = fewer epochs
@@ -63,18 +64,6 @@ VARIANTS = ("engine", "engine-short", "engine-q41", "engine-f64", "lbfgs", "mirt
 # R ltm 2PL MML on LSAT6 (Rizopoulos 2006; girth 0.8 and mirt agree to 0.005)
 LTM_LSAT6 = {"a": [0.825, 0.723, 0.890, 0.689, 0.657],
              "b": [-3.360, -1.370, -0.280, -1.866, -3.124]}
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "RAYON_NUM_THREADS": "1"}
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory, MB (VmHWM: not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def recovery(a: np.ndarray, b: np.ndarray, theta: np.ndarray, data: dict) -> dict:
@@ -208,14 +197,7 @@ def worker_ours(spec: dict) -> dict:
 
 
 def run_worker(python: str, spec: dict, timeout: float) -> dict:
-    env = {**os.environ, **THREADS}
-    if spec["variant"].startswith("mirt"):
-        env.pop("PYTHONPATH", None)
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['variant']} on {spec['size']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return workers.run_worker(python, __file__, spec, timeout, spec["size"])
 
 
 # ---- the driver ---------------------------------------------------------------------------

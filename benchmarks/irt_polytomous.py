@@ -46,13 +46,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import workers
+from workers import THREADS, peak_mb
 
 # name -> (response model of the simulation, mirt's model, fixed a, categories)
 SETS = {"grm": ("graded", "GRM", None), "gpcm": ("partial_credit", "GPCM", None),
@@ -60,18 +61,6 @@ SETS = {"grm": ("graded", "GRM", None), "gpcm": ("partial_credit", "GPCM", None)
 STUDENTS, ITEMS, CATEGORIES, MISSING = 10_000, 20, 5, 0.1
 VARIANTS = ("ours", "ours-q61", "mirt", "mirt-nose")
 MIN_ANSWERS = 20  # a step counts as identified when both its categories have this many
-THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "RAYON_NUM_THREADS": "1"}
-
-
-def peak_mb() -> float:
-    """This process's peak resident memory, MB (VmHWM: not inherited across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def recovery(a: np.ndarray, b: np.ndarray, theta: np.ndarray, data: dict) -> dict:
@@ -168,14 +157,7 @@ def worker_ours(spec: dict) -> dict:
 
 
 def run_worker(python: str, spec: dict, timeout: float) -> dict:
-    env = {**os.environ, **THREADS}
-    if spec["variant"].startswith("mirt"):
-        env.pop("PYTHONPATH", None)
-    proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['variant']} on {spec['set']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return workers.run_worker(python, __file__, spec, timeout, spec["set"])
 
 
 # ---- the driver ---------------------------------------------------------------------------
