@@ -146,8 +146,9 @@ def ours(model: str, spec: dict) -> Callable:
         finally:
             family_class.report = original_report
         kept = ppl_vae.load_run(out)
-        val = [row.get("val_elbo") for row in trained.history]
-        best = int(trained.history[int(np.argmax(val))]["epoch"]) if None not in val else ""
+        best_file = out / "best.pt"  # the kept epoch (after the family's warm-up epochs)
+        best = (int(torch.load(best_file, weights_only=True)["epoch"]) if best_file.exists()
+                else "")
         fit = trained.fit_settings
         model_spec = {k_: v for k_, v in dataclasses.asdict(kept.spec).items()
                       if k_ not in ("corpus", "model", "vocab_size", "min_df", "max_df",

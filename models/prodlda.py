@@ -125,11 +125,30 @@ class DocumentCounts(TorchDistribution):
         return self.total_count.unsqueeze(-1) * self.logits.exp()
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log p of counts ``value`` (..., V), dense or a sparse CSR batch (B, V) (the
+        engine's ``sparse_batches``: only the nonzero counts are read, the same numbers)."""
+        if value.layout == torch.sparse_csr:
+            return self._log_prob_csr(value)
         if self._validate_args:
             self._validate_sample(value)
         n = value.sum(-1)
         return (torch.lgamma(n + 1) - torch.lgamma(value + 1).sum(-1)
                 + (value * self.logits).sum(-1))
+
+    def _log_prob_csr(self, value: torch.Tensor) -> torch.Tensor:
+        rows, cols, counts = csr_entries(value)
+        if self._validate_args and not bool(((counts >= 0) & (counts == counts.round()))
+                                            .all()):
+            raise ValueError("DocumentCounts: counts must be non-negative integers")
+        b = value.shape[0]
+        logits = self.logits
+        if logits.dim() < 2:
+            logits = logits.expand(value.shape)
+        chosen = logits[..., rows, cols]                          # (..., nonzeros)
+        n = counts.new_zeros(b).index_add_(0, rows, counts)
+        words = counts * chosen - torch.lgamma(counts + 1)
+        per_row = words.new_zeros(*words.shape[:-1], b).index_add_(-1, rows, words)
+        return torch.lgamma(n + 1) + per_row
 
     def sample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
         """Counts (sample_shape + batch + (V,)): N_i words drawn for row i."""
@@ -148,12 +167,29 @@ class DocumentCounts(TorchDistribution):
                                    keep.movedim(0, -1).to(counts.dtype))
 
 
+def csr_entries(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzero entries of a CSR matrix (B, V): row indices, column indices, values."""
+    crow = counts.crow_indices()
+    rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=crow.device),
+                                   crow[1:] - crow[:-1])
+    return rows, counts.col_indices(), counts.values()
+
+
+def document_lengths(docs: torch.Tensor) -> torch.Tensor:
+    """Words per document (B,) of counts (B, V), dense or sparse CSR."""
+    if docs.layout != torch.sparse_csr:
+        return docs.sum(-1)
+    rows, _, counts = csr_entries(docs)
+    return counts.new_zeros(docs.shape[0]).index_add_(0, rows, counts)
+
+
 def word_counts_site(logits: torch.Tensor, docs: torch.Tensor,
                      normalized: bool = False) -> torch.Tensor:
-    """Observe the counts docs (B, V) under Multinomial(N_i, softmax(logits)), N_i the
-    length of row i (:class:`DocumentCounts`; ``normalized``: logits are log-probabilities
-    already)."""
-    return pyro.sample("counts", DocumentCounts(logits, docs.sum(-1), normalized), obs=docs)
+    """Observe the counts docs (B, V), dense or a CSR batch, under Multinomial(N_i,
+    softmax(logits)), N_i the length of row i (:class:`DocumentCounts`; ``normalized``:
+    logits are log-probabilities already)."""
+    return pyro.sample("counts", DocumentCounts(logits, document_lengths(docs), normalized),
+                       obs=docs)
 
 
 class ProdLDA(nn.Module):
@@ -263,9 +299,12 @@ def build_prodlda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: 
 
 def encoder_input(docs: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's input for a minibatch: the counts (B, V), or with contextual embeddings
-    (B, E) the concatenation (B, V + E) (Bianchi et al. 2021, CombinedTM)."""
+    (B, E) the concatenation (B, V + E) (Bianchi et al. 2021, CombinedTM; a CSR batch of
+    counts is densified for it)."""
     if embeddings is None:
         return docs
+    if docs.layout == torch.sparse_csr:
+        docs = docs.to_dense()
     return torch.cat([docs, embeddings.to(docs.dtype)], -1)
 
 

@@ -72,12 +72,14 @@ class TensorBatches:
     Every tensor's first dimension indexes examples; all must agree. Float tensors are checked
     for NaN/inf here, before any training step, and the error names the offending field.
     A sparse tensor (CSR or COO, e.g. document-term counts) is kept sparse on the device and
-    each minibatch's rows are densified there (``take``); on a GPU, one whose dense form
-    fits in 2 GiB is densified once instead (:func:`keeps_sparse`).
+    each minibatch's rows are densified there (``take``), or with ``sparse_rows`` handed to
+    the model and guide as a CSR minibatch (they must accept one: the topic models do); on
+    a GPU, one whose dense form fits in 2 GiB is densified once instead (:func:`keeps_sparse`).
     """
 
     def __init__(self, data: Any, batch_size: int, device: torch.device | str = "cpu",
-                 shuffle: bool = True, drop_last: bool = False, name: str = "data"):
+                 shuffle: bool = True, drop_last: bool = False, name: str = "data",
+                 sparse_rows: bool = False):
         args, kwargs = split_structure(data)
         fields = [(f"{name}[{i}]", t) for i, t in enumerate(args)]
         fields += [(f"{name}[{k!r}]", t) for k, t in kwargs.items()]
@@ -113,6 +115,7 @@ class TensorBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.sparse_rows = sparse_rows
         self.generator = torch.Generator()
 
     def __len__(self) -> int:
@@ -120,8 +123,9 @@ class TensorBatches:
         return n // b if self.drop_last else -(-n // b)
 
     def take(self, idx: torch.Tensor) -> Batch:
-        return Batch(tuple(take_rows(t, idx) for t in self.args),
-                     {k: take_rows(t, idx) for k, t in self.kwargs.items()},
+        dense = not self.sparse_rows
+        return Batch(tuple(take_rows(t, idx, dense) for t in self.args),
+                     {k: take_rows(t, idx, dense) for k, t in self.kwargs.items()},
                      self.num_examples, idx)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -175,19 +179,22 @@ class IterableBatches:
 
 
 def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffle: bool = True,
-                 drop_last: bool = False, num_data: int | None = None, name: str = "data"):
-    """Wrap ``data`` for the engine: tensors stay on the device, iterables are streamed."""
+                 drop_last: bool = False, num_data: int | None = None, name: str = "data",
+                 sparse_rows: bool = False):
+    """Wrap ``data`` for the engine: tensors stay on the device, iterables are streamed;
+    ``sparse_rows``: sparse tensors reach the model as CSR minibatches (:class:`TensorBatches`)."""
     if is_in_memory(data):
         return TensorBatches(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
-                             name=name)
+                             name=name, sparse_rows=sparse_rows)
     if isinstance(data, Iterable):
         return IterableBatches(data, device, num_data=num_data)
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
 
 
-def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(t: torch.Tensor, idx: torch.Tensor, dense: bool = True) -> torch.Tensor:
     """Rows ``idx`` of ``t``; a sparse CSR tensor (N, D) gives a dense (len(idx), D) tensor,
-    so only the minibatch is ever densified (on the data's device)."""
+    so only the minibatch is ever densified (on the data's device), or with ``dense=False``
+    a CSR tensor (len(idx), D) of those rows."""
     if t.layout != torch.sparse_csr:
         return t.index_select(0, idx)
     crow, col, values = t.crow_indices(), t.col_indices(), t.values()
@@ -196,6 +203,10 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     rows = torch.repeat_interleave(torch.arange(len(idx), device=t.device), lengths)
     first = torch.cumsum(lengths, 0) - lengths  # where each row starts in the gathered list
     offsets = torch.arange(int(lengths.sum()), device=t.device) - first[rows] + starts[rows]
+    if not dense:
+        crow_out = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+        return torch.sparse_csr_tensor(crow_out, col[offsets], values[offsets],
+                                       (len(idx), *t.shape[1:]), check_invariants=False)
     out = torch.zeros(len(idx), *t.shape[1:], dtype=t.dtype, device=t.device)
     out[rows, col[offsets]] = values[offsets]
     return out

@@ -344,18 +344,19 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                             batch_size: int = 100, particles_per_pass: int | None = None,
                             plate: str | None = None, device: str | torch.device | None = None,
                             reduce: str = "logmeanexp", progress: bool | None = None,
-                            ) -> torch.Tensor:
+                            sparse_rows: bool = False) -> torch.Tensor:
     """Reduce K log weights per example, streaming over particles so K=5000 fits in memory.
 
     ``reduce="logmeanexp"`` gives the IS estimate of log p(x_i); ``"mean"`` gives the ELBO.
-    Returns a CPU tensor of shape (N,) in nats per example.
+    ``sparse_rows``: sparse data reach the model as CSR minibatches (as in training with
+    ``FitConfig.sparse_batches``). Returns a CPU tensor of shape (N,) in nats per example.
     """
     from tqdm.auto import tqdm
 
     if device is None:
         device = module_device(model, guide)
     pair = as_pair(model, guide, plate)
-    batches = make_batches(data, batch_size, device, shuffle=False)
+    batches = make_batches(data, batch_size, device, shuffle=False, sparse_rows=sparse_rows)
     if particles_per_pass is None:
         particles_per_pass = max(1, min(num_samples, 50_000 // max(1, batches.batch_size)))
     if reduce not in ("logmeanexp", "mean"):
@@ -405,13 +406,15 @@ def log_likelihood(model: Callable, guide: Callable, data: Data, num_samples: in
 def elbo(model: Callable, guide: Callable, data: Data, num_particles: int = 1,
          batch_size: int = 100, per_example: bool = False, plate: str | None = None,
          device: str | torch.device | None = None, progress: bool | None = None,
-         ) -> float | torch.Tensor:
+         sparse_rows: bool = False) -> float | torch.Tensor:
     """ELBO per example (nats), averaged over ``num_particles`` draws from the guide.
 
     The local part only: see the module docstring for how global latents are treated.
+    ``sparse_rows``: see :func:`per_example_log_weights`.
     """
     values = per_example_log_weights(model, guide, data, num_particles, batch_size=batch_size,
-                                     plate=plate, device=device, reduce="mean", progress=progress)
+                                     plate=plate, device=device, reduce="mean", progress=progress,
+                                     sparse_rows=sparse_rows)
     return values if per_example else float(values.mean())
 
 

@@ -78,10 +78,17 @@ class FitConfig:
     beta: float = 1.0  # final weight of the kl_sites' KL term
     kl_anneal_epochs: float = 0.0  # ramp the weight linearly from 0 to beta over this many epochs
     patience: int | None = None  # early stopping on validation ELBO
+    # epochs 1..warmup_epochs are never kept as the best (best.pt) and not counted by early
+    # stopping: a model can score best on validation data before it has learned its
+    # structure (a topic model ignoring its topics). Capped at epochs - 1.
+    warmup_epochs: int = 0
     val_particles: int = 1
     seed: int = 0
     device: str = "auto"
     drop_last: bool = False
+    # sparse (CSR/COO) data reach the model and guide as CSR minibatches instead of dense
+    # rows; both must accept them (the topic models do). Cheaper when rows are mostly zeros.
+    sparse_batches: bool = False
     sync_every: int = 50
     plate: str | None = None
     clear_param_store: bool = True  # start from a clean Pyro param store (Pyro's own advice)
@@ -107,6 +114,8 @@ class FitConfig:
              self.clip_norm)
         need(self.kl_anneal_epochs >= 0, "kl_anneal_epochs must be >= 0", self.kl_anneal_epochs)
         need(self.val_particles >= 1, "val_particles must be >= 1", self.val_particles)
+        need(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0,
+             "warmup_epochs must be an integer >= 0", self.warmup_epochs)
 
 
 @dataclass
@@ -424,6 +433,21 @@ class Trainer:
         """Early stopping: ``patience`` epochs without a better (validation) ELBO."""
         return self.config.patience is not None and self._bad_epochs >= self.config.patience
 
+    def validation_elbo(self, val_data: Data) -> float:
+        """The ELBO per example of ``val_data`` (nats) under the current parameters, drawn
+        with the same random numbers every epoch (seeded by ``config.seed``; the training
+        stream is left as it was), so that epochs differ by their parameters, not by their
+        draws, when early stopping and best.pt compare them."""
+        c = self.config
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(c.seed)
+            return evaluate_elbo(self.model, self.guide, val_data,
+                                 num_particles=c.val_particles,
+                                 batch_size=max(c.batch_size, 256), plate=c.plate,
+                                 device=self.device, progress=False,
+                                 sparse_rows=c.sparse_batches)
+
     def save(self, batches, best: bool) -> None:
         """checkpoint.pt (and best.pt when ``best``) and metrics.csv into the run folder."""
         self._save(batches, best)
@@ -436,7 +460,7 @@ class Trainer:
         pyro.set_rng_seed(c.seed)
         batches = make_batches(data, c.batch_size, self.device, shuffle=True,
                                drop_last=c.drop_last or c.objective == "jit",
-                               num_data=num_data, name="data")
+                               num_data=num_data, name="data", sparse_rows=c.sparse_batches)
         batches.generator.manual_seed(c.seed)
         self.setup(batches, resume)
         steps = len(batches)
@@ -454,10 +478,7 @@ class Trainer:
                         bar.set_postfix(epoch=self.epoch, elbo=f"{elbo:.2f}")
                 val = None
                 if val_data is not None:
-                    val = evaluate_elbo(self.model, self.guide, val_data,
-                                        num_particles=c.val_particles,
-                                        batch_size=max(c.batch_size, 256), plate=c.plate,
-                                        device=self.device, progress=False)
+                    val = self.validation_elbo(val_data)
                     for m in self._modules():
                         m.train()
                 row, improved = self.end_epoch(val)
@@ -490,6 +511,8 @@ class Trainer:
             "optimizer='clipped_adam', or check the data for extreme values.")
 
     def _early_stopping(self, row: dict) -> bool:
+        if self.epoch <= min(self.config.warmup_epochs, self.config.epochs - 1):
+            return False
         score = row.get("val_elbo", row["train_elbo"])
         if score > self._best:
             self._best = score

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import ppl_vae
 from ppl_vae import TrainingDiverged, elbo, fit, load_checkpoint, log_likelihood
 from ppl_vae.batching import TensorBatches
 from ppl_vae.guides.amortized import AmortizedNormal
@@ -216,6 +217,53 @@ def test_early_stopping_and_history_csv(tmp_path):
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "train_elbo", "seconds", "lr", "val_elbo"]
     assert (tmp_path / "best.pt").exists()
+
+
+def test_warmup_epochs_are_never_kept_as_the_best_nor_stop_training(tmp_path):
+    """With warmup_epochs W, best.pt holds an epoch after W even when an earlier epoch scored
+    higher, and patience counts from W on; W >= epochs still keeps the last epoch."""
+    x = ppca_data(200)
+    model, guide = ppca_pair()
+    history = fit(model, guide, x, val_data=x[:50], epochs=8, batch_size=50, lr=0.05,
+                  patience=2, warmup_epochs=5, out=tmp_path, progress=False)
+    assert history.best_epoch > 5 and len(history) >= 7
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == history.best_epoch
+    from ppl_vae.training import FitConfig, Trainer
+
+    for warmup, best, stop in ((0, 1, 3), (5, 6, 8)):  # validation ELBOs that only fall
+        trainer = Trainer(*ppca_pair(), FitConfig(epochs=20, patience=2, warmup_epochs=warmup))
+        for epoch in range(1, 21):
+            trainer.epoch = epoch
+            trainer._early_stopping({"train_elbo": 0.0, "val_elbo": -float(epoch)})
+            if trainer.should_stop:
+                break
+        assert (trainer.history.best_epoch, epoch) == (best, stop)
+    model, guide = ppca_pair()
+    short = fit(model, guide, x, val_data=x[:50], epochs=3, batch_size=50, lr=0.05,
+                patience=1, warmup_epochs=10, progress=False)
+    assert short.best_epoch == 3 and len(short) == 3
+    with pytest.raises(ppl_vae.SetupError, match="warmup_epochs must be an integer >= 0"):
+        fit(model, guide, x, epochs=1, warmup_epochs=-1, progress=False)
+
+
+def test_validation_elbo_uses_the_same_draws_every_epoch_and_leaves_training_draws_alone():
+    """Two validation passes of unchanged parameters give the same number (epochs differ by
+    their parameters, not their draws), and the training random stream is not advanced."""
+    from ppl_vae.training import FitConfig, Trainer
+
+    x = ppca_data(120)
+    model, guide = ppca_pair()
+    trainer = Trainer(model, guide, FitConfig(epochs=1, batch_size=40, lr=0.01, seed=3))
+    trainer.fit(x, progress=False)
+    torch.manual_seed(123)
+    first = trainer.validation_elbo(x[:60])
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert trainer.validation_elbo(x[:60]) == first
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)
+    with torch.no_grad():  # a different draw of the same parameters would differ
+        assert elbo(model, guide, x[:60], num_particles=1) != first
 
 
 def test_dataloader_input_streams_batches():

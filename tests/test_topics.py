@@ -130,6 +130,81 @@ def test_sparse_minibatches_are_densified_rows():
         TensorBatches(bad.to_sparse_csr(), batch_size=2)
 
 
+def test_csr_minibatches_give_the_same_numbers_as_dense_rows():
+    """sparse_batches: the rows reach the model as CSR; DocumentCounts' log-density, the
+    encoder's output and its gradients, and a whole training run equal the dense path's."""
+    from ppl_vae.nn import DocumentEncoder
+
+    counts, _ = planted_corpus(n=50)
+    counts[7] = 0  # an empty document
+    rows = torch.tensor([7, 3, 40, 0])
+    batches = TensorBatches(counts.to_sparse_csr(), batch_size=4, sparse_rows=True)
+    sparse = batches.take(rows).args[0]
+    assert sparse.layout == torch.sparse_csr and torch.equal(sparse.to_dense(), counts[rows])
+
+    logits = torch.randn(3, 4, len(WORDS))  # 3 particles of 4 documents
+    d = DocumentCounts(logits)
+    torch.testing.assert_close(d.log_prob(sparse), d.log_prob(counts[rows]))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        DocumentCounts(logits, validate_args=True).log_prob((counts[rows] * 0.5)
+                                                            .to_sparse_csr())
+
+    torch.manual_seed(0)
+    encoder = DocumentEncoder(len(WORDS), 3, hidden=8).eval()
+    outs = []
+    for x in (counts[rows], sparse):
+        encoder.zero_grad()
+        loc, scale = encoder(x)
+        (loc.square().sum() + scale.sum()).backward()
+        outs.append((loc, scale, encoder.body[0].weight.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    losses, grads = [], []
+    for x in (counts[:16], counts[:16].to_sparse_csr()):  # one SVI loss and its gradients
+        torch.manual_seed(0)
+        pyro.clear_param_store()
+        model, guide = build_prodlda(len(WORDS), 3, hidden=16)
+        torch.manual_seed(1)
+        loss = TraceMeanField_ELBO().differentiable_loss(model.model, guide, x)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in (*model.parameters(),
+                                                             *guide.parameters())]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-5)
+
+    histories = []  # whole runs agree up to float noise (Adam amplifies it a little)
+    for sparse_batches in (False, True):
+        torch.manual_seed(0)
+        model, guide = build_prodlda(len(WORDS), 3, hidden=16)
+        histories.append(fit(model, guide, counts.to_sparse_csr(), val_data=counts[:20]
+                             .to_sparse_csr(), epochs=3, batch_size=16, lr=1e-2,
+                             objective="meanfield", sparse_batches=sparse_batches,
+                             progress=False, seed=0))
+    for key in ("train_elbo", "val_elbo"):
+        assert histories[0][key] == pytest.approx(histories[1][key], rel=3e-3)
+
+
+def test_default_batch_size_follows_the_corpus(tmp_path):
+    """About 75 minibatches an epoch: batch 64 up to ~7,000 training documents, then the
+    nearest power of two to N / 75 (at most 1024), the learning rate scaled by sqrt(batch/64)."""
+    from ppl_vae.family import family_of
+    from ppl_vae.models.topics import batch_settings
+
+    family = family_of("prodlda")
+    small = write_octis(tmp_path / "small", octis_lines(n=60))
+    spec = family.make_spec("prodlda", corpus=str(small), topics=3)
+    assert batch_settings(spec) == {"batch_size": 64, "lr": 0.01}
+    assert family.fit_settings(spec)["sparse_batches"] is True
+    big = write_octis(tmp_path / "big", octis_lines(n=60) * 600)  # 25,200 training lines
+    settings = batch_settings(family.make_spec("prodlda", corpus=str(big), topics=3))
+    assert settings == {"batch_size": 256, "lr": 0.02}
+
+
 def gensim_npmi(topics, texts):
     gensim = pytest.importorskip("gensim")
     from gensim.models.coherencemodel import CoherenceModel
@@ -470,7 +545,8 @@ def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):
     folder = write_octis(tmp_path / "corpus", octis_lines(n=90))
     out = tmp_path / "run"
     assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
-                "--epochs", "12", "--lr", "0.3", "--patience", "4", "--seed", "1",
+                "--epochs", "12", "--lr", "0.3", "--patience", "4", "--seed", "0",
+                "--warmup-epochs", "0",
                 "--beta-precision", "10",
                 "--out", str(out), "--no-progress"]) == 0
     history = metrics_without_time(out)

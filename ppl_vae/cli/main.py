@@ -45,7 +45,8 @@ def family_module(name: str) -> ModuleType:
 FIT_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
              "objective": "objective", "particles": "num_particles", "optimizer": "optimizer",
              "lr_schedule": "lr_schedule", "clip_norm": "clip_norm", "beta": "beta",
-             "kl_anneal_epochs": "kl_anneal_epochs", "patience": "patience", "seed": "seed",
+             "kl_anneal_epochs": "kl_anneal_epochs", "patience": "patience",
+             "warmup_epochs": "warmup_epochs", "seed": "seed",
              "renyi_alpha": "renyi_alpha", "device": "device", "devices": "devices",
              "num_nodes": "num_nodes",
              "strategy": "strategy"}
@@ -67,6 +68,8 @@ def add_common_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=None, help="weight of the KL term")
     g.add_argument("--kl-anneal-epochs", type=float, default=None)
     g.add_argument("--patience", type=int, default=None, help="early stopping (epochs)")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="epochs never kept as the best one nor counted by early stopping")
     g.add_argument("--seed", type=int, default=None, help="fixes weights, data order, draws")
     g.add_argument("--device", default=None, help="auto (CUDA when present), cpu, cuda:0")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
