@@ -155,6 +155,7 @@ def ours(model: str, spec: dict) -> Callable:
                                     "stop_words", "max_features", "split_seed")}
         settings = (f"family defaults: lr={fit.get('lr')} batch={fit.get('batch_size')} "
                     f"epochs<={fit.get('epochs')} patience={fit.get('patience')} "
+                    f"warmup={fit.get('warmup_epochs')} sparse={fit.get('sparse_batches')} "
                     f"objective={fit.get('objective')}; spec "
                     f"{' '.join(f'{k_}={v}' for k_, v in model_spec.items())}; "
                     f"topics of {kept.checkpoint.name}")

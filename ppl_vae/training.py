@@ -125,6 +125,8 @@ class History:
     rows: list[dict]
     best_epoch: int | None = None
     stopped_early: bool = False
+    # without a run folder: the best epoch's state (checkpoint form) kept in memory
+    best_state: dict | None = field(default=None, repr=False)
 
     def __getitem__(self, key: str) -> list:
         return [row.get(key) for row in self.rows]
@@ -524,6 +526,8 @@ class Trainer:
 
     def _save(self, batches, best: bool) -> None:
         if self.out is None:
+            if best:  # no folder for best.pt: keep the best epoch in memory
+                self.history.best_state = _cpu_copy(self.state_dict(batches))
             return
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.state_dict(batches)
@@ -531,6 +535,17 @@ class Trainer:
         if best:
             save_checkpoint(state, self.out / "best.pt")
         write_history_csv(self.history.rows, self.out / "metrics.csv")
+
+
+def _cpu_copy(x):
+    """A detached CPU copy of a checkpoint-form state (tensors cloned, containers rebuilt)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _cpu_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu_copy(v) for v in x)
+    return x
 
 
 def _jsonable(x):

@@ -414,7 +414,7 @@ def test_random_cells_give_the_table_or_an_error_naming_line_and_column(tmp_path
             load_responses(path, check=False)
         message = str(info.value)
         assert str(path) in message and f"column {items[j]!r}" in message
-        if not any(ch in c for row in [[ids[0]] + items] + rows for c in row for ch in "\r\n"):
+        if not any(ch in c for row in [ids + items] + rows for c in row for ch in "\r\n"):
             assert f"line {s + 2}," in message
         return
     back = load_responses(path, check=False)

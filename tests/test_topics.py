@@ -577,6 +577,13 @@ def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):
     last = torch.load(out / "checkpoint.pt", weights_only=True)["model"]["beta.weight"].t()
     assert not torch.allclose(last, run.model.topic_word())
 
+    # without a run folder, ppl_vae.train gives the same best epoch's model (kept in memory)
+    in_memory = ppl_vae.train("prodlda", None, {"corpus": str(folder), "topics": 3,
+                                                "hidden": 8, "beta_precision": 10},
+                              epochs=12, lr=0.3, patience=4, seed=0, warmup_epochs=0,
+                              progress=False)
+    torch.testing.assert_close(in_memory.model.topic_word(), run.model.topic_word())
+
 
 def embeddings_corpus(tmp_path, n=60, dim=5):
     folder = write_octis(tmp_path / "corpus", octis_lines(n=n))
