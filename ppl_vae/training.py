@@ -88,6 +88,7 @@ class FitConfig:
     drop_last: bool = False
     # sparse (CSR/COO) data reach the model and guide as CSR minibatches instead of dense
     # rows; both must accept them (the topic models do). Cheaper when rows are mostly zeros.
+    # The Lightning path (devices=...) hands over dense rows, as before.
     sparse_batches: bool = False
     sync_every: int = 50
     plate: str | None = None
