@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -419,8 +420,11 @@ class TopicFamily(Family):
         vocabulary.txt; topics.csv (topic, rank, word, weight of the top 25 words, and per
         topic its ``npmi`` (top 10), ``usage`` (mean topic proportion over the training
         documents) and ``documents`` (training documents whose largest proportion is the
-        topic)); topics.png (each topic's top 10 words, its NPMI and usage in the title);
-        topic_quality.json (the same per-topic figures, mean NPMI, diversity at 10 and 25)."""
+        topic), ``near_copy_of`` (the topic sharing the most of its top 25 words, when more
+        than half: :func:`~ppl_vae.topic_metrics.near_duplicates`, with a warning that names
+        them); topics.png (each topic's top 10 words, its NPMI and usage in the title);
+        topic_quality.json (the same per-topic figures, mean NPMI, diversity at 10 and 25,
+        the near-duplicate pairs)."""
         corpus = topic_corpus(run.spec)
         vocabulary = corpus.vocabulary
         path = Path(run.path)
@@ -429,15 +433,24 @@ class TopicFamily(Family):
         quality = topic_quality(weights, vocabulary, corpus.texts)
         quality.update(self.usage(run, corpus))
         top = weights.topk(min(25, weights.shape[1]), -1)
-        rows = ["topic,rank,word,weight,npmi,usage,documents"]
+        copies = near_copies(quality.get("near_duplicates", []), weights.shape[0])
+        rows = ["topic,rank,word,weight,npmi,usage,documents,near_copy_of"]
         for k in range(weights.shape[0]):
             per_topic = (f"{quality['npmi_per_topic'][k]:.6g},{quality['usage'][k]:.6g},"
-                         f"{quality['documents'][k]}")
+                         f"{quality['documents'][k]},{'' if copies[k] is None else copies[k]}")
             for r, (i, w) in enumerate(zip(top.indices[k].tolist(), top.values[k].tolist())):
                 word = vocabulary[i].replace('"', '""')
                 rows.append(f'{k},{r + 1},"{word}",{w:.6g},{per_topic}')
         atomic_write_bytes(path / "topics.csv", ("\n".join(rows) + "\n").encode())
         write_json(quality, path / "topic_quality.json")
+        copied = sorted(k for k, j in enumerate(copies) if j is not None)
+        if copied:
+            warnings.warn(NearDuplicateTopics(
+                f"{len(copied)} of {weights.shape[0]} topics share more than half of their top "
+                f"25 words with another (topics {', '.join(map(str, copied[:12]))}"
+                f"{' ...' if len(copied) > 12 else ''}; column near_copy_of of "
+                f"{path / 'topics.csv'}): the corpus has fewer themes than topics; fewer "
+                "topics (--topics) usually gives distinct ones"), stacklevel=2)
         titles = [f"topic {k}: NPMI {n:+.2f}, usage {u:.1%}" for k, (n, u) in
                   enumerate(zip(quality["npmi_per_topic"], quality["usage"]))]
         return [path / "vocabulary.txt", path / "topics.csv",
@@ -524,6 +537,7 @@ class TopicFamily(Family):
                   "perplexity": perplexity(run.model, run.guide, test, device=run.device),
                   "npmi_min": float(min(per_topic)), "npmi_max": float(max(per_topic)),
                   "diversity_10": quality["diversity_10"],
+                  "near_duplicate_pairs": len(quality.get("near_duplicates", [])),
                   "test_documents": int(_rows(test))}
         if run.path is not None:
             write_json({**result, "npmi_per_topic": per_topic},
@@ -604,6 +618,22 @@ class TopicFamily(Family):
         result["heldout_documents"] = int(test.shape[0])
         write_json(result, Path(run.path) / "check.json")
         return result
+
+
+class NearDuplicateTopics(UserWarning):
+    """Some topics of a trained run are near-copies of others (their top 25 words overlap by
+    more than half)."""
+
+
+def near_copies(pairs: list, num_topics: int) -> list[int | None]:
+    """For each topic, the topic it shares the most top words with among ``pairs`` (k, j,
+    shared) of :func:`~ppl_vae.topic_metrics.near_duplicates`, or None."""
+    best: list[tuple[int, int] | None] = [None] * num_topics
+    for k, j, shared in pairs:
+        for a, b in ((k, j), (j, k)):
+            if best[a] is None or shared > best[a][1]:
+                best[a] = (b, shared)
+    return [None if b is None else b[0] for b in best]
 
 
 def split_embeddings(spec: TopicSpec, corpus: TopicCorpus, split: str) -> torch.Tensor:

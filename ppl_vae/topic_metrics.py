@@ -129,17 +129,33 @@ def diversity(topics: Sequence[Sequence[str]], topk: int = 25) -> float:
     return len({w for t in tops for w in t}) / (topk * len(tops))
 
 
+def near_duplicates(topics: Sequence[Sequence[str]], shared: int = 13
+                    ) -> list[tuple[int, int, int]]:
+    """Pairs of topics whose word lists share at least ``shared`` words (13 of the top 25:
+    more than half), as (k, j, words shared) with k < j, most shared first. Low diversity
+    comes from such near-copies; a topic model with more topics than its corpus has themes
+    makes them (fewer topics, ``--topics``, usually gives distinct ones)."""
+    sets = [set(t) for t in topics]
+    pairs = [(k, j, len(sets[k] & sets[j])) for k in range(len(sets))
+             for j in range(k + 1, len(sets))]
+    return sorted((p for p in pairs if p[2] >= shared), key=lambda p: (-p[2], p[0], p[1]))
+
+
 def topic_quality(topic_word: torch.Tensor, vocabulary: Sequence[str],
                   texts: Sequence[Sequence[str]]) -> dict:
     """Quality of topics (K, V) with the corpus ``texts`` as NPMI reference: ``npmi`` (mean
     over topics of the top-10 NPMI), ``npmi_per_topic``, ``diversity_10`` and, when the
-    vocabulary has 25 words, ``diversity_25``."""
+    vocabulary has 25 words, ``diversity_25``, and with 100 words ``near_duplicates`` (pairs
+    of topics sharing more than half of their top 25 words, :func:`near_duplicates`)."""
     words10 = top_words(topic_word, vocabulary, min(10, len(vocabulary)))
     per_topic = npmi_per_topic(words10, texts)
     quality = {"npmi": float(per_topic.mean()), "npmi_per_topic": per_topic.tolist(),
                "diversity_10": diversity(words10, len(words10[0]))}
     if len(vocabulary) >= 25:
-        quality["diversity_25"] = diversity(top_words(topic_word, vocabulary, 25), 25)
+        words25 = top_words(topic_word, vocabulary, 25)
+        quality["diversity_25"] = diversity(words25, 25)
+        if len(vocabulary) >= 100:  # below, two random top-25 lists share 6+ words by chance
+            quality["near_duplicates"] = [list(p) for p in near_duplicates(words25)]
     return quality
 
 

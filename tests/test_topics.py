@@ -20,6 +20,7 @@ from ppl_vae.cli.main import main as cli
 from ppl_vae.data.topics import CorpusWarning, load_octis, read_documents, sparse_counts
 from ppl_vae.models.lda import build_lda
 from ppl_vae.models.prodlda import DocumentCounts, build_prodlda, laplace_prior
+from ppl_vae.models.topics import NearDuplicateTopics
 from ppl_vae.topic_metrics import (
     diversity,
     log_multinomial_coefficient,
@@ -243,6 +244,50 @@ def test_diversity():
     assert diversity([["a", "b"], ["a", "b"]], topk=2) == 0.5
     with pytest.raises(ValueError, match="25 words"):
         diversity([["a"]], topk=25)
+
+
+def test_near_duplicate_topics_are_found_and_named_in_the_report():
+    """Topics sharing more than half of their top 25 words are listed (most shared first),
+    each topic points at its nearest copy, and the report warns with the topics' numbers."""
+    from ppl_vae.models.topics import near_copies
+    from ppl_vae.topic_metrics import near_duplicates, topic_quality
+
+    vocabulary = [f"v{i}" for i in range(200)]
+    weights = torch.zeros(4, 200)
+    for k, start in enumerate([0, 50, 10, 100]):  # topic 2 shares 15 of topic 0's 25 words
+        weights[k, start:start + 25] = torch.linspace(2, 1, 25)
+    words = [[vocabulary[i] for i in row] for row in weights.topk(25, -1).indices.tolist()]
+    assert near_duplicates(words) == [(0, 2, 15)]
+    assert near_duplicates(words, shared=16) == []
+    assert near_copies([(0, 2, 15), (1, 2, 20)], 4) == [2, 2, 1, None]
+    texts = [vocabulary[i:i + 30] for i in range(0, 170, 5)]
+    assert topic_quality(weights, vocabulary, texts)["near_duplicates"] == [[0, 2, 15]]
+    assert "near_duplicates" not in topic_quality(weights[:, :60], vocabulary[:60], texts)
+
+
+def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    vocabulary = [f"v{i}" for i in range(120)]
+    lines = [" ".join(vocabulary[i] for i in torch.randint(0, 120, (20,), generator=g))
+             + f"\t{split}\t0" for split in ["train"] * 40 + ["val"] * 10 + ["test"] * 10]
+    folder = write_octis(tmp_path / "corpus", lines, vocabulary=vocabulary)
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "4", "--hidden", "8",
+                "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    run = ppl_vae.load_run(out)
+    beta = torch.zeros(120, 4)  # (V, K): topic 2 a near-copy of topic 0
+    for k, start in enumerate([0, 40, 5, 80]):
+        beta[start:start + 25, k] = torch.linspace(2, 1, 25)
+    with torch.no_grad():
+        run.model.beta.weight.copy_(beta)
+    with pytest.warns(NearDuplicateTopics, match=r"2 of 4 topics share more than half .*"
+                      r"\(topics 0, 2; column near_copy_of of .*topics.csv\).*--topics"):
+        run.family.report(run)
+    with open(out / "topics.csv") as f:
+        copy_of = {int(r["topic"]): r["near_copy_of"] for r in csv.DictReader(f)}
+    assert copy_of == {0: "2", 1: "", 2: "0", 3: ""}
+    quality = json.loads((out / "topic_quality.json").read_text())
+    assert quality["near_duplicates"] == [[0, 2, 20]]
 
 
 def test_perplexity_is_an_upper_bound():
