@@ -371,7 +371,8 @@ def test_cli_train_evaluate_transform(tmp_path, capsys):
         assert (run / name).exists(), name
     with open(run / "topics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["topic", "rank", "word", "weight", "npmi", "usage", "documents"]
+    assert list(rows[0]) == ["topic", "rank", "word", "weight", "npmi", "usage", "documents",
+                            "near_copy_of"]
     assert {r["topic"] for r in rows} == {"0", "1", "2"} and rows[0]["word"] in WORDS
     capsys.readouterr()
     cli(["evaluate", str(run)])
