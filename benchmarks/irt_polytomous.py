@@ -189,30 +189,14 @@ def summarize(name: str, runs: dict[str, list[dict]]) -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
 
-    def med(key, rows):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return statistics.median(values) if values else None
-
     ref = runs.get("mirt-nose") or runs.get("mirt")
     ref_a = np.median([r["a"] for r in ref], 0) if ref else None
     ref_b = np.median([r["b"] for r in ref], 0) if ref else None
-    for variant, rows in runs.items():
-        cells = [variant]
-        for key, fmt in (("fit_cpu", ".2f"), ("fit_wall", ".2f"), ("score_cpu", ".2f"),
-                         ("laplace_cpu", ".1f"), ("peak_mb", ".0f"), ("r_a", ".4f"),
-                         ("r_a_id", ".4f"), ("r_b", ".4f"), ("r_b_id", ".4f"),
-                         ("rmse_a", ".4f"), ("rmse_a_id", ".4f"), ("rmse_b", ".4f"),
-                         ("rmse_b_id", ".4f"), ("r_theta", ".4f")):
-            v = med(key, rows)
-            cells.append("" if v is None else format(v, fmt))
-            if key == "peak_mb":
-                cells[-1] += f" ({med('rss_before_fit_mb', rows):.0f})"
-        if ref_a is not None:
-            a, b = np.median([r["a"] for r in rows], 0), np.median([r["b"] for r in rows], 0)
-            cells += [f"{np.abs(a - ref_a).max():.4f}", f"{np.nanmax(np.abs(b - ref_b)):.4f}"]
-        else:
-            cells += ["", ""]
-        print("| " + " | ".join(cells) + " |")
+    columns = [("fit_cpu", ".2f"), ("fit_wall", ".2f"), ("score_cpu", ".2f"),
+               ("laplace_cpu", ".1f"), ("peak_mb", ".0f"), ("r_a", ".4f"), ("r_a_id", ".4f"),
+               ("r_b", ".4f"), ("r_b_id", ".4f"), ("rmse_a", ".4f"), ("rmse_a_id", ".4f"),
+               ("rmse_b", ".4f"), ("rmse_b_id", ".4f"), ("r_theta", ".4f")]
+    print("\n".join(workers.median_rows(runs, columns, ref_a, ref_b)))
     ours = [v for v in runs if v.startswith("ours")]
     for variant in ours:
         o = runs[variant][0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -34,3 +35,33 @@ def run_worker(python: str, script: str, spec: dict, timeout: float, label: str)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['variant']} on {label} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(key: str, rows: list[dict]) -> float | None:
+    """The median of ``key`` over the runs that have it, or None."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def median_rows(runs: dict[str, list[dict]], columns: list[tuple[str, str]],
+                ref_a=None, ref_b=None) -> list[str]:
+    """One markdown row per variant: the median over its runs of each (key, format) column
+    (``peak_mb`` followed by the RSS before the fit in brackets), then the largest
+    |a - ref_a| and |b - ref_b| of its median item estimates (blank without a reference)."""
+    import numpy as np  # the summary runs in this project's env, not in a peer's
+
+    lines = []
+    for variant, rows in runs.items():
+        cells = [variant]
+        for key, fmt in columns:
+            v = median(key, rows)
+            cells.append("" if v is None else format(v, fmt))
+            if key == "peak_mb":
+                cells[-1] += f" ({median('rss_before_fit_mb', rows):.0f})"
+        if ref_a is not None:
+            a, b = np.median([r["a"] for r in rows], 0), np.median([r["b"] for r in rows], 0)
+            cells += [f"{np.abs(a - ref_a).max():.4f}", f"{np.nanmax(np.abs(b - ref_b)):.4f}"]
+        else:
+            cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
