@@ -14,6 +14,7 @@ import torch
 
 from ppl_vae import SetupError, elbo, fit, load_run, log_likelihood
 from ppl_vae.cli.main import main
+from ppl_vae.data.irt import write_wide
 from ppl_vae.models.irt import (
     IRT,
     ability_posterior,
@@ -178,14 +179,6 @@ def test_amortized_guide_memory_is_flat_in_students_and_meanfield_is_not():
 
     assert count(50, "amortized") == count(500, "amortized")
     assert count(500, "meanfield") - count(50, "meanfield") == 2 * 450
-
-
-def write_wide(path, responses: torch.Tensor, mask: torch.Tensor, prefix: str = "s") -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["student"] + [f"q{j + 1}" for j in range(responses.shape[1])])
-        for s, (r, m) in enumerate(zip(responses.tolist(), mask.tolist())):
-            w.writerow([f"{prefix}{s}"] + [int(v) if ok else "" for v, ok in zip(r, m)])
 
 
 def test_cli_train_evaluate_score_and_reload(tmp_path, capsys):

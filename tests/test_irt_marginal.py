@@ -18,6 +18,7 @@ from scipy import integrate, optimize
 
 from ppl_vae import fit, load_run
 from ppl_vae.cli.main import main
+from ppl_vae.data.irt import write_wide
 from ppl_vae.models.irt_marginal import (
     MarginalIRT,
     check_responses,
@@ -298,15 +299,6 @@ def test_full_rank_guide_trained_by_svi_matches_the_laplace_posterior():
 
 # ---- the exam family through the CLI and the run API (marginal method, the default) --------
 
-def write_codes(path: Path, y: torch.Tensor, mask: torch.Tensor) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["student"] + [f"q{j + 1}" for j in range(y.shape[1])])
-        for s, (r, m) in enumerate(zip(y.tolist(), mask.tolist())):
-            w.writerow([f"s{s}"] + [int(v) if ok else "" for v, ok in zip(r, m)])
-    return path
-
-
 def read_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(open(path)))
 
@@ -333,7 +325,7 @@ def test_cli_defaults_on_bundled_lsat6_give_the_mml_item_modes(tmp_path):
 
 def test_same_seed_gives_bit_identical_metrics(tmp_path):
     d = simulate(200, [2] * 6, missing=0.1, seed=4)
-    data = write_codes(tmp_path / "exam.csv", d["responses"], d["mask"])
+    data = write_wide(tmp_path / "exam.csv", d["responses"], d["mask"])
 
     def metrics(name: str, *flags: str) -> list[list[str]]:
         main(["train", "irt-2pl", "--responses", str(data), "--out", str(tmp_path / name),
@@ -349,7 +341,7 @@ def test_same_seed_gives_bit_identical_metrics(tmp_path):
 
 def test_run_keeps_its_answers_reloads_evaluates_and_scores_after_the_file_moved(tmp_path):
     d = simulate(300, [2] * 6, missing=0.2, seed=5)
-    data = write_codes(tmp_path / "exam.csv", d["responses"], d["mask"])
+    data = write_wide(tmp_path / "exam.csv", d["responses"], d["mask"])
     run = tmp_path / "run"
     main(["train", "irt-1pl", "--responses", str(data), "--out", str(run), "--epochs", "30",
           "--no-progress", "--posterior-samples", "100", "--device", "cpu"])
@@ -378,7 +370,7 @@ def test_run_keeps_its_answers_reloads_evaluates_and_scores_after_the_file_moved
 def test_graded_response_model_trains_from_the_cli(tmp_path):
     cats = [4, 4, 3, 2]
     d = simulate(400, cats, missing=0.1, seed=6)
-    data = write_codes(tmp_path / "graded.csv", d["responses"], d["mask"])
+    data = write_wide(tmp_path / "graded.csv", d["responses"], d["mask"])
     run = tmp_path / "grm"
     main(["train", "irt-grm", "--responses", str(data), "--out", str(run), "--epochs", "40",
           "--no-progress", "--posterior-samples", "100", "--device", "cpu"])
@@ -528,7 +520,7 @@ def test_partial_credit_model_fixes_every_discrimination_to_one():
 def test_gpcm_trains_from_the_cli_reloads_scores_and_refuses_bad_codes(tmp_path):
     cats = [4, 4, 3, 2]
     d = simulate(300, cats, missing=0.1, seed=6, response_model="partial_credit")
-    data = write_codes(tmp_path / "gpcm.csv", d["responses"], d["mask"])
+    data = write_wide(tmp_path / "gpcm.csv", d["responses"], d["mask"])
     run = tmp_path / "gpcm"
     main(["train", "irt-gpcm", "--responses", str(data), "--out", str(run), "--epochs", "20",
           "--no-progress", "--posterior-samples", "50", "--device", "cpu"])
@@ -570,7 +562,7 @@ def test_pcm_run_through_the_python_api_has_no_discrimination_columns(tmp_path):
 
     d = simulate(200, [3, 3, 3], seed=7, fixed_discrimination=1.0,
                  response_model="partial_credit")
-    data = write_codes(tmp_path / "pcm.csv", d["responses"], d["mask"])
+    data = write_wide(tmp_path / "pcm.csv", d["responses"], d["mask"])
     run = ppl_vae.train("irt-pcm", tmp_path / "pcm", {"responses": str(data),
                                                       "posterior_samples": 20},
                         epochs=5, progress=False, device="cpu")

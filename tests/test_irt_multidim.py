@@ -14,6 +14,7 @@ import torch
 import ppl_vae
 from ppl_vae import SetupError, fit
 from ppl_vae.cli.main import main
+from ppl_vae.data.irt import write_wide
 from ppl_vae.models.irt_marginal import MarginalIRT
 from ppl_vae.models.irt_multidim import (
     MultidimIRT,
@@ -38,15 +39,6 @@ def items_of(a, d, rho: float | None = None) -> dict[str, torch.Tensor]:
         r = r * (1 - rho) + rho
     return {"loadings": a, "intercept": torch.as_tensor(d, dtype=torch.float64),
             "cholesky": torch.linalg.cholesky(r)}
-
-
-def write_exam(path: Path, y: torch.Tensor, mask: torch.Tensor) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["student"] + [f"q{j + 1}" for j in range(y.shape[1])])
-        for s, (r, m) in enumerate(zip(y.tolist(), mask.tolist())):
-            w.writerow([f"s{s}"] + [int(v) if ok else "" for v, ok in zip(r, m)])
-    return path
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -186,7 +178,7 @@ def test_q_matrix_files_are_read_by_id_and_errors_name_the_problem(tmp_path):
 def test_train_writes_tables_and_reloads(tmp_path):
     q = simple_structure(8, 2)
     d = simulate(400, q, np.array([[1.0, 0.4], [0.4, 1.0]]), missing=0.1, seed=7)
-    exam = write_exam(tmp_path / "exam.csv", d["responses"], d["mask"])
+    exam = write_wide(tmp_path / "exam.csv", d["responses"], d["mask"])
     qfile = tmp_path / "Q.csv"
     qfile.write_text("\n".join(",".join(map(str, row)) for row in q) + "\n")
     run = ppl_vae.train("irt-2pl", tmp_path / "run", {"responses": str(exam), "dims": 2,
@@ -222,7 +214,7 @@ def three_factor_exam(folder: Path) -> tuple[Path, Path]:
     """A simulated 300 x 9 exam with a 3-factor simple structure: its CSV and Q-matrix."""
     q = simple_structure(9, 3)
     d = simulate(300, q, seed=8)
-    exam = write_exam(folder / "exam.csv", d["responses"], d["mask"])
+    exam = write_wide(folder / "exam.csv", d["responses"], d["mask"])
     qfile = folder / "Q.csv"
     qfile.write_text("item,F1,F2,F3\n" + "".join(
         f"q{t + 1},{','.join(map(str, q[t]))}\n" for t in range(9)))

@@ -464,6 +464,27 @@ def _read_jsonl(path: Path, graded: bool = False) -> Responses:
     return Responses(resp, mask, ids, list(item_pos), str(path))
 
 
+def write_wide(path: str | Path, responses: np.ndarray | torch.Tensor,
+               mask: np.ndarray | torch.Tensor | None = None,
+               student_ids: list[str] | None = None, item_ids: list[str] | None = None
+               ) -> Path:
+    """Write answer codes (N, I) (0/1, or 0..K-1 for graded items) as the wide CSV that
+    :func:`load_responses` reads: a ``student`` column (default ids s0, s1, ...), one
+    column per item (default q1, q2, ...), a blank cell where ``mask`` is False or the
+    value is NaN. Returns the path."""
+    r = np.asarray(responses, dtype=np.float64)
+    m = ~np.isnan(r) if mask is None else np.asarray(mask, dtype=bool) & ~np.isnan(r)
+    students = student_ids or [f"s{s}" for s in range(r.shape[0])]
+    items = item_ids or [f"q{j + 1}" for j in range(r.shape[1])]
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["student"] + items)
+        for sid, row, ok in zip(students, r.tolist(), m.tolist()):
+            w.writerow([sid] + [int(v) if o else "" for v, o in zip(row, ok)])
+    return path
+
+
 def write_jsonl(data: Responses, path: str | Path) -> None:
     """Write py-irt's jsonlines format (missing answers left out)."""
     r, m = data.responses.numpy(), data.mask.numpy()
