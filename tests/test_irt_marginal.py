@@ -124,15 +124,21 @@ def test_model_log_joint_is_the_summed_marginal_and_minibatches_scale_to_it():
 
 def test_graded_probabilities_follow_the_cumulative_logits_and_sum_to_one():
     d, items, cats = exam("mixed")
-    model = MarginalIRT(len(cats), cats)
+    assert_category_probabilities(MarginalIRT(len(cats), cats), items, cats, "thresholds",
+                                  category_probability)
+
+
+def assert_category_probabilities(model, items, cats, steps: str, reference) -> None:
+    """The model's P(category c | theta) for every item t equals the scalar formula
+    ``reference(theta, a_t, steps_t, c)`` on a grid of abilities, and sums to one."""
     theta = torch.linspace(-4, 4, 9, dtype=torch.float64)
     p = model.category_log_probs(theta, items).exp()  # (T, I, Kmax)
     for t, k in enumerate(cats):
         assert torch.allclose(p[:, t, :k].sum(-1), torch.ones(9, dtype=torch.float64))
         for i, th in enumerate(theta.tolist()):
             for c in range(k):
-                expected = category_probability(th, float(items["discrimination"][t]),
-                                                items["thresholds"][t, :k - 1].numpy(), c)
+                expected = reference(th, float(items["discrimination"][t]),
+                                     items[steps][t, :k - 1].numpy(), c)
                 assert float(p[i, t, c]) == pytest.approx(expected, abs=1e-12)
 
 
@@ -405,16 +411,9 @@ def partial_credit_probability(theta: float, a: float, steps: np.ndarray, k: int
 def test_partial_credit_probabilities_follow_the_definition_and_binary_items_are_the_2pl():
     cats = [2, 5, 3, 2]
     d, items = partial_credit_exam(cats)
-    model = MarginalIRT(len(cats), cats, response_model="partial_credit")
+    assert_category_probabilities(MarginalIRT(len(cats), cats, response_model="partial_credit"),
+                                  items, cats, "steps", partial_credit_probability)
     theta = torch.linspace(-4, 4, 9, dtype=torch.float64)
-    p = model.category_log_probs(theta, items).exp()  # (T, I, Kmax)
-    for t, k in enumerate(cats):
-        assert torch.allclose(p[:, t, :k].sum(-1), torch.ones(9, dtype=torch.float64))
-        for i, th in enumerate(theta.tolist()):
-            for c in range(k):
-                expected = partial_credit_probability(th, float(items["discrimination"][t]),
-                                                      items["steps"][t, :k - 1].numpy(), c)
-                assert float(p[i, t, c]) == pytest.approx(expected, abs=1e-12)
     # an exam of binary items: the same log-likelihood as the graded model's (the 2PL)
     binary = {"discrimination": items["discrimination"], "thresholds": items["steps"][:, :1]}
     pcm2 = MarginalIRT(len(cats), 2, response_model="partial_credit")
