@@ -199,16 +199,22 @@ STEPS_PER_EPOCH = 75  # the default batch size aims at about this many minibatch
 
 def batch_settings(spec: TopicSpec) -> dict[str, Any]:
     """The default batch size and learning rate for the spec's corpus: the power of two
-    nearest to (training documents) / 75, within [64, 1024], and lr 1e-2 sqrt(batch / 64)
-    (BBC_News 1,557 and M10 5,847 training documents: 64 and 1e-2; DBLP 38,215: 512 and
-    2.8e-2). Empty when the corpus cannot be read (a reloaded run has its settings)."""
+    nearest to (training documents) / 75, within [64, 1024], and :func:`batch_lr` (BBC_News
+    1,557 and M10 5,847 training documents: 64 and 1e-2; DBLP 38,215: 512 and 2.8e-2).
+    Empty when the corpus cannot be read (a reloaded run has its settings)."""
     try:
         documents = topic_corpus(spec).counts["train"].shape[0]
     except (SetupError, OSError, ValueError):
         return {}
     batch = 2 ** round(math.log2(max(documents, 1) / STEPS_PER_EPOCH))
     batch = int(min(1024, max(64, batch)))
-    return {"batch_size": batch, "lr": round(1e-2 * math.sqrt(batch / 64), 4)}
+    return {"batch_size": batch, "lr": batch_lr(batch)}
+
+
+def batch_lr(batch_size: int) -> float:
+    """The default learning rate for a batch size: 1e-2 sqrt(batch / 64) (AVITM's 1e-2 at
+    its batch of 64, scaled by the square root of the batch)."""
+    return round(1e-2 * math.sqrt(batch_size / 64), 4)
 
 
 _CORPORA: dict[tuple, TopicCorpus] = {}
@@ -413,6 +419,14 @@ class TopicFamily(Family):
         """The defaults, with the batch size following the corpus (:func:`batch_settings`);
         ``--beta``/``--kl-anneal-epochs`` weight the site of theta."""
         return {**self.fit_defaults, **batch_settings(spec), "kl_sites": (SITES[spec.prior],)}
+
+    def with_overrides(self, spec: TopicSpec, given: dict[str, Any]) -> dict[str, Any]:
+        """A batch size given without a learning rate gets :func:`batch_lr` of it, not the
+        default batch's rate."""
+        settings = super().with_overrides(spec, given)
+        if "batch_size" in given and "lr" not in given:
+            settings["lr"] = batch_lr(int(given["batch_size"]))
+        return settings
 
     # ---- after training ----------------------------------------------------------------
     def report(self, run) -> list[Path]:

@@ -16,6 +16,7 @@ apart; the engine and the CLI only call this contract:
         def run_data(self, run, split) -> Data            # the run's own copy (default: load_data)
         def example(self, spec) -> Data                   # a few rows to create parameters
         def fit_settings(self, spec) -> dict              # fit defaults + what the family needs
+        def with_overrides(self, spec, given) -> dict     # defaults + the caller's settings
         def check_fit_settings(self, spec, settings)      # refuse overrides it cannot train with
         def report(self, run) -> list[Path]               # tables and figures after training
         def evaluate(self, run, **options) -> dict        # test figures (nats per example)
@@ -116,6 +117,12 @@ class Family(ABC):
         needs (an objective, an alpha rule). ``ppl-vae train`` and ``ppl_vae.train`` use
         these same values."""
         return dict(self.fit_defaults)
+
+    def with_overrides(self, spec: Any, given: dict[str, Any]) -> dict[str, Any]:
+        """The settings a run trains with: :meth:`fit_settings` updated with the caller's
+        ``given`` ones. A family whose defaults depend on each other (a learning rate that
+        follows the batch size) recomputes the dependent ones here."""
+        return {**self.fit_settings(spec), **given}
 
     def check_fit_settings(self, spec: Any, settings: dict[str, Any]) -> None:
         """Refuse settings the family cannot train with (SetupError), after the caller's

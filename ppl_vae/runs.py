@@ -237,8 +237,7 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
         spec = family.spec_from_json(read_config(out)["spec"])
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))
-    settings = family.fit_settings(spec)
-    settings.update(fit_options)
+    settings = family.with_overrides(spec, fit_options)
     family.check_fit_settings(spec, settings)
     settings.setdefault("seed", 0)
     FitConfig(**{k: v for k, v in settings.items()  # impossible settings: refused here,

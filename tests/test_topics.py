@@ -204,6 +204,10 @@ def test_default_batch_size_follows_the_corpus(tmp_path):
     big = write_octis(tmp_path / "big", octis_lines(n=60) * 600)  # 25,200 training lines
     settings = batch_settings(family.make_spec("prodlda", corpus=str(big), topics=3))
     assert settings == {"batch_size": 256, "lr": 0.02}
+    # a batch size given without a learning rate gets its own rate; a given rate stays
+    assert family.with_overrides(spec, {"batch_size": 256})["lr"] == 0.02
+    assert family.with_overrides(spec, {"batch_size": 256, "lr": 0.1})["lr"] == 0.1
+    assert family.with_overrides(spec, {"epochs": 3})["lr"] == 0.01
 
 
 def gensim_npmi(topics, texts):
