@@ -108,18 +108,25 @@ def test_model_log_joint_is_the_summed_marginal_and_minibatches_scale_to_it():
         assert torch.allclose(torch.nan_to_num(value * (items[name] == items[name])),
                               torch.nan_to_num(items[name]), atol=1e-12)
     y = d["responses"].double()
+    expected = sum(brute_log_marginal(y[s], d["mask"][s], items, cats) for s in range(len(y)))
+    assert_responses_factor(model, latents, y, d["mask"], expected, abs_tol=1e-5)
 
+
+def assert_responses_factor(model, latents, y, mask, expected: float, abs_tol: float) -> None:
+    """The model conditioned on the item ``latents`` scores the answers at ``expected`` (its
+    ``responses`` factor: the log marginal likelihood, nats), and minibatches of 5 students
+    with ``size``/``subsample`` add up to it after Pyro's N/B scaling."""
     def factor(rows=None):
-        args = (y, d["mask"]) if rows is None else (y[rows], d["mask"][rows])
+        args = (y, mask) if rows is None else (y[rows], mask[rows])
         kwargs = {} if rows is None else {"size": len(y), "subsample": rows}
         trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(*args, **kwargs)
         trace.compute_log_prob()
         return float(trace.nodes["responses"]["log_prob_sum"])
 
-    expected = sum(brute_log_marginal(y[s], d["mask"][s], items, cats) for s in range(len(y)))
-    assert factor() == pytest.approx(expected, abs=1e-5)
-    parts = sum(factor(rows) for rows in torch.arange(len(y)).split(5))
-    assert parts / 4 == pytest.approx(expected, abs=1e-5)
+    assert factor() == pytest.approx(expected, abs=abs_tol)
+    rows = torch.arange(len(y)).split(5)
+    parts = sum(factor(r) for r in rows)
+    assert parts / (len(y) / 5) == pytest.approx(expected, abs=abs_tol)
 
 
 def test_graded_probabilities_follow_the_cumulative_logits_and_sum_to_one():
@@ -465,19 +472,10 @@ def test_partial_credit_program_rebuilds_its_steps_and_scales_minibatches():
     rebuilt = model.item_parameters(latents)
     assert torch.equal(rebuilt["steps"][~torch.isnan(steps)], latents["step_difficulty"])
     y = d["responses"].double()
-
-    def factor(rows=None):
-        args = (y, d["mask"]) if rows is None else (y[rows], d["mask"][rows])
-        kwargs = {} if rows is None else {"size": len(y), "subsample": rows}
-        trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(*args, **kwargs)
-        trace.compute_log_prob()
-        assert trace.nodes["step_difficulty"]["value"].shape == (6,)
-        return float(trace.nodes["responses"]["log_prob_sum"])
-
+    trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(y, d["mask"])
+    assert trace.nodes["step_difficulty"]["value"].shape == (6,)
     expected = float(model.log_marginal(y, d["mask"], rebuilt).sum())
-    assert factor() == pytest.approx(expected, abs=1e-9)
-    assert sum(factor(rows) for rows in torch.arange(20).split(5)) / 4 == \
-        pytest.approx(expected, abs=1e-9)
+    assert_responses_factor(model, latents, y, d["mask"], expected, abs_tol=1e-9)
 
 
 def test_marginal_map_recovers_simulated_gpcm_items():
