@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import workers
-from workers import THREADS, peak_mb
+from workers import peak_mb
 
 SIZES = {"small": (2000, 50, 0.0), "large": (100_000, 100, 0.7)}
 # engine settings per exam: (batch size, epochs); short = fewer epochs
@@ -343,12 +342,7 @@ def main() -> None:
                 "mirt-lsat": worker_mirt_lsat}.get(spec["variant"], worker_ours)
         print(json.dumps(work(spec)))
         return
-    if args.peer_python and not Path(args.peer_python).exists():
-        print(f"{args.peer_python} not found: mirt runs skipped")
-        args.peer_python = ""
-    variants = [v for v in args.variants if args.peer_python or not v.startswith("mirt")]
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; python "
-          f"{sys.version.split()[0]}; threads {THREADS}")
+    variants = workers.runnable_variants(args)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)

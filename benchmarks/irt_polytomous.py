@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import workers
-from workers import THREADS, peak_mb
+from workers import peak_mb
 
 # name -> (response model of the simulation, mirt's model, fixed a, categories)
 SETS = {"grm": ("graded", "GRM", None), "gpcm": ("partial_credit", "GPCM", None),
@@ -230,12 +229,7 @@ def main() -> None:
         work = worker_mirt if spec["variant"].startswith("mirt") else worker_ours
         print(json.dumps(work(spec)))
         return
-    if args.peer_python and not Path(args.peer_python).exists():
-        print(f"{args.peer_python} not found: mirt runs skipped")
-        args.peer_python = ""
-    variants = [v for v in args.variants if args.peer_python or not v.startswith("mirt")]
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; python "
-          f"{sys.version.split()[0]}; threads {THREADS}")
+    variants = workers.runnable_variants(args)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:

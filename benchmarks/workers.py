@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -65,3 +66,14 @@ def median_rows(runs: dict[str, list[dict]], columns: list[tuple[str, str]],
             cells += ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def runnable_variants(args) -> list[str]:
+    """``args.variants`` without the mirt ones when ``args.peer_python`` (the peers' venv)
+    is missing, saying so; prints the machine line every benchmark starts with."""
+    if args.peer_python and not Path(args.peer_python).exists():
+        print(f"{args.peer_python} not found: mirt runs skipped")
+        args.peer_python = ""
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; python "
+          f"{sys.version.split()[0]}; threads {THREADS}")
+    return [v for v in args.variants if args.peer_python or not v.startswith("mirt")]
