@@ -269,7 +269,7 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
             # report on the state a reloaded run holds: the best epoch's
             state = load_checkpoint(run.checkpoint, run.device)
             restore(run.model, run.guide, state, family.example(spec), device=run.device)
-    elif (val is not None and history.best_state is not None
+    elif (history.best_state is not None
           and history.best_epoch != len(history.rows)):  # no folder: the same, from memory
         restore(run.model, run.guide, history.best_state, family.example(spec),
                 device=run.device)

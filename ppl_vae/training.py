@@ -126,7 +126,8 @@ class History:
     rows: list[dict]
     best_epoch: int | None = None
     stopped_early: bool = False
-    # without a run folder: the best epoch's state (checkpoint form) kept in memory
+    # without a run folder and with validation data: the best epoch's state (checkpoint
+    # form) kept in memory
     best_state: dict | None = field(default=None, repr=False)
 
     def __getitem__(self, key: str) -> list:
@@ -527,7 +528,9 @@ class Trainer:
 
     def _save(self, batches, best: bool) -> None:
         if self.out is None:
-            if best:  # no folder for best.pt: keep the best epoch in memory
+            # no folder for best.pt: keep the best epoch in memory, when it was judged on
+            # validation data (without it the last epoch is the run's answer, as on disk)
+            if best and "val_elbo" in self.history.rows[-1]:
                 self.history.best_state = _cpu_copy(self.state_dict(batches))
             return
         self.out.mkdir(parents=True, exist_ok=True)
