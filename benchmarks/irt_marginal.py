@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -348,17 +347,13 @@ def main() -> None:
         args.tmp = Path(tmp)
         for size in args.sizes:
             path = write_exam(args.tmp, size)
-            runs: dict[str, list[dict]] = {v: [] for v in variants}
-            for repeat in range(args.repeats):
-                order = variants if repeat % 2 == 0 else variants[::-1]
-                for variant in order:
-                    python = args.peer_python if variant.startswith("mirt") else sys.executable
-                    r = run_worker(python, {"variant": variant, "size": size,
-                                            "data": str(path)}, args.timeout)
-                    runs[variant].append(r)
-                    print(f"  {size} repeat {repeat + 1} {variant}: fit {r['fit_cpu']:.2f} CPU s,"
-                          f" r(a) {r['r_a']:.5f}, r(b) {r['r_b']:.5f}, peak "
-                          f"{r['peak_mb']:.0f} MB", flush=True)
+            def show(repeat: int, variant: str, r: dict, size: str = size) -> None:
+                print(f"  {size} repeat {repeat + 1} {variant}: fit {r['fit_cpu']:.2f} CPU s,"
+                      f" r(a) {r['r_a']:.5f}, r(b) {r['r_b']:.5f}, peak "
+                      f"{r['peak_mb']:.0f} MB", flush=True)
+
+            runs = workers.alternated_runs(__file__, args, variants,
+                                           {"size": size, "data": str(path)}, size, show)
             results[size] = runs
             summarize(size, runs)
         if not args.no_lsat:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,10 +154,6 @@ def worker_ours(spec: dict) -> dict:
                        items[key].double().numpy(), theta.numpy(), data)}
 
 
-def run_worker(python: str, spec: dict, timeout: float) -> dict:
-    return workers.run_worker(python, __file__, spec, timeout, spec["set"])
-
-
 # ---- the driver ---------------------------------------------------------------------------
 
 def write_exam(folder: Path, name: str) -> Path:
@@ -234,18 +229,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
             path = write_exam(Path(tmp), name)
-            runs: dict[str, list[dict]] = {v: [] for v in variants}
-            for repeat in range(args.repeats):
-                order = variants if repeat % 2 == 0 else variants[::-1]
-                for variant in order:
-                    python = args.peer_python if variant.startswith("mirt") else sys.executable
-                    r = run_worker(python, {"variant": variant, "set": name,
-                                            "data": str(path)}, args.timeout)
-                    runs[variant].append(r)
-                    print(f"  {name} repeat {repeat + 1} {variant}: fit {r['fit_cpu']:.2f} CPU s, "
-                          f"r(a) {r['r_a'] if r['r_a'] is None else round(r['r_a'], 4)}, "
-                          f"r(b) {r['r_b']:.4f}, r(theta) {r['r_theta']:.4f}, peak "
-                          f"{r['peak_mb']:.0f} MB", flush=True)
+            def show(repeat: int, variant: str, r: dict, name: str = name) -> None:
+                print(f"  {name} repeat {repeat + 1} {variant}: fit {r['fit_cpu']:.2f} CPU s, "
+                      f"r(a) {r['r_a'] if r['r_a'] is None else round(r['r_a'], 4)}, "
+                      f"r(b) {r['r_b']:.4f}, r(theta) {r['r_theta']:.4f}, peak "
+                      f"{r['peak_mb']:.0f} MB", flush=True)
+
+            runs = workers.alternated_runs(__file__, args, variants,
+                                           {"set": name, "data": str(path)}, name, show)
             results[name] = runs
             summarize(name, runs)
     if args.json:

@@ -77,3 +77,20 @@ def runnable_variants(args) -> list[str]:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}; python "
           f"{sys.version.split()[0]}; threads {THREADS}")
     return [v for v in args.variants if args.peer_python or not v.startswith("mirt")]
+
+
+def alternated_runs(script: str, args, variants: list[str], spec: dict, label: str,
+                    show) -> dict[str, list[dict]]:
+    """``args.repeats`` fresh-process runs of every variant on one data set (``spec``: the
+    worker's other fields), the order reversed every other repeat; a mirt variant runs in
+    ``args.peer_python``, ours in this interpreter. ``show(repeat, variant, figures)``
+    prints each run as it ends. Returns the figures per variant."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(args.repeats):
+        for variant in variants if repeat % 2 == 0 else variants[::-1]:
+            python = args.peer_python if variant.startswith("mirt") else sys.executable
+            figures = run_worker(python, script, {"variant": variant, **spec}, args.timeout,
+                                 label)
+            runs[variant].append(figures)
+            show(repeat, variant, figures)
+    return runs
