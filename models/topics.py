@@ -40,7 +40,7 @@ from ppl_vae.models.prodlda import (
     log_frequencies,
 )
 from ppl_vae.program import SetupError
-from ppl_vae.topic_metrics import diversity, perplexity, top_words, topic_quality
+from ppl_vae.topic_metrics import co_use, diversity, perplexity, top_words, topic_quality
 
 # ---- the family: spec, corpus, training defaults, reports and commands of prodlda and lda -----
 
@@ -438,14 +438,19 @@ class TopicFamily(Family):
         than half: :func:`~ppl_vae.topic_metrics.near_duplicates`, with a warning that names
         them); topics.png (each topic's top 10 words, its NPMI and usage in the title);
         topic_quality.json (the same per-topic figures, mean NPMI, diversity at 10 and 25,
-        the near-duplicate pairs)."""
+        the near-duplicate pairs and, for each, ``near_duplicates_co_use``: the correlation
+        of the two topics' proportions over the training documents,
+        :func:`~ppl_vae.topic_metrics.co_use`)."""
         corpus = topic_corpus(run.spec)
         vocabulary = corpus.vocabulary
         path = Path(run.path)
         atomic_write_bytes(path / "vocabulary.txt", ("\n".join(vocabulary) + "\n").encode())
         weights = run.model.topic_word().cpu()
         quality = topic_quality(weights, vocabulary, corpus.texts)
-        quality.update(self.usage(run, corpus))
+        theta = self.train_theta(run, corpus)
+        quality.update(self.usage(run, corpus, theta))
+        if quality.get("near_duplicates"):
+            quality["near_duplicates_co_use"] = co_use(theta, quality["near_duplicates"])
         top = weights.topk(min(25, weights.shape[1]), -1)
         copies = near_copies(quality.get("near_duplicates", []), weights.shape[0])
         rows = ["topic,rank,word,weight,npmi,usage,documents,near_copy_of"]
@@ -459,27 +464,36 @@ class TopicFamily(Family):
         write_json(quality, path / "topic_quality.json")
         copied = sorted(k for k, j in enumerate(copies) if j is not None)
         if copied:
+            together = [c for c in quality["near_duplicates_co_use"] if c == c]
             warnings.warn(NearDuplicateTopics(
                 f"{len(copied)} of {weights.shape[0]} topics share more than half of their top "
                 f"25 words with another (topics {', '.join(map(str, copied[:12]))}"
                 f"{' ...' if len(copied) > 12 else ''}; column near_copy_of of "
-                f"{path / 'topics.csv'}): the corpus has fewer themes than topics; fewer "
-                "topics (--topics) usually gives distinct ones"), stacklevel=2)
+                f"{path / 'topics.csv'}"
+                + (f"; median correlation of a pair's proportions over the training "
+                   f"documents {float(np.median(together)):.2f}" if together else "")
+                + "): the corpus has fewer themes than topics; fewer topics (--topics) "
+                "usually gives distinct ones"), stacklevel=2)
         titles = [f"topic {k}: NPMI {n:+.2f}, usage {u:.1%}" for k, (n, u) in
                   enumerate(zip(quality["npmi_per_topic"], quality["usage"]))]
         return [path / "vocabulary.txt", path / "topics.csv",
                 plot_topics(weights, vocabulary, path / "topics.png", titles=titles),
                 path / "topic_quality.json"]
 
-    def usage(self, run, corpus: TopicCorpus | None = None) -> dict[str, list]:
-        """How much the training documents use each topic: ``usage`` (K,) the mean topic
-        proportion (sums to 1), ``documents`` (K,) how many documents have it as their
-        largest proportion."""
+    def train_theta(self, run, corpus: TopicCorpus | None = None) -> torch.Tensor:
+        """Topic proportions (D, K) of the training documents (:meth:`theta`)."""
         corpus = corpus or self.corpus(run)
-        train = corpus.split("train")
         embeddings = (split_embeddings(run.spec, corpus, "train") if run.spec.embedding_dim
                       else None)
-        theta = self.theta(run, train, embeddings=embeddings)
+        return self.theta(run, corpus.split("train"), embeddings=embeddings)
+
+    def usage(self, run, corpus: TopicCorpus | None = None,
+              theta: torch.Tensor | None = None) -> dict[str, list]:
+        """How much the training documents use each topic: ``usage`` (K,) the mean topic
+        proportion (sums to 1), ``documents`` (K,) how many documents have it as their
+        largest proportion. ``theta``: the training documents' proportions (D, K) when
+        already computed (:meth:`train_theta`)."""
+        theta = self.train_theta(run, corpus) if theta is None else theta
         counts = torch.bincount(theta.argmax(-1), minlength=theta.shape[1])
         return {"usage": theta.mean(0).tolist(), "documents": counts.tolist()}
 

@@ -141,6 +141,23 @@ def near_duplicates(topics: Sequence[Sequence[str]], shared: int = 13
     return sorted((p for p in pairs if p[2] >= shared), key=lambda p: (-p[2], p[0], p[1]))
 
 
+def co_use(theta: torch.Tensor, pairs: Sequence[Sequence[int]]) -> list[float]:
+    """For each pair (k, j, ...) of topics, the correlation over documents of their
+    proportions theta[:, k] and theta[:, j] (theta: (documents, K)). Near-copies with a
+    correlation near 1 are used together by the same documents (one theme spread over
+    several topics), near 0 or below as alternatives. NaN when a topic's proportion does not
+    vary."""
+    theta = theta.double()
+    centred = theta - theta.mean(0)
+    norms = centred.norm(dim=0)
+    out = []
+    for k, j, *_ in pairs:
+        denominator = norms[k] * norms[j]
+        out.append(float((centred[:, k] @ centred[:, j]) / denominator)
+                   if denominator > 0 else float("nan"))
+    return out
+
+
 def topic_quality(topic_word: torch.Tensor, vocabulary: Sequence[str],
                   texts: Sequence[Sequence[str]]) -> dict:
     """Quality of topics (K, V) with the corpus ``texts`` as NPMI reference: ``npmi`` (mean

@@ -269,6 +269,21 @@ def test_near_duplicate_topics_are_found_and_named_in_the_report():
     assert "near_duplicates" not in topic_quality(weights[:, :60], vocabulary[:60], texts)
 
 
+def test_co_use_is_the_correlation_of_two_topics_proportions_over_documents():
+    """Copies used by the same documents correlate near 1, alternatives negatively; a topic
+    whose proportion never varies gives NaN, not an error."""
+    from ppl_vae.topic_metrics import co_use
+
+    g = torch.Generator().manual_seed(0)
+    theta = torch.distributions.Dirichlet(torch.ones(5)).sample((400,))
+    theta[:, 1] = theta[:, 0] + 0.01 * torch.rand(400, generator=g)   # used with topic 0
+    theta[:, 3] = 1 - theta[:, 2]                                     # instead of topic 2
+    theta[:, 4] = 0.2
+    together, instead, flat = co_use(theta, [(0, 1, 20), (2, 3, 14), (0, 4, 13)])
+    assert together == pytest.approx(float(np.corrcoef(theta[:, 0], theta[:, 1])[0, 1]))
+    assert together > 0.99 and instead == pytest.approx(-1.0) and math.isnan(flat)
+
+
 def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
     g = torch.Generator().manual_seed(0)
     vocabulary = [f"v{i}" for i in range(120)]
@@ -285,13 +300,17 @@ def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
     with torch.no_grad():
         run.model.beta.weight.copy_(beta)
     with pytest.warns(NearDuplicateTopics, match=r"2 of 4 topics share more than half .*"
-                      r"\(topics 0, 2; column near_copy_of of .*topics.csv\).*--topics"):
+                      r"\(topics 0, 2; column near_copy_of of .*topics.csv; median correlation of "
+                      r"a pair's proportions over the training documents -?[01]\.\d\d\).*--topics"):
         run.family.report(run)
     with open(out / "topics.csv") as f:
         copy_of = {int(r["topic"]): r["near_copy_of"] for r in csv.DictReader(f)}
     assert copy_of == {0: "2", 1: "", 2: "0", 3: ""}
     quality = json.loads((out / "topic_quality.json").read_text())
     assert quality["near_duplicates"] == [[0, 2, 20]]
+    from ppl_vae.topic_metrics import co_use
+    assert quality["near_duplicates_co_use"] == pytest.approx(
+        co_use(run.family.train_theta(run), [(0, 2)]))
 
 
 def test_perplexity_is_an_upper_bound():
