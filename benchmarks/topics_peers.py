@@ -380,12 +380,17 @@ def summarize(rows: list[dict], markdown: bool = False) -> None:
                         for i, (x, w) in enumerate(zip(line, widths))))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def corpus_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """--data, --corpora, --topics, --seeds: the grid of the topic benchmarks."""
     p.add_argument("--data", type=Path, default=DATA, help="folder of the OCTIS corpora")
     p.add_argument("--corpora", nargs="+", default=["BBC_News", "M10", "DBLP"])
     p.add_argument("--topics", type=int, nargs="+", default=[20, 50])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    corpus_grid_arguments(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                    help="methods to fit (default: all)")
     p.add_argument("--csv", type=Path, default=None,

@@ -41,12 +41,12 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from topics_peers import corpus_grid_arguments, read_rows  # noqa: E402 (benchmarks/)
 
 import ppl_vae  # noqa: E402
 from ppl_vae.data.topics import load_octis  # noqa: E402
 from ppl_vae.topic_metrics import diversity, npmi_per_topic, top_words  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "topics"
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["corpus", "K", "seed", "epoch", "cpu_s", "val_elbo", "npmi", "npmi_worst",
           "diversity25", "kept_epoch", "total_cpu_s"]
@@ -129,7 +129,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def peer_finals(peers_csv: Path) -> dict:
     """(corpus, K, method) -> (mean NPMI, mean CPU s) over the method's seeds (latest rows)."""
-    latest = {(r["corpus"], r["K"], r["seed"], r["method"]): r for r in read_csv(peers_csv)}
+    latest = {(r["corpus"], r["K"], r["seed"], r["method"]): r for r in read_rows(peers_csv)}
     out: dict = {}
     for (corpus, k, _, method), r in latest.items():
         if method in PEERS:
@@ -222,10 +222,7 @@ def plot(rows: list[dict], peers: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DATA, help="folder of the OCTIS corpora")
-    p.add_argument("--corpora", nargs="+", default=["BBC_News", "M10", "DBLP"])
-    p.add_argument("--topics", type=int, nargs="+", default=[20, 50])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    corpus_grid_arguments(p)
     p.add_argument("--csv", type=Path, default=RESULTS / "topics_time_to_quality.csv")
     p.add_argument("--peers-csv", type=Path, default=RESULTS / "topics_peers.csv")
     p.add_argument("--figure", type=Path, default=Path(__file__).resolve().parent
