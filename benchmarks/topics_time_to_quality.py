@@ -34,6 +34,7 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -53,9 +54,10 @@ FIELDS = ["corpus", "K", "seed", "epoch", "cpu_s", "val_elbo", "npmi", "npmi_wor
 PEERS = ("octis-prodlda", "sklearn-lda", "gensim-lda", "ecrtm", "fastopic")
 
 
-def fit_with_snapshots(corpus_dir: Path, k: int, seed: int, workdir: Path
-                       ) -> tuple[list[dict], int, float]:
-    """Train ours with the family's defaults; returns per-epoch rows (epoch, cumulative CPU s,
+def fit_with_snapshots(corpus_dir: Path, k: int, seed: int, workdir: Path,
+                       fit: dict | None = None) -> tuple[list[dict], int, float]:
+    """Train ours with the family's defaults (``fit``: settings to change, e.g. epochs);
+    returns per-epoch rows (epoch, cumulative CPU s,
     validation ELBO, topic-word weights), the kept epoch and the whole fit's CPU seconds (the
     report that ``train`` writes afterwards excluded)."""
     epochs: list[dict] = []
@@ -86,7 +88,7 @@ def fit_with_snapshots(corpus_dir: Path, k: int, seed: int, workdir: Path
     try:
         start = time.process_time()
         ppl_vae.train("prodlda", workdir / f"{corpus_dir.name}_K{k}_seed{seed}", spec,
-                      seed=seed, overwrite=True, progress=False)
+                      seed=seed, overwrite=True, progress=False, **(fit or {}))
     finally:
         ppl_vae.Trainer.end_epoch = original
         family_class.report = original_report
@@ -228,6 +230,9 @@ def main() -> None:
     p.add_argument("--figure", type=Path, default=Path(__file__).resolve().parent
                    / "figures" / "topics_time_to_quality.png")
     p.add_argument("--summary", action="store_true", help="summarize the CSV, fit nothing")
+    p.add_argument("--fit", type=json.loads, default={},
+                   help='fit settings to change from the defaults, as JSON, e.g. \'{"epochs": '
+                   '100}\' (use another --csv for them)')
     args = p.parse_args()
     if not args.summary:
         torch.set_num_threads(1)
@@ -241,7 +246,7 @@ def main() -> None:
                         if (name, k, seed) in done:
                             continue
                         epochs, kept, total = fit_with_snapshots(args.data / name, k, seed,
-                                                                 Path(workdir))
+                                                                 Path(workdir), args.fit)
                         rows = score_epochs(corpus, name, k, seed, epochs, kept, total)
                         new = not args.csv.exists()
                         args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -286,15 +286,17 @@ def log_frequencies(counts: torch.Tensor, smoothing: float = 1.0) -> torch.Tenso
 def build_prodlda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
                   alpha: float = 1.0, prior: str = "laplace", decoder_bn: bool = False,
                   beta_precision: float = 10.0, background: torch.Tensor | None = None,
-                  embedding_dim: int = 0):
+                  embedding_dim: int = 0, encoder_variance: str = "batchnorm"):
     """ProdLDA and its amortized guide: the :class:`~ppl_vae.nn.DocumentEncoder` feeding
     AmortizedNormal over ``logtheta`` (laplace) or AmortizedDirichlet over ``theta``;
     ``embedding_dim`` E > 0: the encoder reads [counts, embeddings] (CTM, see
-    :func:`topic_guide`)."""
+    :func:`topic_guide`); ``encoder_variance``: the encoder's log-variance head
+    (``batchnorm`` or ``bounded``, :class:`~ppl_vae.nn.DocumentEncoder`)."""
     model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout,
                     decoder_bn=decoder_bn, beta_precision=beta_precision,
                     background=background)
-    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim)
+    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim,
+                              encoder_variance)
 
 
 def encoder_input(docs: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,14 +311,17 @@ def encoder_input(docs: torch.Tensor, embeddings: torch.Tensor | None = None) ->
 
 
 def topic_guide(vocab_size: int, num_topics: int, hidden: int, dropout: float, prior: str,
-                embedding_dim: int = 0):
+                embedding_dim: int = 0, encoder_variance: str = "batchnorm"):
     """The amortized guide for the topic-proportion site of either prior. With
     ``embedding_dim`` E > 0 the data are ``(counts, embeddings)`` and the encoder reads both
-    (:func:`encoder_input`); the model ignores the embeddings."""
+    (:func:`encoder_input`); the model ignores the embeddings. ``encoder_variance``: the
+    log-variance head of the logistic-normal guide (:class:`~ppl_vae.nn.DocumentEncoder`;
+    the Dirichlet guide has none)."""
     width = vocab_size + embedding_dim
     inputs = encoder_input if embedding_dim else None
     if prior == "laplace":
-        encoder = DocumentEncoder(width, num_topics, hidden, dropout, head="normal")
+        encoder = DocumentEncoder(width, num_topics, hidden, dropout, head="normal",
+                                  variance=encoder_variance)
         return AmortizedNormal(encoder, site="logtheta", plate="data", inputs=inputs)
     encoder = DocumentEncoder(width, num_topics, hidden, dropout, head="dirichlet")
     return AmortizedDirichlet(encoder, site="theta", plate="data", inputs=inputs)

@@ -173,20 +173,36 @@ class DocumentEncoder(nn.Module):
     """Bag-of-words encoder of the topic models (Srivastava & Sutton 2017, AVITM):
 
         h = dropout(softplus(W2 softplus(W1 x)))         x: word counts (..., V)
-        head "normal":    (loc, scale) = (BN(W_mu h), exp(BN(W_logvar h) / 2))   each (..., K)
+        head "normal":    loc = BN(W_mu h),  scale = exp(log_var / 2)            each (..., K)
+            variance "batchnorm": log_var = BN(W_logvar h)                         (AVITM)
+            variance "bounded":   log_var = c tanh(W_logvar h / c),  c = max_log_variance
         head "dirichlet": concentration = softplus(BN(W_a h)) + min_concentration (..., K)
 
     The batch norms have no affine part (they keep the heads' scale fixed, which avoids the
-    component collapse of plain VAEs on text). The normal head feeds
-    :class:`ppl_vae.guides.amortized.AmortizedNormal` (a logistic-normal posterior of
+    component collapse of plain VAEs on text). On the log-variance that also fixes the
+    posterior's noise: over a minibatch its log-variance has mean 0 and variance 1 in every
+    topic, so no document can be placed precisely, and ProdLDA then spreads one theme over
+    several topics that documents use together (less noise in their sum; BBC_News, K=50:
+    near-copies whose proportions correlate at 0.89-1.00). ``variance="bounded"`` lets each
+    document have its own log-variance within [-c, c] (the bound keeps it finite on
+    documents unlike the training ones; benchmarks/RESULTS.md, "Issue 16"). The normal head
+    feeds :class:`ppl_vae.guides.amortized.AmortizedNormal` (a logistic-normal posterior of
     log theta), the Dirichlet head :class:`ppl_vae.guides.dirichlet.AmortizedDirichlet`.
     """
 
+    VARIANCES = ("batchnorm", "bounded")
+
     def __init__(self, vocab_size: int, num_topics: int, hidden: int = 100,
-                 dropout: float = 0.2, head: str = "normal", min_concentration: float = 1e-3):
+                 dropout: float = 0.2, head: str = "normal", min_concentration: float = 1e-3,
+                 variance: str = "batchnorm", max_log_variance: float = 3.0):
         super().__init__()
         if head not in ("normal", "dirichlet"):
             raise ValueError(f"unknown head {head!r}; choose normal or dirichlet")
+        if variance not in self.VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {self.VARIANCES}")
+        if not max_log_variance > 0:
+            raise ValueError(f"max_log_variance must be > 0, got {max_log_variance}")
+        self.variance, self.max_log_variance = variance, float(max_log_variance)
         self.body = nn.Sequential(nn.Linear(vocab_size, hidden), nn.Softplus(),
                                   nn.Linear(hidden, hidden), nn.Softplus(), nn.Dropout(dropout))
         self.head = head
@@ -195,7 +211,8 @@ class DocumentEncoder(nn.Module):
         self.bn1 = nn.BatchNorm1d(num_topics, affine=False)
         if head == "normal":
             self.fc2 = nn.Linear(hidden, num_topics)
-            self.bn2 = nn.BatchNorm1d(num_topics, affine=False)
+            if variance == "batchnorm":
+                self.bn2 = nn.BatchNorm1d(num_topics, affine=False)
 
     @staticmethod
     def _bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -220,5 +237,9 @@ class DocumentEncoder(nn.Module):
         if self.head == "dirichlet":
             return F.softplus(self._bn(self.bn1, self.fc1(h))) + self.min_concentration
         loc = self._bn(self.bn1, self.fc1(h))
-        scale = (0.5 * self._bn(self.bn2, self.fc2(h))).exp()
-        return loc, scale
+        if self.variance == "bounded":
+            c = self.max_log_variance
+            log_var = c * torch.tanh(self.fc2(h) / c)
+        else:
+            log_var = self._bn(self.bn2, self.fc2(h))
+        return loc, (0.5 * log_var).exp()

@@ -83,6 +83,36 @@ def test_topic_models_learn_planted_topics_from_sparse_counts(builder, prior, al
     assert recovered_blocks(model.topic_word()) >= 2
 
 
+def test_bounded_encoder_variance_learns_planted_topics_and_stays_within_its_bound():
+    """Each document its own log-variance, within [-c, c] even for inputs far from the
+    training ones (no batch norm pins its mean at 0 over a minibatch), and ProdLDA with it
+    recovers planted topics."""
+    from ppl_vae.nn import DocumentEncoder
+
+    counts, _ = planted_corpus(n=180)
+    torch.manual_seed(0)
+    model, guide = build_prodlda(len(WORDS), 3, hidden=32, encoder_variance="bounded")
+    encoder = guide.encoder
+    assert encoder.variance == "bounded" and not hasattr(encoder, "bn2")
+    history = fit(model, guide, counts.to_sparse_csr(), epochs=20, batch_size=60, lr=2e-2,
+                  objective="meanfield", progress=False, seed=0)
+    assert history["train_elbo"][-1] > history["train_elbo"][0] + 2
+    assert recovered_blocks(model.topic_word()) >= 2
+    with torch.no_grad():
+        encoder.fc2.bias.fill_(-50.0)  # far below the bound: clipped smoothly at -c
+        _, scale = encoder(1000 * counts[:8])
+    log_var = 2 * scale.log()
+    assert (log_var >= -3.0 - 1e-4).all() and (log_var <= 3.0).all()
+    assert log_var.mean() < -2.5  # not standardized over the batch, as batch norm would do
+    encoder.train()
+    _, lone = encoder(counts[:1])  # one document in training mode: no batch statistics
+    assert lone.shape == (1, 3)
+    with pytest.raises(ValueError, match="unknown variance 'wide'"):
+        DocumentEncoder(len(WORDS), 3, variance="wide")
+    with pytest.raises(ValueError, match="max_log_variance must be > 0"):
+        DocumentEncoder(len(WORDS), 3, variance="bounded", max_log_variance=0)
+
+
 def test_document_counts_score_and_sample_each_documents_own_length():
     """Every row is Multinomial(N_i, softmax(logits_i)) with its own N_i: log-densities equal
     torch's Multinomial row by row; samples keep each row's length and have mean N_i p_i."""
@@ -605,6 +635,48 @@ def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
     # a reloaded run keeps what it stored, readable corpus or not
     stored = family.spec_from_json({**dataclasses.asdict(spec), "corpus": str(tmp_path / "gone")})
     assert (stored.alpha, stored.beta_precision) == (0.1, pytest.approx(12.0))
+
+
+def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
+    """ProdLDA on long texts gets the bounded encoder variance with the KL term ramped in over
+    the warm-up epochs; short texts, neural LDA and the Dirichlet prior keep the batch norm;
+    runs stored before the field existed reload with the batch norm; bad values are
+    SetupErrors naming the field and flag; the flag reaches the stored spec."""
+    from ppl_vae.models.topics import TopicFamily
+
+    family = TopicFamily()
+    documents = write_octis(tmp_path / "documents", octis_lines(n=60))  # 20 tokens each
+    long = family.make_spec("prodlda", corpus=str(documents), topics=3)
+    assert long.encoder_variance == "bounded"
+    assert family.build(long)[1].encoder.variance == "bounded"
+    settings = family.fit_settings(long)
+    assert settings["kl_anneal_epochs"] == settings["warmup_epochs"] == 10
+    assert settings["kl_sites"] == ("logtheta",)
+    _, texts = planted_corpus(n=60, length=5)
+    splits = ["train"] * 42 + ["val"] * 9 + ["test"] * 9
+    titles = write_octis(tmp_path / "titles", [f"{' '.join(t)}\t{s}\t0"
+                                               for t, s in zip(texts, splits)])
+    for spec in (family.make_spec("prodlda", corpus=str(titles), topics=3),
+                 family.make_spec("lda", corpus=str(documents), topics=3),
+                 family.make_spec("prodlda", corpus=str(documents), topics=3,
+                                  prior="dirichlet")):
+        assert spec.encoder_variance == "batchnorm"
+        assert "kl_anneal_epochs" not in family.fit_settings(spec)
+    given = family.make_spec("prodlda", corpus=str(documents), topics=3,
+                             encoder_variance="batchnorm")
+    assert given.encoder_variance == "batchnorm"
+    assert hasattr(family.build(given)[1].encoder, "bn2")
+    stored = {k: v for k, v in dataclasses.asdict(long).items() if k != "encoder_variance"}
+    assert family.spec_from_json(stored).encoder_variance == "batchnorm"
+    with pytest.raises(SetupError, match=r"encoder_variance \(--encoder-variance\) must be one "
+                       r"of \('batchnorm', 'bounded'\), got 'wide'"):
+        family.make_spec("prodlda", corpus=str(documents), topics=3, encoder_variance="wide")
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(documents), "--topics", "3", "--hidden",
+                "8", "--epochs", "1", "--encoder-variance", "batchnorm", "--out", str(out),
+                "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"]["encoder_variance"] == "batchnorm"
 
 
 def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):

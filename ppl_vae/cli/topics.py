@@ -46,6 +46,11 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--beta-precision", type=float, default=None,
                    help="prodlda: precision of the Normal prior on the topics' word weights "
                    "(default 10 (20/K)^2, 3 (20/K)^2 on short texts; 0: none)")
+    g.add_argument("--encoder-variance", choices=("batchnorm", "bounded"), default=None,
+                   help="prodlda: the encoder's log-variance head: AVITM's batch norm, or "
+                   "each document its own within [-3, 3] (default: bounded on long texts, "
+                   "with the KL term ramped in over the warm-up epochs; batchnorm on short "
+                   "texts)")
     e = g.add_mutually_exclusive_group()
     e.add_argument("--embeddings", type=Path, default=None,
                    help="contextual document embeddings for the encoder (CTM): a .npy matrix "
@@ -67,7 +72,7 @@ def cli_spec(args: argparse.Namespace) -> dict:
                 dropout=args.dropout, alpha=args.alpha, prior=args.prior,
                 min_df=args.min_df, max_df=args.max_df, stop_words=args.stop_words,
                 max_features=args.max_features, decoder_bn=args.decoder_bn,
-                beta_precision=args.beta_precision,
+                beta_precision=args.beta_precision, encoder_variance=args.encoder_variance,
                 embeddings=str(args.embeddings) if args.embeddings else None,
                 embedding_model=args.embedding_model,
                 split_seed=args.seed if args.seed is not None else S.split_seed)
