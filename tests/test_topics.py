@@ -639,9 +639,10 @@ def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
 
 def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     """ProdLDA on long texts gets the bounded encoder variance with the KL term ramped in over
-    the warm-up epochs; short texts, neural LDA and the Dirichlet prior keep the batch norm;
-    runs stored before the field existed reload with the batch norm; bad values are
-    SetupErrors naming the field and flag; the flag reaches the stored spec."""
+    the warm-up epochs and a cosine learning rate; short texts, neural LDA and the Dirichlet
+    prior keep the batch norm; runs stored before the field existed reload with the batch
+    norm; bad values are SetupErrors naming the field and flag; the flag reaches the stored
+    spec."""
     from ppl_vae.models.topics import TopicFamily
 
     family = TopicFamily()
@@ -651,7 +652,7 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     assert family.build(long)[1].encoder.variance == "bounded"
     settings = family.fit_settings(long)
     assert settings["kl_anneal_epochs"] == settings["warmup_epochs"] == 10
-    assert settings["kl_sites"] == ("logtheta",)
+    assert settings["kl_sites"] == ("logtheta",) and settings["lr_schedule"] == "cosine"
     _, texts = planted_corpus(n=60, length=5)
     splits = ["train"] * 42 + ["val"] * 9 + ["test"] * 9
     titles = write_octis(tmp_path / "titles", [f"{' '.join(t)}\t{s}\t0"
@@ -661,7 +662,7 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
                  family.make_spec("prodlda", corpus=str(documents), topics=3,
                                   prior="dirichlet")):
         assert spec.encoder_variance == "batchnorm"
-        assert "kl_anneal_epochs" not in family.fit_settings(spec)
+        assert not {"kl_anneal_epochs", "lr_schedule"} & set(family.fit_settings(spec))
     given = family.make_spec("prodlda", corpus=str(documents), topics=3,
                              encoder_variance="batchnorm")
     assert given.encoder_variance == "batchnorm"

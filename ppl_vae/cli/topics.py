@@ -49,8 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--encoder-variance", choices=("batchnorm", "bounded"), default=None,
                    help="prodlda: the encoder's log-variance head: AVITM's batch norm, or "
                    "each document its own within [-3, 3] (default: bounded on long texts, "
-                   "with the KL term ramped in over the warm-up epochs; batchnorm on short "
-                   "texts)")
+                   "trained with the KL term ramped in over the warm-up epochs and a cosine "
+                   "learning rate; batchnorm on short texts)")
     e = g.add_mutually_exclusive_group()
     e.add_argument("--embeddings", type=Path, default=None,
                    help="contextual document embeddings for the encoder (CTM): a .npy matrix "
