@@ -77,7 +77,8 @@ class TopicSpec:
     prior on long texts, where it gives more distinct and more coherent topics, with the KL
     term ramped in over the warm-up epochs and a cosine learning-rate schedule
     (:meth:`TopicFamily.fit_settings`);
-    ``batchnorm`` otherwise (short texts: DBLP's NPMI fell; neural LDA: not measured).
+    ``batchnorm`` otherwise (short texts: DBLP's NPMI fell; AVITM's decoder
+    ``decoder_bn`` keeps AVITM's encoder; neural LDA: not measured).
     Runs stored before this field existed reload with ``batchnorm``.
     """
 
@@ -130,8 +131,8 @@ class TopicSpec:
                  and short_texts(self))
         if self.encoder_variance is None:
             self.encoder_variance = ("bounded" if self.model == "prodlda"
-                                     and self.prior == "laplace" and not short
-                                     else "batchnorm")
+                                     and self.prior == "laplace" and not self.decoder_bn
+                                     and not short else "batchnorm")
         if self.alpha is None:
             self.alpha = 1.0 if self.prior == "laplace" and not short else 0.1
         if not self.alpha > 0:

@@ -639,10 +639,10 @@ def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
 
 def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     """ProdLDA on long texts gets the bounded encoder variance with the KL term ramped in over
-    the warm-up epochs and a cosine learning rate; short texts, neural LDA and the Dirichlet
-    prior keep the batch norm; runs stored before the field existed reload with the batch
-    norm; bad values are SetupErrors naming the field and flag; the flag reaches the stored
-    spec."""
+    the warm-up epochs and a cosine learning rate; short texts, neural LDA, the Dirichlet
+    prior and AVITM's decoder keep the batch norm; runs stored before the field existed
+    reload with the batch norm; bad values are SetupErrors naming the field and flag; the
+    flag reaches the stored spec."""
     from ppl_vae.models.topics import TopicFamily
 
     family = TopicFamily()
@@ -660,7 +660,9 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     for spec in (family.make_spec("prodlda", corpus=str(titles), topics=3),
                  family.make_spec("lda", corpus=str(documents), topics=3),
                  family.make_spec("prodlda", corpus=str(documents), topics=3,
-                                  prior="dirichlet")):
+                                  prior="dirichlet"),
+                 family.make_spec("prodlda", corpus=str(documents), topics=3,
+                                  decoder_bn=True)):
         assert spec.encoder_variance == "batchnorm"
         assert not {"kl_anneal_epochs", "lr_schedule"} & set(family.fit_settings(spec))
     given = family.make_spec("prodlda", corpus=str(documents), topics=3,
