@@ -457,10 +457,15 @@ class TopicFamily(Family):
 
     def with_overrides(self, spec: TopicSpec, given: dict[str, Any]) -> dict[str, Any]:
         """A batch size given without a learning rate gets :func:`batch_lr` of it, not the
-        default batch's rate."""
+        default batch's rate; the bounded encoder's KL ramp (unless given) follows given
+        warm-up epochs and, like the warm-up, ends before the last epoch (so the final epochs
+        of a short run train on the whole ELBO)."""
         settings = super().with_overrides(spec, given)
         if "batch_size" in given and "lr" not in given:
             settings["lr"] = batch_lr(int(given["batch_size"]))
+        if spec.encoder_variance == "bounded" and "kl_anneal_epochs" not in given:
+            settings["kl_anneal_epochs"] = min(settings["warmup_epochs"],
+                                               max(int(settings["epochs"]) - 1, 0))
         return settings
 
     # ---- after training ----------------------------------------------------------------

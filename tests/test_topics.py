@@ -653,6 +653,12 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     settings = family.fit_settings(long)
     assert settings["kl_anneal_epochs"] == settings["warmup_epochs"] == 10
     assert settings["kl_sites"] == ("logtheta",) and settings["lr_schedule"] == "cosine"
+    assert family.with_overrides(long, {"warmup_epochs": 4})["kl_anneal_epochs"] == 4
+    assert family.with_overrides(long, {"epochs": 5})["kl_anneal_epochs"] == 4
+    assert family.with_overrides(long, {"epochs": 1})["kl_anneal_epochs"] == 0
+    assert family.with_overrides(long, {})["kl_anneal_epochs"] == 10
+    assert family.with_overrides(long, {"warmup_epochs": 4, "kl_anneal_epochs": 2}
+                                 )["kl_anneal_epochs"] == 2
     _, texts = planted_corpus(n=60, length=5)
     splits = ["train"] * 42 + ["val"] * 9 + ["test"] * 9
     titles = write_octis(tmp_path / "titles", [f"{' '.join(t)}\t{s}\t0"
