@@ -76,9 +76,11 @@ class NeuralLDA(nn.Module):
 
 
 def build_lda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
-              alpha: float = 1.0, prior: str = "laplace", embedding_dim: int = 0):
+              alpha: float = 1.0, prior: str = "laplace", embedding_dim: int = 0,
+              encoder_variance: str = "batchnorm"):
     """Neural LDA and the shared amortized guide (see
     :func:`ppl_vae.models.prodlda.topic_guide`; ``embedding_dim`` > 0: it also reads
-    contextual document embeddings)."""
+    contextual document embeddings; ``encoder_variance``: its log-variance head)."""
     model = NeuralLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout)
-    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim)
+    return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim,
+                              encoder_variance)

@@ -387,7 +387,8 @@ class TopicFamily(Family):
         if spec.model == "lda":
             return build_lda(spec.vocab_size, spec.topics, hidden=spec.hidden,
                              dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
-                             embedding_dim=embedding_dim)
+                             embedding_dim=embedding_dim,
+                             encoder_variance=spec.encoder_variance)
         return build_prodlda(spec.vocab_size, spec.topics, hidden=spec.hidden,
                              dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
                              decoder_bn=spec.decoder_bn, beta_precision=spec.beta_precision,

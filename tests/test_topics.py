@@ -671,6 +671,8 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
                                   decoder_bn=True)):
         assert spec.encoder_variance == "batchnorm"
         assert not {"kl_anneal_epochs", "lr_schedule"} & set(family.fit_settings(spec))
+    lda = family.make_spec("lda", corpus=str(documents), topics=3, encoder_variance="bounded")
+    assert family.build(lda)[1].encoder.variance == "bounded"  # the flag reaches its guide
     given = family.make_spec("prodlda", corpus=str(documents), topics=3,
                              encoder_variance="batchnorm")
     assert given.encoder_variance == "batchnorm"
