@@ -62,7 +62,7 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -110,6 +110,27 @@ class Clock:
         self.wall_s = time.perf_counter() - self._wall
 
 
+@contextlib.contextmanager
+def timed_report(family: ppl_vae.Family) -> Iterator[Clock]:
+    """Time the family's report (which ``ppl_vae.train`` writes after fitting) apart from the
+    fit: inside the block the family's class reports through a wrapper, and the yielded
+    :class:`Clock` holds the report's CPU and wall seconds afterwards (0 if none ran)."""
+    report = Clock()
+    report.cpu_s = report.wall_s = 0.0
+    family_class = type(family)  # family_of gives a new instance per call
+    original = family_class.report
+
+    def timed(self, trained):
+        with report:
+            return original(self, trained)
+
+    family_class.report = timed
+    try:
+        yield report
+    finally:
+        family_class.report = original
+
+
 def train_csr(corpus: TopicCorpus) -> sps.csr_matrix:
     """The train split's counts (documents, V) as a SciPy CSR matrix."""
     counts = corpus.split("train")
@@ -129,22 +150,9 @@ def ours(model: str, spec: dict) -> Callable:
         family.make_spec(model, **full_spec)  # reads (and caches) the corpus off the clock
         out = workdir / f"{Path(corpus.source).name}_K{k}_seed{seed}_{model}" \
             f"{''.join(f'_{v}' for v in spec.values())}"
-        report = Clock()
-        report.cpu_s = report.wall_s = 0.0
-        family_class = type(family)  # family_of gives a new instance per call
-        original_report = family_class.report
-
-        def timed_report(self, trained):
-            with report:
-                return original_report(self, trained)
-
-        family_class.report = timed_report  # for this one call; put back below
-        try:
-            with Clock() as clock:
-                trained = ppl_vae.train(model, out, full_spec, seed=seed, overwrite=True,
-                                        progress=False)
-        finally:
-            family_class.report = original_report
+        with timed_report(family) as report, Clock() as clock:
+            trained = ppl_vae.train(model, out, full_spec, seed=seed, overwrite=True,
+                                    progress=False)
         kept = ppl_vae.load_run(out)
         best_file = out / "best.pt"  # the kept epoch (after the family's warm-up epochs)
         best = (int(torch.load(best_file, weights_only=True)["epoch"]) if best_file.exists()

@@ -42,7 +42,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from topics_peers import corpus_grid_arguments, read_rows  # noqa: E402 (benchmarks/)
+from topics_peers import corpus_grid_arguments, read_rows, timed_report  # noqa: E402
 
 import ppl_vae  # noqa: E402
 from ppl_vae.data.topics import load_octis  # noqa: E402
@@ -75,28 +75,19 @@ def fit_with_snapshots(corpus_dir: Path, k: int, seed: int, workdir: Path,
     family = ppl_vae.family_of("prodlda")
     spec = {"corpus": str(corpus_dir), "topics": k}
     family.make_spec("prodlda", **spec)  # reads (and caches) the corpus off the clock
-    family_class = type(family)
-    original_report = family_class.report
-    report_started = []
-
-    def report(self, trained):
-        report_started.append(time.process_time() - start)
-        return original_report(self, trained)
-
     ppl_vae.Trainer.end_epoch = end_epoch
-    family_class.report = report
     try:
-        start = time.process_time()
-        ppl_vae.train("prodlda", workdir / f"{corpus_dir.name}_K{k}_seed{seed}", spec,
-                      seed=seed, overwrite=True, progress=False, **(fit or {}))
+        with timed_report(family) as report:
+            start = time.process_time()
+            ppl_vae.train("prodlda", workdir / f"{corpus_dir.name}_K{k}_seed{seed}", spec,
+                          seed=seed, overwrite=True, progress=False, **(fit or {}))
+            total = time.process_time() - start
     finally:
         ppl_vae.Trainer.end_epoch = original
-        family_class.report = original_report
     best = workdir / f"{corpus_dir.name}_K{k}_seed{seed}" / "best.pt"
     kept = int(torch.load(best, weights_only=True)["epoch"]) if best.exists() \
         else epochs[-1]["epoch"]
-    total = report_started[0] if report_started else epochs[-1]["cpu_s"]
-    return epochs, kept, total
+    return epochs, kept, total - report.cpu_s
 
 
 def score_epochs(corpus, name: str, k: int, seed: int, epochs: list[dict], kept: int,
