@@ -315,12 +315,15 @@ def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,
     guide_trace = poutine.trace(batch.call).get_trace(in_particles(g, num, nesting))
     if glob is None:
         globs[index] = _global_trace(guide_trace, plate)
-    model = poutine.replay(pair.model, trace=guide_trace)
+    model = in_particles(poutine.replay(pair.model, trace=guide_trace), num, nesting)
     lik = None
     if any(name not in guide_trace.nodes for name in structure.enumerated):
         lik = enumerated_log_likelihood(pair, batch, guide_trace, num, plate, nesting)
+        # the particle plate inside infer_discrete: its enumerated pass must see the plate,
+        # or one draw per row is made and repeated across the particles whenever nothing
+        # the guide drew varies along them (an empty guide, a model of pyro.params)
         model = infer_discrete(model, first_available_dim=-nesting - 2)
-    model_trace = poutine.trace(batch.call).get_trace(in_particles(model, num, nesting))
+    model_trace = poutine.trace(batch.call).get_trace(model)
     return model_trace, lik
 
 

@@ -16,16 +16,20 @@ rewritten to full size N and its sites are scaled by N / B (:class:`DataPlate`),
 minibatch ELBO is an unbiased estimate of the full-data ELBO whether or not the program
 subsamples itself. An autoguide built without ``create_plates`` gets the minibatch's rows as
 its data plate's subsample, so per-example parameters (AutoNormal's, AutoDelta's) always
-pair with their own rows.
+pair with their own rows. A model latent site that is masked (``obs_mask``'s
+``<name>_unobserved`` site, ``poutine.mask`` around a latent) masks its guide site too
+(:class:`MaskGuideLikeModel`).
 
 :func:`inspect_pair` traces the pair once and returns its :class:`Structure` (the data
 plate, plate nesting, enumerated sites), refusing pairs that cannot train together -- a
 guide site the model lacks, plates that disagree, a joint autoguide over per-example
-latents on minibatches -- with a :class:`SetupError` that names the site and the fix.
+or masked latents, a model that subsamples its own data plate under per-row autoguide
+parameters on minibatches -- with a :class:`SetupError` that names the site and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import warnings
@@ -38,6 +42,8 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
@@ -147,6 +153,36 @@ class SharedPlates(Messenger):
         pass
 
 
+class MaskGuideLikeModel(Messenger):
+    """Give a guide site the mask of the model site it stands for.
+
+    A model latent site with a mask -- ``pyro.sample(name, d, obs=x, obs_mask=m)`` adds the
+    latent ``<name>_unobserved`` masked to the missing entries; ``poutine.mask`` around a
+    latent -- has no log p at its masked-out entries, so the guide's log q there must not
+    count either: else the ELBO rewards the guide's entropy at those entries without bound
+    (an AutoNormal's scales at the observed entries grow every step, and importance weights
+    are wrong; Pyro's autoguides do not mask, pyro-ppl/pyro#2772). Run around the model
+    while it replays a guide's trace (every ELBO, ``log_likelihood``), this copies each
+    masked latent's mask to the guide's node of the same name, and to AutoNormal's auxiliary
+    ``<name>_unconstrained`` node that carries its log q, when they have none, before the
+    guide trace is scored."""
+
+    def _postprocess_message(self, msg) -> None:
+        mask, name = msg["mask"], msg["name"]
+        if msg["type"] != "sample" or msg["is_observed"] or mask is None or mask is True:
+            return
+        for handler in reversed(_PYRO_STACK):  # innermost first
+            if isinstance(handler, ReplayMessenger) and handler.trace is not None \
+                    and name in handler.trace.nodes:
+                for key in (name, name + "_unconstrained"):
+                    node = handler.trace.nodes.get(key)
+                    if node is not None and node["type"] == "sample" \
+                            and node["mask"] is None and (key == name or node["infer"].get(
+                                "is_auxiliary")):
+                        node["mask"] = mask
+                return
+
+
 class EnginePlates:
     """``create_plates`` the engine gives an autoguide built without one: inside an engine
     call on a minibatch, the data plate subsampled at the minibatch's rows, when the guide
@@ -174,10 +210,12 @@ class Program:
     **kwargs)`` calls ``fn`` with the keywords its signature names and the data plate made
     to mean the whole dataset (module docstring)."""
 
-    def __init__(self, fn: Callable, keywords: frozenset[str], pair: Pair):
+    def __init__(self, fn: Callable, keywords: frozenset[str], pair: Pair,
+                 is_model: bool = False):
         self.fn = fn
         self.keywords = keywords
         self.pair = pair
+        self.is_model = is_model
 
     def __call__(self, *args, size: int | None = None, subsample: torch.Tensor | None = None,
                  **kwargs):
@@ -189,7 +227,8 @@ class Program:
         pair = self.pair
         token = _CALL.set((pair.plate, pair.plate_dim, size, subsample))
         try:
-            with SharedPlates():
+            with SharedPlates(), MaskGuideLikeModel() if self.is_model \
+                    else contextlib.nullcontext():
                 if pair.plate is not None and size is not None and subsample is not None \
                         and len(subsample) != size:
                     with DataPlate(pair.plate, size, len(subsample)):
@@ -236,7 +275,7 @@ class Pair:
             guide_keys = call_keywords(guide)
             if not guide_keys and _takes_var_keywords(guide):
                 guide_keys = model_keys  # an autoguide passes its call on to the model
-        self.model = Program(model, model_keys, self)
+        self.model = Program(model, model_keys, self, is_model=True)
         self.guide = Program(guide, guide_keys, self) if guide is not None else None
         self.model_subsamples = "subsample" in model_keys
         if isinstance(guide, AutoGuide) and getattr(guide, "master", None) is None \
@@ -317,6 +356,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
             pair.plate, pair.plate_dim = _find_plate(prior_trace, n, b)
         if check:
             _check_joint_autoguide(pair, n, b)
+            _check_own_subsampling(pair, prior_trace, n, b)
         model_trace, guide_trace = _traces(pair, batch)
     except TypeError as e:
         raise SetupError(f"calling the model or guide with the data failed: {e}. The engine "
@@ -384,6 +424,17 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             raise SetupError(
                 f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
                 "open the same plates, with the same names and sizes, in both")
+    masked = [k for k in model_latents
+              if model_sites[k]["mask"] is not None and model_sites[k]["mask"] is not True]
+    for part in _autoguide_parts(pair.raw_guide):
+        joint = [k for k in masked if isinstance(part, AutoContinuous)
+                 and part.prototype_trace is not None and k in part.prototype_trace.nodes]
+        if joint:
+            raise SetupError(
+                f"model site {joint[0]!r} is masked (obs_mask or poutine.mask), but "
+                f"{type(part).__name__} keeps one joint distribution over all its entries, "
+                "masked ones included, whose entropy the ELBO would then reward without "
+                "bound; use AutoNormal or AutoDelta for it (they are masked like the model)")
     _check_support(prior_trace)
     if b >= n:
         return
@@ -442,6 +493,29 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
                 f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}; it "
                 f"cannot be trained on minibatches of {b} of {n} rows: train full-batch "
                 f"(batch_size >= {n}), or use AutoNormal / AutoDelta for the per-row latents")
+
+
+def _check_own_subsampling(pair: Pair, prior_trace, n: int, b: int) -> None:
+    """Refuse, on minibatches, a model that subsamples its data plate itself
+    (``pyro.plate("data", len(x), subsample_size=m)``) under an autoguide with per-row
+    parameters there: the guide is handed the minibatch's rows, the model draws m of them,
+    and the two cannot agree on which rows a step sees."""
+    plate = pair.plate
+    if b >= n or plate is None:
+        return
+    own = next((s["fn"] for s in prior_trace.nodes.values()
+                if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+                and s["name"] == plate
+                and (s["fn"].subsample_size or s["fn"].size) < s["fn"].size), None)
+    per_row = per_row_autoguide_sites(pair)
+    if own is not None and per_row:
+        raise SetupError(
+            f"the model subsamples plate {plate!r} itself (subsample_size="
+            f"{own.subsample_size}) and the autoguide keeps per-row parameters there "
+            f"({', '.join(per_row)}), so on minibatches of {b} of {n} rows the two cannot "
+            f"agree on the rows: train full-batch (batch_size >= {n}; the model's own "
+            f"subsample_size makes the minibatches) or drop subsample_size and pass "
+            f"batch_size={own.subsample_size}")
 
 
 def _check_support(trace) -> None:
