@@ -15,7 +15,8 @@ from .training import FitConfig, FitFailed, History, Trainer, TrainingDiverged
 
 __all__ = ["fit", "Trainer", "FitConfig", "History", "TrainingDiverged", "FitFailed",
            "SetupError", "restore",
-           "log_likelihood", "elbo", "load_checkpoint", "to_arviz", "train", "load_run", "Run",
+           "log_likelihood", "elbo", "load_checkpoint", "to_arviz", "importance_diagnostics",
+           "train", "load_run", "Run",
            "Family", "register", "family_of"]
 
 
@@ -24,5 +25,9 @@ def __getattr__(name: str):
         from .posterior import to_arviz
 
         return to_arviz
+    if name == "importance_diagnostics":  # the same: it draws through ppl_vae.posterior
+        from .diagnostics import importance_diagnostics
+
+        return importance_diagnostics
     raise AttributeError(f"module 'ppl_vae' has no attribute {name!r}")
 __version__ = "0.2.0"

@@ -463,14 +463,15 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             and not isinstance(guide, AutoGuide):
         per_row = [name for name, site in guide_trace.nodes.items()
                    if site["type"] == "param" and "$$$" not in name
-                   and b in tuple(site["value"].shape)
+                   and (b in tuple(site["value"].shape) or n in tuple(site["value"].shape))
                    and not any(site["value"].unconstrained() is p if
                                hasattr(site["value"], "unconstrained") else site["value"] is p
                                for m in pair.modules for p in m.parameters())]
         if per_row:
             raise SetupError(
-                f"guide parameter {per_row[0]!r} has one entry per row of the minibatch "
-                f"({b}), but the guide is not told which rows it gets: add a subsample "
+                f"guide parameter {per_row[0]!r} has one entry per row (of the minibatch, "
+                f"{b}, or of the data, {n}), but the guide is not told which rows it gets: "
+                "add a subsample "
                 "argument, guide(x, subsample=None), and open its plate as "
                 f"pyro.plate({plate!r}, {n}, subsample=subsample) (or train full-batch: "
                 f"batch_size >= {n})")

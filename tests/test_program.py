@@ -99,6 +99,15 @@ def test_per_row_parameters_of_a_guide_that_does_not_know_its_rows_are_refused()
     with pytest.raises(SetupError, match=r"'loc'.*one entry per row.*subsample"):
         fit(model, guide, torch.randn(40), epochs=1, batch_size=10, progress=False)
 
+    def sliced_guide(x):  # one entry per row of the data, the first len(x) used: wrong rows
+        loc = pyro.param("loc", torch.zeros(40))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc[:len(x)], 0.5))
+
+    with pytest.raises(SetupError, match=r"'loc'.*one entry per row.*data, 40.*subsample"):
+        fit(model, sliced_guide, torch.randn(40), epochs=1, batch_size=10, progress=False)
+    fit(model, sliced_guide, torch.randn(40), epochs=1, batch_size=40, progress=False)
+
 
 def test_guide_plate_of_another_size_is_refused():
     def model(x):
