@@ -286,13 +286,16 @@ def log_frequencies(counts: torch.Tensor, smoothing: float = 1.0) -> torch.Tenso
 def build_prodlda(vocab_size: int, num_topics: int, hidden: int = 100, dropout: float = 0.2,
                   alpha: float = 1.0, prior: str = "laplace", decoder_bn: bool = False,
                   beta_precision: float = 10.0, background: torch.Tensor | None = None,
-                  embedding_dim: int = 0, encoder_variance: str = "batchnorm"):
+                  embedding_dim: int = 0, encoder_variance: str = "batchnorm",
+                  theta_dropout: float | None = None):
     """ProdLDA and its amortized guide: the :class:`~ppl_vae.nn.DocumentEncoder` feeding
     AmortizedNormal over ``logtheta`` (laplace) or AmortizedDirichlet over ``theta``;
     ``embedding_dim`` E > 0: the encoder reads [counts, embeddings] (CTM, see
     :func:`topic_guide`); ``encoder_variance``: the encoder's log-variance head
-    (``batchnorm`` or ``bounded``, :class:`~ppl_vae.nn.DocumentEncoder`)."""
-    model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior, dropout=dropout,
+    (``batchnorm`` or ``bounded``, :class:`~ppl_vae.nn.DocumentEncoder`); ``dropout``: the
+    encoder's, and theta's before the decoder unless ``theta_dropout`` is given."""
+    model = ProdLDA(vocab_size, num_topics, alpha=alpha, prior=prior,
+                    dropout=dropout if theta_dropout is None else theta_dropout,
                     decoder_bn=decoder_bn, beta_precision=beta_precision,
                     background=background)
     return model, topic_guide(vocab_size, num_topics, hidden, dropout, prior, embedding_dim,

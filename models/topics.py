@@ -80,6 +80,14 @@ class TopicSpec:
     ``batchnorm`` otherwise (short texts: DBLP's NPMI fell; AVITM's decoder
     ``decoder_bn`` keeps AVITM's encoder; neural LDA: not measured).
     Runs stored before this field existed reload with ``batchnorm``.
+
+    ``theta_dropout``: ProdLDA's dropout on theta before the decoder (AVITM's is
+    ``dropout``, shared with the encoder). None: 0 with the ``bounded`` encoder variance,
+    where dropping topics at random rewarded spare copies of a topic and kept a rare-word
+    topic alive (BBC_News K=20, seeds 0-4: the worst topic's NPMI rose in every seed, mean
+    -0.042 to +0.036; benchmarks/RESULTS.md, "Issue 16", fifth session); ``dropout``
+    otherwise (short texts: M10 lost NPMI without it). Runs stored before this field
+    existed reload with their ``dropout``.
     """
 
     model: str
@@ -101,6 +109,7 @@ class TopicSpec:
     embedding_model: str | None = None
     embedding_dim: int | None = None
     encoder_variance: str | None = None
+    theta_dropout: float | None = None
 
     def __post_init__(self):
         self.corpus = str(self.corpus)
@@ -133,6 +142,12 @@ class TopicSpec:
             self.encoder_variance = ("bounded" if self.model == "prodlda"
                                      and self.prior == "laplace" and not self.decoder_bn
                                      and not short else "batchnorm")
+        if self.theta_dropout is None:
+            self.theta_dropout = (0.0 if self.model == "prodlda"
+                                  and self.encoder_variance == "bounded" else self.dropout)
+        if not 0 <= self.theta_dropout < 1:
+            raise SetupError(f"theta_dropout (--theta-dropout) must be in [0, 1), got "
+                             f"{self.theta_dropout}")
         if self.alpha is None:
             self.alpha = 1.0 if self.prior == "laplace" and not short else 0.1
         if not self.alpha > 0:
@@ -394,7 +409,8 @@ class TopicFamily(Family):
                              decoder_bn=spec.decoder_bn, beta_precision=spec.beta_precision,
                              background=self.background(spec),
                              embedding_dim=embedding_dim,
-                             encoder_variance=spec.encoder_variance)
+                             encoder_variance=spec.encoder_variance,
+                             theta_dropout=spec.theta_dropout)
 
     @staticmethod
     def background(spec: TopicSpec) -> torch.Tensor | None:
@@ -413,10 +429,12 @@ class TopicFamily(Family):
         return log_frequencies(corpus.counts["train"])
 
     def spec_from_json(self, stored: dict) -> TopicSpec:
-        """A stored spec; runs written before ``decoder_bn`` or ``encoder_variance`` existed
-        (issue 16) used AVITM's batch norms there and reload with them."""
+        """A stored spec; runs written before ``decoder_bn``, ``encoder_variance`` or
+        ``theta_dropout`` existed (issue 16) used AVITM's batch norms and its dropout on theta
+        there and reload with them."""
         if isinstance(stored, dict):
-            stored = {"decoder_bn": True, "encoder_variance": "batchnorm", **stored}
+            stored = {"decoder_bn": True, "encoder_variance": "batchnorm",
+                      "theta_dropout": stored.get("dropout", TopicSpec.dropout), **stored}
         return super().spec_from_json(stored)
 
     def load_data(self, spec: TopicSpec, split: str):

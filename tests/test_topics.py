@@ -641,7 +641,8 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     """ProdLDA on long texts gets the bounded encoder variance with the KL term ramped in over
     the warm-up epochs and a cosine learning rate; short texts, neural LDA, the Dirichlet
     prior and AVITM's decoder keep the batch norm; runs stored before the field existed
-    reload with the batch norm; bad values are SetupErrors naming the field and flag; the
+    reload with the batch norm (and their dropout on theta); no dropout on theta before the
+    decoder with the bounded head; bad values are SetupErrors naming the field and flag; the
     flag reaches the stored spec."""
     from ppl_vae.models.topics import TopicFamily
 
@@ -650,6 +651,10 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
     long = family.make_spec("prodlda", corpus=str(documents), topics=3)
     assert long.encoder_variance == "bounded"
     assert family.build(long)[1].encoder.variance == "bounded"
+    # no dropout on theta before the decoder with the bounded head; the encoder keeps its own
+    assert (long.theta_dropout, long.dropout) == (0.0, 0.2)
+    model, guide = family.build(long)
+    assert model.drop.p == 0.0 and guide.encoder.body[-1].p == 0.2
     settings = family.fit_settings(long)
     assert settings["kl_anneal_epochs"] == settings["warmup_epochs"] == 10
     assert settings["kl_sites"] == ("logtheta",) and settings["lr_schedule"] == "cosine"
@@ -670,6 +675,7 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
                  family.make_spec("prodlda", corpus=str(documents), topics=3,
                                   decoder_bn=True)):
         assert spec.encoder_variance == "batchnorm"
+        assert spec.theta_dropout == spec.dropout == 0.2
         assert not {"kl_anneal_epochs", "lr_schedule"} & set(family.fit_settings(spec))
     lda = family.make_spec("lda", corpus=str(documents), topics=3, encoder_variance="bounded")
     assert family.build(lda)[1].encoder.variance == "bounded"  # the flag reaches its guide
@@ -677,17 +683,23 @@ def test_encoder_variance_defaults_reloads_and_kl_ramp(tmp_path):
                              encoder_variance="batchnorm")
     assert given.encoder_variance == "batchnorm"
     assert hasattr(family.build(given)[1].encoder, "bn2")
-    stored = {k: v for k, v in dataclasses.asdict(long).items() if k != "encoder_variance"}
+    stored = {k: v for k, v in dataclasses.asdict(long).items()
+              if k not in ("encoder_variance", "theta_dropout")}
     assert family.spec_from_json(stored).encoder_variance == "batchnorm"
+    assert family.spec_from_json({**stored, "dropout": 0.3}).theta_dropout == 0.3
+    with pytest.raises(SetupError, match=r"theta_dropout \(--theta-dropout\) must be in "
+                       r"\[0, 1\), got 1.5"):
+        family.make_spec("prodlda", corpus=str(documents), topics=3, theta_dropout=1.5)
     with pytest.raises(SetupError, match=r"encoder_variance \(--encoder-variance\) must be one "
                        r"of \('batchnorm', 'bounded'\), got 'wide'"):
         family.make_spec("prodlda", corpus=str(documents), topics=3, encoder_variance="wide")
     out = tmp_path / "run"
     assert cli(["train", "prodlda", "--corpus", str(documents), "--topics", "3", "--hidden",
-                "8", "--epochs", "1", "--encoder-variance", "batchnorm", "--out", str(out),
-                "--no-progress"]) == 0
+                "8", "--epochs", "1", "--encoder-variance", "batchnorm", "--theta-dropout",
+                "0.1", "--out", str(out), "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["spec"]["encoder_variance"] == "batchnorm"
+    assert config["spec"]["theta_dropout"] == 0.1
 
 
 def test_train_report_and_evaluate_give_one_answer(tmp_path, capsys):

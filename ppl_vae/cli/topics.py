@@ -32,6 +32,9 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--topics", type=int, default=S.topics, help="number of topics K")
     g.add_argument("--hidden", type=int, default=S.hidden, help="encoder hidden units")
     g.add_argument("--dropout", type=float, default=S.dropout)
+    g.add_argument("--theta-dropout", type=float, default=None,
+                   help="prodlda: dropout on the topic proportions before the decoder "
+                   "(default: 0 with the bounded encoder variance, else --dropout)")
     g.add_argument("--alpha", type=float, default=None,
                    help="symmetric Dirichlet concentration of the prior on theta (default: "
                    "1 for --prior laplace, 0.1 on short texts (< 15 tokens a document) and "
@@ -73,6 +76,7 @@ def cli_spec(args: argparse.Namespace) -> dict:
                 min_df=args.min_df, max_df=args.max_df, stop_words=args.stop_words,
                 max_features=args.max_features, decoder_bn=args.decoder_bn,
                 beta_precision=args.beta_precision, encoder_variance=args.encoder_variance,
+                theta_dropout=args.theta_dropout,
                 embeddings=str(args.embeddings) if args.embeddings else None,
                 embedding_model=args.embedding_model,
                 split_seed=args.seed if args.seed is not None else S.split_seed)
