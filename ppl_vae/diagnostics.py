@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,10 +238,35 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
         glob_k = noise = None
         if has_global:
             inner = inner_samples if has_local else 1
-            with poutine.block():
-                gtrace = poutine.trace(first.call).get_trace(
-                    in_particles(pair.guide, num_samples, nesting))
-            glob = _global_trace(gtrace, plate)
+            enumerated = bool(pair.structure.enumerated)
+            glob = None
+            if pair.vectorizable is not False:
+                try:
+                    with poutine.block():
+                        gtrace = poutine.trace(first.call).get_trace(
+                            in_particles(pair.guide, num_samples, nesting))
+                    glob = _global_trace(gtrace, plate)
+                except (ValueError, RuntimeError, IndexError):
+                    pass
+            singles: list = []  # the one-at-a-time path's global draws, kept for reuse
+
+            def global_log_ratios_looped(rows: int) -> torch.Tensor:
+                """The same ratios, one global draw (and its inner draws) at a time, for
+                programs that do not broadcast over an extra leading particle dim."""
+                total = torch.zeros(rows, dtype=torch.float64)
+                for i in range(rows):
+                    while len(singles) <= i:
+                        with poutine.block():
+                            one = poutine.trace(first.call).get_trace(pair.guide)
+                        singles.append(_global_trace(one, plate))
+                    g = poutine.replay(pair.guide, trace=singles[i])
+                    for b, batch in enumerate(batches):
+                        loc, gl = log_weights(pair.model, g, batch, inner, plate, nesting,
+                                              enumerated=enumerated, vectorize=False)
+                        total[i] += (loc.double().logsumexp(0) - math.log(inner)).sum().cpu()
+                        if b == 0:
+                            total[i] += float(gl[0])
+                return total
 
             def global_log_ratios(rows: int) -> torch.Tensor:
                 total = torch.zeros(rows, dtype=torch.float64)
@@ -250,7 +276,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                         glob, slice(start, start + s), inner))
                     for b, batch in enumerate(batches):
                         loc, gl = log_weights(pair.model, g, batch, s * inner, plate, nesting,
-                                              enumerated=bool(pair.structure.enumerated))
+                                              enumerated=enumerated)
                         loc = loc.double().reshape(s, inner, -1)
                         total[start:start + s] += (loc.logsumexp(1) - math.log(inner)
                                                    ).sum(-1).cpu()
@@ -259,14 +285,26 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                     start += s
                 return total
 
-            total = global_log_ratios(num_samples)
+            ratios = global_log_ratios
+            try:
+                if glob is None:
+                    raise ValueError("the guide does not broadcast over particles")
+                total = ratios(num_samples)
+            except (ValueError, RuntimeError, IndexError) as e:
+                warnings.warn(
+                    f"the model or guide does not broadcast over an extra leading particle dim "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the global k-hat's "
+                    f"{num_samples} draws are evaluated one after another (slower)",
+                    stacklevel=2)
+                ratios = global_log_ratios_looped
+                total = ratios(num_samples)
             glob_k = float(pareto_khat(total))
             if half >= 10:
                 glob_halves = (float(pareto_khat(total[:half])),
                                float(pareto_khat(total[half:2 * half])))
             if has_local:  # a second inner estimate for a few global draws: its noise
                 m = min(num_samples, 20)
-                noise = float(((global_log_ratios(m) - total[:m]) ** 2).mean().div(2).sqrt())
+                noise = float(((ratios(m) - total[:m]) ** 2).mean().div(2).sqrt())
     return ParetoK(np.concatenate(local_k) if local_k else None, glob_k, num_samples,
                    inner_samples, noise,
                    np.concatenate(local_halves, axis=1) if local_halves else None, glob_halves)

@@ -143,8 +143,8 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
             if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]):
                 continue
             p = site["packed"]
-            term = packed.scale_and_mask(p["unscaled_log_prob"], mask=p["mask"])
             is_enum = site["infer"].get("_enumerate_dim") is not None
+            term = _enumerated_term(p, is_enum and trace is model_trace)
             if is_enum:
                 enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
             if trace is guide_trace and is_enum:
@@ -216,8 +216,7 @@ def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particl
             continue
         if site["is_observed"] and first is None:
             first = name
-        p = site["packed"]
-        term = packed.scale_and_mask(p["unscaled_log_prob"], mask=p["mask"])
+        term = _enumerated_term(site["packed"], is_enum)
         if is_enum:
             enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
         tree.setdefault(ordinal, []).append(term)
@@ -231,6 +230,16 @@ def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particl
                           model_trace.symbol_to_dim)
     lp = _keep_dims(value, nesting, model_trace.symbol_to_dim[data_symbol])
     return {first: lp.reshape(lp.shape[0], -1).expand(num_particles or 1, len(batch))}
+
+
+def _enumerated_term(packed_site: dict, model_enumerated: bool) -> torch.Tensor:
+    """A site's packed log-factor for the contraction: masked, except for a discrete site the
+    model enumerates, whose factor stays whole as in Pyro's TraceEnum_ELBO -- it sums to one
+    over its values, so where it is masked out (``obs_mask``'s ``<name>_unobserved`` at the
+    observed rows) it drops out of the sum instead of counting each row K times."""
+    if model_enumerated:
+        return packed_site["unscaled_log_prob"]
+    return packed.scale_and_mask(packed_site["unscaled_log_prob"], mask=packed_site["mask"])
 
 
 def _contract(tree: OrderedDict, sum_dims: set[str], target: frozenset, sizes: dict[str, int],
@@ -313,8 +322,12 @@ def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Te
     if not torch.is_tensor(lp):
         lp = torch.as_tensor(lp)
     width = nesting + 1
-    if lp.dim() > width:  # should not happen (event dims are summed by log_prob)
-        lp = lp.sum(list(range(lp.dim() - width)))
+    if lp.dim() > width:  # a dim left of the particle plate: the program moved it there
+        raise ValueError(
+            f"a site's log-prob has {lp.dim()} dims, more than its {width} of plates and "
+            "particles: the program does not broadcast over a leading particle dim (e.g. "
+            "mu[..., index] on a latent with an event dim; Pyro's Vindex(mu)[..., index] "
+            "does)")
     lp = lp.reshape((1,) * (width - lp.dim()) + tuple(lp.shape))
     keep = {0}
     if data_dim is not None:

@@ -25,6 +25,7 @@ after the plate they belong to (``data``, ``student``, ``item`` ...); event axes
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,13 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
         deterministic = site["infer"].get("_deterministic", False)
         observed = site["is_observed"] and not deterministic
         event_dim = len(getattr(fn, "event_shape", ()))
+        if deterministic:  # pyro.deterministic's event_dim defaults to all of the value's
+            # dims, the particle and plate dims included: only those left of the plates are
+            plates = max((-f.dim for f in site["cond_indep_stack"]
+                          if f.vectorized and f.dim is not None), default=0)
+            event_dim = min(event_dim, max(value.dim() - plates, 0))
         full = tuple(value.shape)
-        if hasattr(fn, "batch_shape"):
+        if hasattr(fn, "batch_shape") and not deterministic:  # (the plates expand its Delta)
             full = tuple(torch.broadcast_shapes(tuple(fn.batch_shape) + tuple(fn.event_shape),
                                                 full))
         vec = value.expand(full) if value.shape != full else value
@@ -279,20 +285,40 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
             if pair.vectorizable is not False:
                 try:
                     model_trace, lik = _draw_pass(*args, num_samples)
-                    pair.vectorizable = True
-                    _collect(draws, model_trace, num_samples, enumerated_lik=lik, **collect)
-                    continue
+                    if _within_particle_plate(model_trace):
+                        pair.vectorizable = True
+                        _collect(draws, model_trace, num_samples, enumerated_lik=lik,
+                                 **collect)
+                        continue
+                    warnings.warn(
+                        "a site's batch dims reach left of the particle plate: the program "
+                        "does not broadcast over a leading particle dim (e.g. mu[..., index] "
+                        "on a latent with an event dim; Vindex(mu)[..., index] does); drawing "
+                        f"the {num_samples} draws one after another (slower)", stacklevel=3)
                 except (ValueError, RuntimeError, IndexError):
                     if pair.vectorizable:
                         raise
-                    pair.vectorizable = False
-                    globs.clear()
+                pair.vectorizable = False
+                globs.clear()
             one = [Draws() for _ in range(num_samples)]
             for s, part in enumerate(one):
                 model_trace, lik = _draw_pass(*args, None, s)
                 _collect(part, model_trace, 1, enumerated_lik=lik, vectorized=False, **collect)
             draws.extend_draws(one)
     return draws
+
+
+def _within_particle_plate(trace: Trace) -> bool:
+    """Whether every site of a vectorized pass keeps its batch dims within the particle
+    plate's (indexing a latent's event dim, ``mu[..., index]``, pushes one left of it and
+    silently mixes the draws)."""
+    for site in trace.nodes.values():
+        frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == PARTICLE_PLATE),
+                     None)
+        if site["type"] == "sample" and frame is not None \
+                and len(getattr(site["fn"], "batch_shape", ())) > -frame.dim:
+            return False
+    return True
 
 
 def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,

@@ -41,6 +41,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -177,8 +178,8 @@ class MaskGuideLikeModel(Messenger):
                 for key in (name, name + "_unconstrained"):
                     node = handler.trace.nodes.get(key)
                     if node is not None and node["type"] == "sample" \
-                            and node["mask"] is None and (key == name or node["infer"].get(
-                                "is_auxiliary")):
+                            and node.get("mask") is None and (key == name or node.get(
+                                "infer", {}).get("is_auxiliary")):
                         node["mask"] = mask
                 return
 
@@ -264,6 +265,13 @@ class Pair:
     def __init__(self, model: Callable, guide: Callable | None, plate: str | None = None):
         model = model.fn if isinstance(model, Program) else model
         guide = guide.fn if isinstance(guide, Program) else guide
+        if isinstance(poutine.unwrap(guide), GuideMessenger):
+            raise SetupError(
+                f"{type(guide).__name__} is an effect-based guide (a GuideMessenger: it runs "
+                "the model itself, so the engine cannot scale the data plate or evaluate it "
+                "by importance sampling); use the AutoGuide of the same family instead, "
+                "e.g. AutoNormal for AutoNormalMessenger, AutoLowRankMultivariateNormal or "
+                "AutoIAFNormal for AutoRegressiveMessenger")
         self.raw_model, self.raw_guide = model, guide
         self.plate = plate
         self.plate_dim: int | None = None
