@@ -289,6 +289,19 @@ def in_particles(fn: Callable, num: int | None, nesting: int) -> Callable:
     return run
 
 
+def within_particle_plate(trace) -> bool:
+    """Whether every site of a vectorized pass keeps its batch dims within the particle
+    plate's. Indexing a latent's event dim (``mu[..., index]``) pushes one left of it: no
+    error, but the draws mix (every particle's latent against every other's rows)."""
+    for site in trace.nodes.values():
+        frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == PARTICLE_PLATE),
+                     None)
+        if site["type"] == "sample" and frame is not None \
+                and len(getattr(site["fn"], "batch_shape", ())) > -frame.dim:
+            return False
+    return True
+
+
 def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
                      weight: Callable[[str, dict], float] | None = None, kind: str = "weights",
                      ) -> tuple[torch.Tensor, torch.Tensor]:

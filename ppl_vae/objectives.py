@@ -12,11 +12,12 @@ import warnings
 from collections.abc import Callable, Iterable
 
 import pyro.infer as infer
+import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
 
 from .batching import Batch
-from .evaluation import as_pair, pair_log_weights
+from .evaluation import as_pair, in_particles, pair_log_weights, within_particle_plate
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
 
@@ -46,12 +47,12 @@ class ELBOObjective:
         self._checked = not getattr(elbo, "vectorize_particles", False)
 
     def __call__(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
+        if not self._checked:
+            return self._first_vectorized_loss(model, guide, batch)
         if self.kl_weight is not None and self.kl_weight.factor != 1.0:
             model, guide = self.kl_weight(model), self.kl_weight(guide)
         if isinstance(self.elbo, infer.JitTrace_ELBO):
             return self._jit_loss(model, guide, batch)
-        if not self._checked:
-            return self._first_vectorized_loss(model, guide, batch)
         return self.elbo.differentiable_loss(
             model, guide, *batch.args, size=batch.size, subsample=batch.subsample, **batch.kwargs)
 
@@ -61,6 +62,11 @@ class ELBOObjective:
         not broadcast over the extra particle dim gets Pyro's particle loop instead."""
         self._checked = True
         try:
+            nesting = as_pair(model, guide).inspect(batch).nesting
+            if not self._broadcasts(model, guide, batch, nesting):
+                raise ValueError("a site's batch dims reach left of the particle plate (e.g. "
+                                 "mu[..., index] on a latent with an event dim; "
+                                 "Vindex(mu)[..., index] broadcasts)")
             return self(model, guide, batch)
         except (ValueError, RuntimeError, IndexError) as e:
             warnings.warn(
@@ -73,6 +79,17 @@ class ELBOObjective:
                 del kwargs["max_plate_nesting"]
             self.elbo = type(self.elbo)(vectorize_particles=False, **kwargs)
             return self(model, guide, batch)
+
+    def _broadcasts(self, model: Callable, guide: Callable, batch: Batch, nesting: int
+                    ) -> bool:
+        """One blocked draw of the particles: whether every site keeps its dims within the
+        particle plate's (no error is raised otherwise, but the loss mixes the particles)."""
+        with poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(batch.call).get_trace(
+                in_particles(guide, self.elbo.num_particles, nesting))
+            model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(
+                in_particles(model, self.elbo.num_particles, nesting))
+        return within_particle_plate(model_trace)
 
     def _jit_loss(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
         """JitTrace_ELBO traces tensors passed positionally only: flatten the call to

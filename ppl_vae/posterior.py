@@ -49,6 +49,7 @@ from .evaluation import (
     eval_mode,
     in_particles,
     module_device,
+    within_particle_plate,
 )
 
 __all__ = ["to_arviz", "save_netcdf", "load_netcdf", "model_dims", "Draws", "draw",
@@ -285,7 +286,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
             if pair.vectorizable is not False:
                 try:
                     model_trace, lik = _draw_pass(*args, num_samples)
-                    if _within_particle_plate(model_trace):
+                    if within_particle_plate(model_trace):
                         pair.vectorizable = True
                         _collect(draws, model_trace, num_samples, enumerated_lik=lik,
                                  **collect)
@@ -306,19 +307,6 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                 _collect(part, model_trace, 1, enumerated_lik=lik, vectorized=False, **collect)
             draws.extend_draws(one)
     return draws
-
-
-def _within_particle_plate(trace: Trace) -> bool:
-    """Whether every site of a vectorized pass keeps its batch dims within the particle
-    plate's (indexing a latent's event dim, ``mu[..., index]``, pushes one left of it and
-    silently mixes the draws)."""
-    for site in trace.nodes.values():
-        frame = next((f for f in site.get("cond_indep_stack", ()) if f.name == PARTICLE_PLATE),
-                     None)
-        if site["type"] == "sample" and frame is not None \
-                and len(getattr(site["fn"], "batch_shape", ())) > -frame.dim:
-            return False
-    return True
 
 
 def _draw_pass(pair: Any, batch: Batch, structure: Any, plate: str, globs: dict,

@@ -1018,3 +1018,29 @@ def test_global_khat_of_a_program_that_does_not_broadcast_over_particles():
         k = ppl_vae.importance_diagnostics(model, guide, (design, y), num_samples=200,
                                            seed=0)
     assert k.glob is not None and k.glob < 0.5
+
+
+def test_training_with_vectorized_particles_checks_the_particle_dims():
+    """The same mu[..., group] program trained with 8 vectorized particles: no error is
+    raised, but the loss mixed every particle's latent with every other's rows (posterior
+    sds came out 0.07 against the exact 0.218, the ELBO -12.0 against -1.6 nats per row).
+    The first step now checks the dims, warns, and draws the particles one after another;
+    the guide then matches the exact conjugate posterior N(sum y / (1 + n), 1 / (1 + n))."""
+    groups = torch.arange(60) % 3
+    y = torch.tensor([-1.0, 0.5, 2.0])[groups] + torch.randn(
+        60, generator=torch.Generator().manual_seed(5))
+
+    def model(groups, y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", len(groups)):
+            pyro.sample("obs", dist.Normal(mu[..., groups], 1.0), obs=y)
+
+    guide = AutoNormal(model)
+    with pytest.warns(UserWarning, match="does not broadcast over the extra dim"):
+        fit(model, guide, (groups, y), epochs=300, batch_size=60, lr=0.05, num_particles=8,
+            seed=0, progress=False, device="cpu")
+    loc, scale = (v.detach() for v in guide._get_loc_and_scale("mu"))
+    exact_sd = 1 / math.sqrt(21)
+    assert (scale / exact_sd - 1).abs().max() < 0.25
+    exact_mean = torch.zeros(3).index_add_(0, groups, y) / 21
+    assert (loc - exact_mean).abs().max() < 0.5 * exact_sd
