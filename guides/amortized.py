@@ -27,7 +27,8 @@ class AmortizedNormal(nn.Module):
         plate: name of the model's data plate (opened here with the same size/subsample).
         event_dim: number of event dims of the site (1 for a vector z, 0 for a scalar; an
             encoder output of shape (B, 1) then gives a site of shape (B,)).
-        plate_dim: the plate's dim in the model (default -1).
+        plate_dim: the plate's dim in the model (default -1); with -2 (another plate to its
+            right in the model) q's batch shape is (B, 1), and so on.
         inputs: ``inputs(*args, **kwargs) -> Tensor`` picks the encoder input from the
             model's arguments; default: the first positional argument. A string picks a
             keyword argument by name.
@@ -55,12 +56,22 @@ class AmortizedNormal(nn.Module):
             return kwargs[self.inputs]
         return self.inputs(*args, **kwargs)
 
+    def at_plate_dim(self, t: torch.Tensor, event_dims: int) -> torch.Tensor:
+        """(B, *event) -> (B, 1, ..., 1, *event): the rows at the plate's dim (``plate_dim``
+        -1 leaves ``t`` as it is)."""
+        extra = -self.plate_dim - 1
+        if extra <= 0 or t.dim() <= event_dims:
+            return t
+        return t.reshape(t.shape[:1] + (1,) * extra + t.shape[1:])
+
     def distribution(self, *args, **kwargs) -> dist.Distribution:
-        """q(z | x) for a batch, batch shape (B,), event shape as the site's."""
+        """q(z | x) for a batch, batch shape (B,) (``plate_dim`` -2: (B, 1), ...), event
+        shape as the site's."""
         loc, scale = self.encoder(self.encoder_input(*args, **kwargs))
         if self.event_dim == 0 and loc.dim() > 1 and loc.shape[-1] == 1:
             # a scalar latent per example: encoders give (B, 1), the site is (B,)
             loc, scale = loc.squeeze(-1), scale.squeeze(-1)
+        loc, scale = (self.at_plate_dim(t, self.event_dim) for t in (loc, scale))
         return dist.Normal(loc, scale).to_event(self.event_dim)
 
     def forward(self, *args, size: int | None = None, subsample: torch.Tensor | None = None,

@@ -30,7 +30,8 @@ class AmortizedDirichlet(AmortizedNormal):
 
     def distribution(self, *args, **kwargs) -> dist.Distribution:
         """q(theta | x): batch shape (B,), event shape (K,)."""
-        return dist.Dirichlet(self.encoder(self.encoder_input(*args, **kwargs)))
+        return dist.Dirichlet(self.at_plate_dim(
+            self.encoder(self.encoder_input(*args, **kwargs)), 1))
 
     def mean(self, *args, **kwargs):
         """E_q[theta | x] = alpha / sum(alpha), shape (B, K)."""

@@ -170,6 +170,10 @@ class AmortizedFullCovNormal(AmortizedNormal):
 
     def __init__(self, encoder: nn.Module, site: str = "z", plate: str = "data",
                  plate_dim: int = -1, inputs: Callable[..., torch.Tensor] | str | None = None):
+        if plate_dim != -1:
+            raise ValueError(f"{type(self).__name__} needs the data plate at dim -1 of the "
+                             f"model, got plate_dim={plate_dim}; open it there, or use "
+                             "AmortizedNormal, which takes any plate_dim")
         super().__init__(encoder, site=site, plate=plate, event_dim=1, plate_dim=plate_dim,
                          inputs=inputs)
 

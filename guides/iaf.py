@@ -76,6 +76,10 @@ class AmortizedIAF(AmortizedNormal):
                  num_flows: int = 2, flow_hidden: Sequence[int] | None = None,
                  stable: bool = True, site: str = "z", plate: str = "data",
                  plate_dim: int = -1, inputs: Callable[..., torch.Tensor] | str | None = None):
+        if plate_dim != -1:
+            raise ValueError(f"{type(self).__name__} needs the data plate at dim -1 of the "
+                             f"model, got plate_dim={plate_dim}; open it there, or use "
+                             "AmortizedNormal, which takes any plate_dim")
         super().__init__(encoder, site=site, plate=plate, event_dim=1, plate_dim=plate_dim,
                          inputs=inputs)
         if num_flows < 1:

@@ -24,6 +24,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from torch import nn
 
 from ppl_vae.guides.amortized import AmortizedNormal
+from ppl_vae.program import call_keywords
 
 
 def data_plate(plate: str, data_arg: int = 0) -> Callable[..., pyro.plate]:
@@ -51,9 +52,10 @@ class MeanFieldWithAmortized(nn.Module):
     latents such as item parameters or topic matrices), then the amortized guide ``local``
     for that site. Memory does not grow with the number of examples.
 
-    (Pyro's ``AutoGuideList`` cannot hold the amortized part: it opens its own data plate
-    with a random subsample before calling its parts, which collides with the plate the
-    amortized guide opens with the engine's ``subsample``.)
+    The model may be written either way: ``model(x, size=None, subsample=None)`` (the
+    library's families) gets ``size`` and ``subsample`` passed on, a plain ``model(x)`` does
+    not. (Through the engine, Pyro's ``AutoGuideList`` of an AutoNormal on the blocked model
+    and the amortized guide does the same job.)
 
     ``full_rank=True`` puts one multivariate Normal (AutoMultivariateNormal) over all global
     values instead, keeping their posterior correlations (e.g. an item's discrimination and
@@ -72,10 +74,14 @@ class MeanFieldWithAmortized(nn.Module):
         else:
             self.globals = AutoNormal(blocked, init_loc_fn=init_loc_fn, init_scale=init_scale)
         self.local = local
+        names = call_keywords(model)
+        self._passes = {k for k in ("size", "subsample") if k in names}
 
     def forward(self, *args, size: int | None = None, subsample=None, **kwargs) -> dict:
         """Samples of every latent site: {name: value}."""
-        values = dict(self.globals(*args, size=size, subsample=subsample, **kwargs))
+        engine = {k: v for k, v in (("size", size), ("subsample", subsample))
+                  if k in self._passes}
+        values = dict(self.globals(*args, **engine, **kwargs))
         values[self.local.site] = self.local(*args, size=size, subsample=subsample, **kwargs)
         return values
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -432,6 +433,8 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             raise SetupError(
                 f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
                 "open the same plates, with the same names and sizes, in both")
+    for name, site in guide_latents.items():
+        _check_shapes(name, model_sites[name], site, structure.nesting)
     masked = [k for k in model_latents
               if model_sites[k]["mask"] is not None and model_sites[k]["mask"] is not True]
     for part in _autoguide_parts(pair.raw_guide):
@@ -483,6 +486,30 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 "argument, guide(x, subsample=None), and open its plate as "
                 f"pyro.plate({plate!r}, {n}, subsample=subsample) (or train full-batch: "
                 f"batch_size >= {n})")
+
+
+def _check_shapes(name: str, model_site: dict, guide_site: dict, nesting: int) -> None:
+    """The shape check of Pyro's validation (``check_model_guide_match``), which the engine's
+    training steps run without: the guide's distribution at a site must have the model's
+    shape within the plates (dims left of them may broadcast). E.g. an amortized guide whose
+    rows are not at the plate's dim gives (B, B, D) where the model has (B, 1, D)."""
+    if model_site["infer"].get("_enumerate_dim") is not None:
+        return
+    try:
+        shapes = [tuple(s["fn"].batch_shape) + tuple(s["fn"].event_shape)
+                  for s in (model_site, guide_site)]
+        event_dims = [len(s["fn"].event_shape) for s in (model_site, guide_site)]
+    except (AttributeError, NotImplementedError):
+        return
+    model_shape, guide_shape = (shape[max(len(shape) - nesting - e, 0):]
+                                for shape, e in zip(shapes, event_dims))
+    for m, g in itertools.zip_longest(reversed(model_shape), reversed(guide_shape),
+                                      fillvalue=1):
+        if m != g:
+            raise SetupError(
+                f"site {name!r}: the guide's distribution has shape {tuple(shapes[1])} but "
+                f"the model's has {tuple(shapes[0])}; give the guide's rows the dim of the "
+                "model's plate (an amortized guide's plate_dim=) and the same event shape")
 
 
 def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:

@@ -230,3 +230,87 @@ def test_vae_cli_trains_with_a_richer_guide(kind, architecture, fashion_dir, tmp
     main(["evaluate", str(run), "--iwae-samples", "20", "--device", "cpu", "--limit", "50"])
     lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
     assert float(lines["log_likelihood"]) >= float(lines["elbo"]) - 1.0
+
+
+# ---- the amortized guides on models laid out differently ------------------------------------
+
+def _linear_gaussian(n=200, latent=2, observed=4, noise=0.5, seed=3):
+    """x = W h + noise with W fixed: the exact log p(x) per row is a Gaussian's."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(observed, latent, generator=g)
+    h = torch.randn(n, latent, generator=g)
+    x = h @ weights.T + noise * torch.randn(n, observed, generator=g)
+    cov = weights @ weights.T + noise ** 2 * torch.eye(observed)
+    exact = torch.distributions.MultivariateNormal(torch.zeros(observed), cov).log_prob(x)
+    return x, weights, noise, float(exact.mean())
+
+
+def test_amortized_guide_serves_a_data_plate_at_dim_minus_two():
+    """A model whose rows are at dim -2 (a feature plate at -1): AmortizedNormal with
+    plate_dim=-2 gives q the batch shape (B, 1); it gave (B, B) before, which trained on
+    without an error to log p(x) = -155 against the exact -5.6. Now the estimate is exact
+    within Monte Carlo and optimization error (0.02 nats); the engine refuses a guide whose
+    shape disagrees with the model's, and the full-covariance guide says it needs dim -1."""
+    from ppl_vae import SetupError, log_likelihood
+    from ppl_vae.guides.amortized import AmortizedNormal
+    from ppl_vae.nn import NormalEncoder
+
+    x, weights, noise, exact = _linear_gaussian()
+
+    def model(obs):
+        with pyro.plate("rows", len(obs), dim=-2):
+            h = pyro.sample("h", dist.Normal(obs.new_zeros(1, 2), 1.0).to_event(1))
+            with pyro.plate("features", obs.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal((h @ weights.T).squeeze(-2), noise), obs=obs)
+
+    guide = AmortizedNormal(NormalEncoder(nn.Identity(), 4, 2), site="h", plate="rows",
+                            plate_dim=-2, inputs="obs")
+    fit(model, guide, {"obs": x}, epochs=1500, lr=1e-2, lr_schedule="cosine", seed=0,
+        progress=False, device="cpu")
+    assert log_likelihood(model, guide, {"obs": x}, num_samples=500) == pytest.approx(
+        exact, abs=0.02)
+
+    class RowsAtMinusOne(AmortizedNormal):  # what the guide did before
+        def at_plate_dim(self, t, event_dims):
+            return t
+
+    wrong = RowsAtMinusOne(NormalEncoder(nn.Identity(), 4, 2), site="h", plate="rows",
+                           plate_dim=-2, inputs="obs")
+    with pytest.raises(SetupError, match=r"site 'h': the guide's distribution has shape "
+                                         r"\((\d+), \1, 2\) but the model's has \(\1, 1, 2\)"):
+        fit(model, wrong, {"obs": x}, epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="needs the data plate at dim -1"):
+        AmortizedFullCovNormal(FullCovEncoder(nn.Identity(), 4, 2), site="h", plate="rows",
+                               plate_dim=-2)
+
+
+def test_mean_field_with_amortized_serves_a_plain_pyro_model():
+    """mean_field_with_amortized passed size= and subsample= on to a model(x) that does not
+    take them (a SetupError blaming the engine). Now it passes them only to a model that
+    names them. The global offset b ~ N(0, 0.05^2) of x = W z + b + noise, on minibatches
+    of 50 of 200 rows, is then learned as the full-batch run learns it (exact posterior mean
+    of b given x, in closed form: within 0.01)."""
+    from ppl_vae.guides.amortized import AmortizedNormal
+    from ppl_vae.guides.meanfield import mean_field_with_amortized
+    from ppl_vae.nn import NormalEncoder
+
+    x, weights, noise, _ = _linear_gaussian()
+    offset = torch.tensor([0.3, -0.2, 0.1, 0.0])
+    x = x + offset
+
+    def model(x):
+        b = pyro.sample("b", dist.Normal(torch.zeros(4), 0.05).to_event(1))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weights.T + b, noise).to_event(1), obs=x)
+
+    # exact: x_i - b ~ N(0, C) given b, C = W W^T + s^2 I, so b | x is Gaussian
+    cov = weights @ weights.T + noise ** 2 * torch.eye(4)
+    precision = torch.eye(4) / 0.05 ** 2 + len(x) * torch.linalg.inv(cov)
+    exact = torch.linalg.solve(precision, torch.linalg.inv(cov) @ x.sum(0))
+    guide = mean_field_with_amortized(
+        model, AmortizedNormal(NormalEncoder(nn.Identity(), 4, 2), site="z"))
+    fit(model, guide, x, epochs=400, batch_size=50, lr=1e-2, lr_schedule="cosine", seed=0,
+        progress=False, device="cpu")
+    loc = guide.globals.median()["b"].detach()
+    assert (loc - exact).abs().max() < 0.01, (loc, exact)
