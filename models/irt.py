@@ -655,6 +655,9 @@ class IRTFamily(Family):
         """The spec with its method resolved and the data fields (num_items, num_students,
         item_ids, categories) read from the responses."""
         spec = super().make_spec(model, **options)
+        if not spec.posterior_samples >= 1:
+            raise SetupError(f"posterior_samples (--posterior-samples) must be >= 1, got "
+                             f"{spec.posterior_samples}")
         if spec.num_nodes is None:
             # 21 Gauss-Hermite nodes bias the partial-credit discriminations ~8% low (mirt's
             # 21-node EM too); 41 take it to <1% (benchmarks/RESULTS.md, polytomous items)

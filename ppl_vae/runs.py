@@ -188,7 +188,10 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
             raise SetupError(f"--resume: {out} holds no checkpoint.pt to continue (start a new "
                              "run without --resume)")
         return
-    if existing and not overwrite:
+    # a start that failed before its first checkpoint (no CUDA, NaN in epoch 1) left only
+    # its config: nothing to lose, so a new start may replace it
+    trained = any((out / name).exists() for name in ("checkpoint.pt", "best.pt"))
+    if existing and trained and not overwrite:
         raise SetupError(f"{out} already holds a run ({', '.join(existing)}): pass --resume "
                          "(resume=True) to continue it or --overwrite (overwrite=True) to "
                          "replace it")
@@ -238,6 +241,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))
     settings = family.with_overrides(spec, fit_options)
+    if out is not None and resume:
+        settings = _resumed_settings(read_config(out).get("fit"), settings, fit_options)
     family.check_fit_settings(spec, settings)
     settings.setdefault("seed", 0)
     FitConfig(**{k: v for k, v in settings.items()  # impossible settings: refused here,
@@ -285,6 +290,29 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     if out is not None:
         family.report(run)
     return run
+
+
+# what a resumed run may change; everything else continues as the run was set up
+RESUMABLE = frozenset({"epochs", "patience", "device", "sync_every", "devices", "num_nodes",
+                       "strategy"})
+
+
+def _resumed_settings(saved: dict | None, settings: dict, given: dict) -> dict:
+    """A resumed run trains with its stored fit settings, with only the :data:`RESUMABLE`
+    ones (more epochs, say) taken from the call; a different learning rate, seed, schedule
+    ... is refused (the optimizer's and schedule's states come from the checkpoint, so it
+    could not take effect). Runs stored without fit settings take the call's."""
+    if not saved:
+        return settings
+    changed = {k: (saved.get(k), v) for k, v in _jsonable(given).items()
+               if k not in RESUMABLE and saved.get(k) != v}
+    if changed:
+        raise SetupError(
+            "--resume continues a run with its own fit settings; these differ from it: "
+            + ", ".join(f"{k} (run: {old!r}, given: {new!r})" for k, (old, new) in
+                        sorted(changed.items()))
+            + "; drop them, or train anew (--overwrite or another --out)")
+    return {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
 
 
 def _jsonable(settings: dict) -> dict:

@@ -46,7 +46,7 @@ __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN, infinite, or implausibly large (over :data:`PLAUSIBLE` times the
-    first steps' per-example size); training stopped before corrupting checkpoints."""
+    first step's per-example size); training stopped before corrupting checkpoints."""
 
 
 class FitFailed(RuntimeError):
@@ -56,7 +56,7 @@ class FitFailed(RuntimeError):
     tables."""
 
 
-PLAUSIBLE = 1e6  # a per-example |ELBO| this many times the first steps' is a runaway
+PLAUSIBLE = 1e6  # a per-example |ELBO| this many times the first step's is a runaway
 
 
 @dataclass
@@ -140,7 +140,11 @@ class History:
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise SetupError(f"device={str(device)!r} is not a torch device: use 'auto', 'cpu', "
+                         "'cuda' or 'cuda:N'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA device is available; "
                          "use device='auto' or 'cpu'")
@@ -309,6 +313,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
+            self._stretch_cosine(max(1, self.config.epochs))
         self.epoch = int(state["epoch"])
         self.history = History(list(state["history"]))
         es = state.get("early_stopping", {})
@@ -317,6 +322,19 @@ class Trainer:
         self.history.best_epoch = int(es.get("best_epoch", 0)) or None
         if rng:
             set_rng_state(state["rng"], batches.generator if batches is not None else None)
+
+    def _stretch_cosine(self, epochs: int) -> None:
+        """A resumed run asked for another number of epochs than its cosine schedule spans
+        (continuing a finished run: its rate is 0 there): the schedule now spans ``epochs``,
+        the rate set to the closed form at the epochs done."""
+        s = self.scheduler
+        if not isinstance(s, torch.optim.lr_scheduler.CosineAnnealingLR) or s.T_max == epochs:
+            return
+        s.T_max = epochs
+        for group, base in zip(self.optimizer.param_groups, s.base_lrs):
+            group["lr"] = s.eta_min + (base - s.eta_min) * (
+                1 + math.cos(math.pi * min(s.last_epoch, epochs) / epochs)) / 2
+        s._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ---- the loop, as public hooks (the Lightning path drives the same ones) --------------
     def setup(self, batches, resume: str | Path | bool | dict = False,
@@ -398,15 +416,16 @@ class Trainer:
             first = int((~torch.isfinite(chunk)).nonzero()[0])
             self._diverged(step - len(self._pending) + 1 + first, steps, float(chunk[first]))
         per_example = chunk.abs() / self._num_examples
-        if self._scale is None:  # the run's first losses set the plausible range
-            self._scale = max(float(per_example.median()), 1.0)
+        if self._scale is None:  # the run's first loss sets the plausible range (the first
+            # read may hold a whole epoch of steps, already diverged: lr 1e6)
+            self._scale = max(float(per_example[0]), 1.0)
         runaway = per_example > PLAUSIBLE * self._scale
         if bool(runaway.any()):
             first = int(runaway.nonzero()[0])
             self._diverged(step - len(self._pending) + 1 + first, steps, float(chunk[first]),
                            f" (|ELBO| {float(per_example[first]):.3g} nats per example, "
                            f"over {PLAUSIBLE:.0e} times the {self._scale:.3g} of the first "
-                           "steps)")
+                           "step)")
         self._total += chunk.sum()
         self._done += len(self._pending)
         self._pending = []
@@ -507,10 +526,16 @@ class Trainer:
         return c.beta * min(1.0, progress)
 
     def _diverged(self, step: int, steps: int, value: float, why: str = "") -> None:
-        where = f"{self.out / 'checkpoint.pt'}" if self.out else "none (no out= folder)"
+        kept = self.out / "checkpoint.pt" if self.out else None
+        if kept is None:
+            where = "There is no checkpoint (no out= folder). "
+        elif kept.exists():
+            where = f"The last good checkpoint is kept: {kept} (epoch {self.epoch - 1}). "
+        else:
+            where = f"No epoch had finished, so {self.out} holds no checkpoint. "
         raise TrainingDiverged(
             f"loss became {value:.4g}{why} at epoch {self.epoch}, step {step} of {steps}. "
-            f"The last good checkpoint is kept: {where} (epoch {self.epoch - 1}). "
+            + where +
             "Remedies: lower the learning rate, set clip_norm (e.g. 10), use "
             "optimizer='clipped_adam', or check the data for extreme values.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -190,3 +191,62 @@ def test_a_checkpoint_that_does_not_fit_the_edited_config_is_a_clear_error(tmp_p
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SetupError, match=r"(written by a 'test-gauss' run|does not fit)"):
         load_run(tmp_path / "run")
+
+
+def test_resume_continues_with_the_runs_own_fit_settings(tmp_path):
+    """A resumed run keeps its stored fit settings (the CLI passes only the flags given):
+    resuming a cosine run without repeating --lr-schedule used to drop the schedule and keep
+    the finished run's rate of 0, so the new epochs trained nothing. More epochs stretch the
+    cosine over the new total (the rate at epoch 3 of 4 is the closed form's, not 0); a
+    different lr or seed is refused, naming both values."""
+    out = tmp_path / "run"
+    train("test-gauss", out, epochs=2, lr_schedule="cosine", progress=False)
+    assert read_config(out)["fit"]["lr_schedule"] == "cosine"
+    run = train("test-gauss", out, resume=True, epochs=4, progress=False)
+    assert read_config(out)["fit"]["lr_schedule"] == "cosine"
+    lrs = [row["lr"] for row in run.history]
+    # the rate each epoch ends with: cosine over 2 epochs, then over 4 from epoch 2 on
+    assert lrs == pytest.approx([0.025, 0.0, 0.05 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0],
+                                abs=1e-9)
+    assert run.history[2]["train_elbo"] != run.history[1]["train_elbo"]
+    with pytest.raises(SetupError, match=r"own fit settings.*lr \(run: 0.05, given: 0.5\)"):
+        train("test-gauss", out, resume=True, epochs=5, lr=0.5, progress=False)
+    with pytest.raises(SetupError, match=r"seed \(run: 0, given: 3\)"):
+        train("test-gauss", out, resume=True, epochs=5, seed=3, progress=False)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_be_retried(tmp_path):
+    """A start that stops before any checkpoint (a NaN in epoch 1, a missing CUDA device)
+    leaves its config.json; it used to block a plain retry ('already holds a run') and
+    --resume ('no checkpoint.pt') alike. It is now replaced without --overwrite; the error
+    says that no checkpoint was written, instead of naming one of epoch 0."""
+    from ppl_vae import TrainingDiverged
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="No epoch had finished, so .* holds no "
+                                               "checkpoint"):
+        train("test-gauss", out, lr=1e30, progress=False)
+    assert (out / "config.json").exists() and not (out / "checkpoint.pt").exists()
+    run = train("test-gauss", out, progress=False)
+    assert len(run.history) == 3 and (out / "checkpoint.pt").exists()
+
+
+def test_a_loss_that_runs_away_within_the_first_read_is_caught():
+    """Losses are read from the device every sync_every steps; the plausible range came from
+    the median of the first read, so a run that diverged within it (lr 1e6 on a small epoch)
+    trained to an ELBO of -1.8e33 and exited 0. It is now set by the first step's loss."""
+    from ppl_vae import TrainingDiverged, fit
+
+    x = torch.randn(400)
+
+    def model(x):  # Adam at lr 1e6 moves loc by about 1e6 a step: finite, absurd losses
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    with pytest.raises(TrainingDiverged, match="times the"):
+        fit(model, guide, x, epochs=3, batch_size=50, lr=1e6, optimizer="adam",
+            progress=False, device="cpu")
