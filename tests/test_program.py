@@ -220,7 +220,7 @@ def test_a_runaway_loss_stops_training_like_a_nan(tmp_path):
     def guide(x):
         pass
 
-    with pytest.raises(TrainingDiverged, match=r"times the .* of the first steps.*epoch 1"):
+    with pytest.raises(TrainingDiverged, match=r"times the .* of the first step.*epoch 1"):
         fit(model, guide, torch.randn(100), epochs=3, batch_size=10, lr=1e6, sync_every=1,
             out=tmp_path, progress=False)
 
