@@ -533,3 +533,26 @@ def test_any_bytes_give_documents_or_a_clear_error(tmp_path, data):
         corpus_error_names_a_file(e, path)
         return
     assert counts.shape[1] == 3 and 0 <= empty <= counts.shape[0]
+
+
+def test_a_folder_named_for_the_data_is_the_only_one_looked_in(mnist_folder, tmp_path,
+                                                               monkeypatch):
+    """--data DIR (root=) naming an existing folder without the Fashion-MNIST files fell back
+    silently to $PPL_VAE_DATA and the Debian package's copy (and the run recorded DIR). It is
+    now an error naming DIR; an OCTIS folder missing its corpus.tsv is named as such, not
+    read as a folder of *.txt documents (its vocabulary.txt as the only one)."""
+    from ppl_vae.data.images import load_fashion_mnist
+    from ppl_vae.data.topics import load_corpus
+
+    elsewhere, _ = mnist_folder
+    monkeypatch.setenv("PPL_VAE_DATA", str(elsewhere))
+    assert load_fashion_mnist(split="test")[0].shape[0] == 3  # found there when not named
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"not found in: {empty}"):
+        load_fashion_mnist(split="test", root=empty)
+    octis = tmp_path / "octis"
+    octis.mkdir()
+    (octis / "vocabulary.txt").write_text("apple\nbanana\ncherry\n")
+    with pytest.raises(FileNotFoundError, match="vocabulary.txt but no corpus.tsv"):
+        load_corpus(octis)

@@ -32,9 +32,11 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    dirs = []
+    """Folders to look in: the one the caller names (only it), else $PPL_VAE_DATA, the
+    Debian package's and the download cache."""
     if root is not None:
-        dirs.append(Path(root))
+        return [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    dirs = []
     if os.environ.get("PPL_VAE_DATA"):
         dirs.append(Path(os.environ["PPL_VAE_DATA"]))
     dirs += [DEBIAN_DIR, CACHE_DIR]
@@ -120,7 +122,8 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "trai
         limit: keep the first ``limit`` images.
         binarize: ``None`` (grey levels), ``"threshold"`` (pixel > 0.5) or ``"sample"``
             (one fixed Bernoulli draw per pixel with ``seed``: the usual static binarization).
-        download: fetch with torchvision into ``~/.cache/ppl-vae`` if no local copy exists.
+        download: fetch with torchvision (into ``root``, else ``~/.cache/ppl-vae``) if no
+            local copy exists. A ``root`` given is the only folder looked in.
     """
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -132,7 +135,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "trai
     if (image_path is None or label_path is None) and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(CACHE_DIR), train=split == "train", download=True)
+        FashionMNIST(str(root or CACHE_DIR), train=split == "train", download=True)
         image_path, label_path = _find(image_name, dirs), _find(label_name, dirs)
     if image_path is None or label_path is None:
         looked = ", ".join(str(d) for d in dirs[::2])

@@ -270,6 +270,10 @@ def load_corpus(path: str | os.PathLike, **text_options) -> TopicCorpus:
     path = Path(path)
     if (path / "corpus.tsv").exists():
         return load_octis(path)
+    if (path / "vocabulary.txt").exists():
+        raise FileNotFoundError(f"{path}: vocabulary.txt but no corpus.tsv; an OCTIS folder "
+                                "needs both (a folder of plain-text documents holds *.txt "
+                                "files and no vocabulary.txt)")
     return load_text(path, **text_options)
 
 
