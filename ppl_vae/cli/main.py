@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         last = run.history[-1] if run.history else {}
         print(f"trained {len(run.history)} epochs: " + ", ".join(
             f"{k} {last[k]:.2f}" for k in ("train_elbo", "val_elbo") if k in last)
-            + " nats per example; wrote " + str(args.out))
+            + f" nats per example; wrote {args.out} in "
+            f"{time.perf_counter() - start:.1f} seconds")
         return 0
     if args.command == "data":
         from ppl_vae.data.fetch import fetch_corpus
