@@ -625,7 +625,8 @@ class TopicFamily(Family):
                   "npmi_min": float(min(per_topic)), "npmi_max": float(max(per_topic)),
                   "diversity_10": quality["diversity_10"],
                   "near_duplicate_pairs": len(quality.get("near_duplicates", [])),
-                  "test_documents": int(_rows(test))}
+                  "test_documents": int(_rows(test)),
+                  "heldout_split": "test" if corpus.counts["test"].shape[0] else "val"}
         if run.path is not None:
             write_json({**result, "npmi_per_topic": per_topic},
                        Path(run.path) / "evaluation.json")

@@ -371,6 +371,10 @@ class Trainer:
             state = resume if isinstance(resume, dict) else load_checkpoint(
                 self.out / "checkpoint.pt" if resume is True else Path(resume), self.device)
             self.load_state_dict(state, batches)
+            if training and self.epoch > c.epochs:
+                raise SetupError(f"resume: the run has trained {self.epoch} epochs already "
+                                 f"and epochs={c.epochs} is fewer; give more than "
+                                 f"{self.epoch} (--epochs) to continue it")
         for m in self._modules():
             m.train()
 

@@ -213,6 +213,8 @@ def test_resume_continues_with_the_runs_own_fit_settings(tmp_path):
         train("test-gauss", out, resume=True, epochs=5, lr=0.5, progress=False)
     with pytest.raises(SetupError, match=r"seed \(run: 0, given: 3\)"):
         train("test-gauss", out, resume=True, epochs=5, seed=3, progress=False)
+    with pytest.raises(SetupError, match=r"trained 4 epochs already and epochs=3 is fewer"):
+        train("test-gauss", out, resume=True, epochs=3, progress=False)
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_can_be_retried(tmp_path):
