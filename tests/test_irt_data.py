@@ -83,6 +83,8 @@ def test_bundled_lsat7_and_graded_codes(tmp_path):
     ("student,q1,q2\nann,1,\nbob,0,\n", r"column 'q2': item has no responses"),
     ("student,q1,q2\nann,1,0\nbob,,\n", r"line 3 \(student 'bob'\) has no responses"),
     ("student,q1,q1\nann,1,0\n", r"line 1: duplicate item column 'q1'"),
+    ("student;q1;q2\nann;1;0\n", r"line 1: one column, 'student;q1;q2': the file looks "
+                                  r"separated by ';'; response tables are comma-separated"),
 ])
 def test_wide_errors_name_line_and_column(tmp_path, text, expected):
     with pytest.raises(ResponseDataError, match=expected):

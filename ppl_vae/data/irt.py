@@ -250,6 +250,11 @@ def _read_csv(path: Path) -> _Table:
                                 f"({e})") from e
     if header is None:
         raise ResponseDataError(f"{path}: no CSV header (only blank lines)")
+    other = next((d for d in (";", "\t", "|") if len(header) == 1 and d in header[0]), None)
+    if other is not None:
+        raise ResponseDataError(
+            f"{path}: line {header_line}: one column, {header[0][:60]!r}: the file looks "
+            f"separated by {other!r}; response tables are comma-separated CSV")
     for j, name in enumerate(header):
         if not name:
             raise ResponseDataError(f"{path}: line {header_line}, column {j + 1}: empty "
