@@ -30,6 +30,7 @@ environment (``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``LOCAL_RANK``,
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +59,18 @@ def set_only_rank_zero_continues(flag: bool) -> None:
     figures) happens once. Library callers keep all ranks running by default."""
     global _ONLY_RANK_ZERO_CONTINUES
     _ONLY_RANK_ZERO_CONTINUES = bool(flag)
+
+
+def launched_as_other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a multi-process run, as its launcher
+    says in the environment before training starts: Lightning's own launcher (``strategy=
+    "ddp"`` re-runs the command with ``LOCAL_RANK`` >= 1), ``torchrun`` (``RANK``), SLURM
+    (``SLURM_PROCID``), another node (``NODE_RANK``). Rank 0 owns the run folder."""
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return True
+    return False
 
 
 def lightning_module():

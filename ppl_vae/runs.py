@@ -32,6 +32,7 @@ import pyro
 import torch
 
 from .checkpoint import load_checkpoint, write_json
+from .distributed import launched_as_other_rank
 from .family import Family, family_of
 from .program import SetupError
 from .svi import fit, restore
@@ -222,13 +223,15 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
     if out is None:
         return _train(model, None, spec, resume, progress, fit_options)
     out = Path(out)
+    if launched_as_other_rank():  # rank 0 holds the lock and writes the folder
+        return _train(model, out, spec, resume, progress, fit_options, writer=False)
     with run_lock(out):
         _prepare_folder(out, resume, overwrite)
         return _train(model, out, spec, resume, progress, fit_options)
 
 
 def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool | None,
-           fit_options: dict) -> Run:
+           fit_options: dict, writer: bool = True) -> Run:
     family = family_of(model)
     unknown = set(fit_options) - set(FitConfig.__dataclass_fields__) - {
         "devices", "num_nodes", "strategy"}
@@ -260,11 +263,13 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     val = family.run_data(run, "val")
     pyro.set_rng_seed(settings["seed"])  # before build: the seed fixes the initial weights
     run.model, run.guide = family.build(spec)
-    if out is not None:
+    if out is not None and writer:
         write_json(config, Path(out) / "config.json")
     history = fit(run.model, run.guide, data, val_data=val, out=out, resume=resume,
                   progress=progress, config={"model": model}, **settings)
     run.history = list(history.rows)
+    if not writer:  # another rank of a multi-process run: rank 0 reloads and reports
+        return run
     run.device = next((p.device for m in (run.model, run.guide)
                        if isinstance(m, torch.nn.Module) for p in m.parameters()),
                       torch.device("cpu"))

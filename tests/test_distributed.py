@@ -339,3 +339,27 @@ def test_batchnorm_is_synchronised_on_gpus_only():
     assert wants_sync_batchnorm(topics, "gpu")
     assert not wants_sync_batchnorm(topics, "cpu")
     assert not wants_sync_batchnorm(list(build_vae(latent_dim=2, hidden=(8,))), "gpu")
+
+
+def test_the_cli_trains_a_run_folder_on_two_processes(tmp_path):
+    """`ppl-vae train ... --devices 2` (the README's CPU example): Lightning starts rank 1 by
+    re-running the command, which took the run folder's lock of rank 0 and failed. Rank 0
+    alone now holds the lock and writes the folder; the run reloads."""
+    import shutil
+
+    exe = shutil.which("ppl-vae")
+    if exe is None:
+        pytest.skip("the ppl-vae command is not on PATH")
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [exe, "train", "irt-2pl", "--responses", "lsat6", "--method", "amortized",
+         "--epochs", "2", "--devices", "2", "--device", "cpu", "--out", str(out),
+         "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    _wait([proc], "ppl-vae train --devices 2")
+    run = ppl_vae.load_run(out)
+    assert len(run.history) == 2 and (out / "items.csv").exists()
+    assert not (out / ".lock").exists()
