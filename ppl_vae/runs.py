@@ -223,7 +223,8 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
     if out is None:
         return _train(model, None, spec, resume, progress, fit_options)
     out = Path(out)
-    if launched_as_other_rank():  # rank 0 holds the lock and writes the folder
+    multi = any(fit_options.get(k) is not None for k in ("devices", "num_nodes", "strategy"))
+    if multi and launched_as_other_rank():  # rank 0 holds the lock and writes the folder
         return _train(model, out, spec, resume, progress, fit_options, writer=False)
     with run_lock(out):
         _prepare_folder(out, resume, overwrite)
