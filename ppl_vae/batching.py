@@ -186,9 +186,31 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
     if is_in_memory(data):
         return TensorBatches(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
                              name=name, sparse_rows=sparse_rows)
+    _refuse_non_tensor_entries(data, name)
     if isinstance(data, Iterable):
         return IterableBatches(data, device, num_data=num_data)
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
+
+
+def _refuse_non_tensor_entries(data: Any, name: str) -> None:
+    """A dict (keyword arguments) or tuple (positional ones) of rows that also holds a
+    non-tensor (an int ``num_classes``, None) would otherwise be taken for a stream of
+    minibatches; say which entry and how to pass it."""
+    if isinstance(data, Mapping):
+        items = [(repr(k), k, v) for k, v in data.items()]
+    elif isinstance(data, tuple):
+        items = [(f"[{i}]", None, v) for i, v in enumerate(data)]
+    else:
+        return
+    if not any(isinstance(v, torch.Tensor) for _, _, v in items):
+        return
+    label, key, value = next(t for t in items if not isinstance(t[2], torch.Tensor))
+    bind = (f"functools.partial(model, {key}=...) and the same for the guide"
+            if isinstance(key, str) else "functools.partial (or a default argument)")
+    raise ValueError(
+        f"{name}{label if key is None else '[' + label + ']'} is of type {type(value).__name__}, "
+        f"not a tensor with one row per example; the engine slices every entry of the data "
+        f"into minibatches, so pass a constant to the model and guide another way: {bind}")
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor, dense: bool = True) -> torch.Tensor:

@@ -93,6 +93,9 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
                 continue
             if trace is guide_trace and site["is_observed"]:
                 continue
+            if trace is model_trace and not site["is_observed"] \
+                    and name not in guide_trace.nodes:
+                continue  # drawn from its prior, the proposal: log p(z) - log q(z) = 0
             lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             lp = scale_and_mask(lp, 1.0, site["mask"])
             if weight is not None and not site["is_observed"]:

@@ -166,7 +166,10 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
         local = _in_plate(site, plate)
         if not local and not first:
             continue  # global values are replayed: identical in every minibatch
-        deterministic = site["infer"].get("_deterministic", False)
+        # pyro.deterministic, and a site poutine.reparam replaced by its value (an observed
+        # Delta(...).mask(False)): part of the posterior, not of the likelihood
+        deterministic = site["infer"].get("_deterministic", False) or (
+            isinstance(fn, MaskedDistribution) and fn._mask is False)
         observed = site["is_observed"] and not deterministic
         event_dim = len(getattr(fn, "event_shape", ()))
         if deterministic:  # pyro.deterministic's event_dim defaults to all of the value's

@@ -415,6 +415,13 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
     observed_in_guide = [k for k in guide_latents if model_sites[k]["is_observed"]]
     if observed_in_guide:
         raise SetupError(f"guide samples {observed_in_guide[0]!r}, which the model observes")
+    sequential = [k for k in model_latents if k not in guide_latents
+                  and model_sites[k]["infer"].get("enumerate") == "sequential"]
+    if sequential:
+        raise SetupError(
+            f"model site {sequential[0]!r} is marked for sequential enumeration, which Pyro "
+            "implements in the guide only; mark it parallel (config_enumerate, "
+            "infer={'enumerate': 'parallel'}) and train with objective='enum'")
     missing = [k for k in model_latents if k not in guide_latents
                and model_sites[k]["infer"].get("enumerate") != "parallel"
                and not model_sites[k]["infer"].get("_deterministic")]

@@ -23,6 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -1044,3 +1045,88 @@ def test_training_with_vectorized_particles_checks_the_particle_dims():
     assert (scale / exact_sd - 1).abs().max() < 0.25
     exact_mean = torch.zeros(3).index_add_(0, groups, y) / 21
     assert (loc - exact_mean).abs().max() < 0.5 * exact_sd
+
+
+def test_a_latent_drawn_from_its_prior_drops_out_of_the_importance_weight():
+    """A model latent that the guide leaves out is drawn from its prior (the warning says
+    so): the prior is then its proposal, so log p(z) - log q(z) = 0. The weight kept
+    log p(z) alone, and log_likelihood converged to log sum_z p(z)^2 p(x|z) instead of
+    log p(x) (exact + log 0.5 here). Exact: a two-component mixture's log-density."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(100, generator=g) - 2, torch.randn(100, generator=g) + 2])
+    locs = torch.tensor([-2.0, 2.0])
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.tensor([0.5, 0.5])))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    exact = (math.log(0.5) + dist.Normal(locs[:, None], 1.0).log_prob(x)).logsumexp(0).mean()
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimate = log_likelihood(model, guide, x, num_samples=2000)
+    assert estimate == pytest.approx(float(exact), abs=0.01)
+
+
+def test_sequential_enumeration_in_the_model_and_constants_in_the_data_are_refused():
+    """Pyro enumerates sequentially in the guide only; the engine trained such a model with
+    the site drawn from its prior and a warning advising config_enumerate. A dict or tuple
+    of data holding a constant (num_classes=3) was taken for a stream of minibatches
+    ("streamed data needs num_data="). Both now say what to do."""
+    x = torch.randn(20)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.5), infer={"enumerate": "sequential"})
+            pyro.sample("obs", dist.Normal(2.0 * z - 1.0, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    with pytest.raises(SetupError, match=r"'z' is marked for sequential enumeration.*"
+                                         r"config_enumerate"):
+        fit(model, guide, x, epochs=1, objective="enum", progress=False, device="cpu")
+
+    def counted(y, num_classes=2):
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Categorical(torch.ones(num_classes)), obs=y)
+
+    y = torch.randint(0, 3, (20,))
+    with pytest.raises(ValueError, match=r"data\['num_classes'\] is of type int, not a tensor"
+                                         r".*functools.partial\(model, num_classes=...\)"):
+        fit(counted, lambda y, num_classes=2: None, {"y": y, "num_classes": 3}, epochs=1,
+            progress=False, device="cpu")
+
+
+def test_a_reparameterized_site_is_in_the_posterior_not_the_likelihood():
+    """poutine.reparam(LocScaleReparam) replaces 'theta' by an observed Delta(...).mask(False)
+    of its value; to_arviz filed it as a likelihood (all zeros) and observed data, so
+    az.loo(idata) refused ("several log likelihood arrays"). It is now a posterior variable
+    equal to mu + tau * theta_decentered, and loo runs on 'obs' alone."""
+    import arviz as az
+    from pyro.infer.reparam import LocScaleReparam
+
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+    def schools(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(y)):
+            theta = pyro.sample("theta", dist.Normal(mu, 5.0))
+            pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+    model = poutine.reparam(schools, config={"theta": LocScaleReparam(centered=0.0)})
+    guide = AutoNormal(model)
+    fit(model, guide, y, epochs=100, lr=0.05, progress=False, device="cpu")
+    idata = ppl_vae.to_arviz(model, guide, y, num_samples=50)
+    assert list(idata.log_likelihood.data_vars) == ["obs"]
+    assert list(idata.observed_data.data_vars) == ["obs"]
+    post = idata.posterior
+    assert post["theta"].dims == ("chain", "draw", "data")
+    rebuilt = post["mu"].values[..., None] + 5.0 * post["theta_decentered"].values
+    assert abs(post["theta"].values - rebuilt).max() < 1e-4
+    assert np.isfinite(az.loo(idata).elpd_loo)
