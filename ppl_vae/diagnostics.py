@@ -285,17 +285,18 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                     start += s
                 return total
 
-            ratios = global_log_ratios
-            try:
-                if glob is None:
-                    raise ValueError("the guide does not broadcast over particles")
-                total = ratios(num_samples)
-            except (ValueError, RuntimeError, IndexError) as e:
+            ratios, why = global_log_ratios, "the guide's draws failed"
+            if glob is not None:
+                try:
+                    total = ratios(num_samples)
+                except (ValueError, RuntimeError, IndexError) as e:
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    glob = None
+            if glob is None:
                 warnings.warn(
                     f"the model or guide does not broadcast over an extra leading particle dim "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the global k-hat's "
-                    f"{num_samples} draws are evaluated one after another (slower)",
-                    stacklevel=2)
+                    f"({why}); the global k-hat's {num_samples} draws are evaluated one after "
+                    "another (slower)", stacklevel=2)
                 ratios = global_log_ratios_looped
                 total = ratios(num_samples)
             glob_k = float(pareto_khat(total))

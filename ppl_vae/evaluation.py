@@ -292,6 +292,12 @@ def in_particles(fn: Callable, num: int | None, nesting: int) -> Callable:
     return run
 
 
+# what the checks for a particle dim pushed left of the plates say (within_particle_plate,
+# _keep_dims): the usual cause and its fix
+NOT_BROADCASTING = ("e.g. mu[..., index] on a latent with an event dim; Pyro's "
+                    "Vindex(mu)[..., index] broadcasts")
+
+
 def within_particle_plate(trace) -> bool:
     """Whether every site of a vectorized pass keeps its batch dims within the particle
     plate's. Indexing a latent's event dim (``mu[..., index]``) pushes one left of it: no
@@ -341,9 +347,8 @@ def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Te
     if lp.dim() > width:  # a dim left of the particle plate: the program moved it there
         raise ValueError(
             f"a site's log-prob has {lp.dim()} dims, more than its {width} of plates and "
-            "particles: the program does not broadcast over a leading particle dim (e.g. "
-            "mu[..., index] on a latent with an event dim; Pyro's Vindex(mu)[..., index] "
-            "does)")
+            f"particles: the program does not broadcast over a leading particle dim "
+            f"({NOT_BROADCASTING})")
     lp = lp.reshape((1,) * (width - lp.dim()) + tuple(lp.shape))
     keep = {0}
     if data_dim is not None:

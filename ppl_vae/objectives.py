@@ -17,7 +17,13 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from .batching import Batch
-from .evaluation import as_pair, in_particles, pair_log_weights, within_particle_plate
+from .evaluation import (
+    NOT_BROADCASTING,
+    as_pair,
+    in_particles,
+    pair_log_weights,
+    within_particle_plate,
+)
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
 
@@ -64,9 +70,8 @@ class ELBOObjective:
         try:
             nesting = as_pair(model, guide).inspect(batch).nesting
             if not self._broadcasts(model, guide, batch, nesting):
-                raise ValueError("a site's batch dims reach left of the particle plate (e.g. "
-                                 "mu[..., index] on a latent with an event dim; "
-                                 "Vindex(mu)[..., index] broadcasts)")
+                raise ValueError("a site's batch dims reach left of the particle plate "
+                                 f"({NOT_BROADCASTING})")
             return self(model, guide, batch)
         except (ValueError, RuntimeError, IndexError) as e:
             warnings.warn(

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, Data, make_batches
 from .evaluation import (
+    NOT_BROADCASTING,
     PARTICLE_PLATE,
     as_pair,
     enumerated_log_likelihood,
@@ -296,9 +297,9 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                         continue
                     warnings.warn(
                         "a site's batch dims reach left of the particle plate: the program "
-                        "does not broadcast over a leading particle dim (e.g. mu[..., index] "
-                        "on a latent with an event dim; Vindex(mu)[..., index] does); drawing "
-                        f"the {num_samples} draws one after another (slower)", stacklevel=3)
+                        f"does not broadcast over a leading particle dim ({NOT_BROADCASTING});"
+                        f" drawing the {num_samples} draws one after another (slower)",
+                        stacklevel=3)
                 except (ValueError, RuntimeError, IndexError):
                     if pair.vectorizable:
                         raise

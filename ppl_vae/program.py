@@ -440,7 +440,6 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             raise SetupError(
                 f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
                 "open the same plates, with the same names and sizes, in both")
-    for name, site in guide_latents.items():
         _check_shapes(name, model_sites[name], site, structure.nesting)
     masked = [k for k in model_latents
               if model_sites[k]["mask"] is not None and model_sites[k]["mask"] is not True]
