@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pyro.infer as infer
 import pyro.poutine as poutine
@@ -24,8 +25,81 @@ from .evaluation import (
     pair_log_weights,
     within_particle_plate,
 )
+from .program import SetupError, Structure
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
+# Pyro's ELBO classes and the engine's objective that computes the same bound
+PYRO_ELBOS = {"Trace_ELBO": "trace", "TraceGraph_ELBO": "trace", "JitTraceGraph_ELBO": "trace",
+              "TraceMeanField_ELBO": "meanfield", "JitTraceMeanField_ELBO": "meanfield",
+              "JitTrace_ELBO": "jit", "TraceEnum_ELBO": "enum", "JitTraceEnum_ELBO": "enum",
+              "RenyiELBO": "renyi"}
+
+
+def objective_name(objective: Any) -> str:
+    """``objective`` checked: one of :data:`OBJECTIVES`. A Pyro ELBO object (what
+    ``pyro.infer.SVI`` takes) is refused naming the settings that give its bound here: the
+    engine builds its ELBO itself, to scale minibatches and weight KL terms."""
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise SetupError(f"unknown objective {objective!r}; choose one of "
+                             f"{', '.join(OBJECTIVES)}")
+        return objective
+    kind = type(objective).__name__
+    name = PYRO_ELBOS.get(kind)
+    if name is None:
+        raise SetupError(f"objective must be one of the names {', '.join(OBJECTIVES)}, got "
+                         f"{objective!r}")
+    settings = {"objective": name}
+    particles = int(getattr(objective, "num_particles", 1))
+    if name == "renyi":
+        alpha = float(getattr(objective, "alpha", 0.5))
+        if alpha == 0:
+            settings["objective"] = "iwae"
+        else:
+            settings["renyi_alpha"] = alpha
+        particles = max(particles, 2)
+    if particles > 1:
+        settings["num_particles"] = particles
+    how = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    note = (" (Trace_ELBO's score-function gradient, without TraceGraph's Rao-Blackwellized "
+            "baselines)" if "Graph" in kind else
+            " (each example's own bound, not the whole minibatch's)" if name == "renyi" else "")
+    raise SetupError(f"objective takes a name, not a Pyro {kind} object (the engine builds its "
+                     f"ELBO itself, to scale minibatches and weight KL terms): pass {how}{note}")
+
+
+def check_objective(name: str, structure: Structure) -> None:
+    """Refuse (:class:`SetupError`) an objective that cannot train the pair whose structure is
+    ``structure`` to the right answer, naming the one that can; warn where it trains only part
+    of the guide. What Pyro checks only under validation, which training steps run without."""
+    if name == "meanfield" and structure.unreparameterized:
+        site = structure.unreparameterized[0]
+        raise SetupError(
+            f"objective='meanfield' (TraceMeanField_ELBO) needs every guide site "
+            f"reparameterized, but guide site {site!r} has no rsample (a discrete or other "
+            "non-reparameterizable distribution); use objective='trace' (score-function "
+            "gradients) or mark it with config_enumerate and use objective='enum'")
+    sampled = [k for k in structure.unreparameterized if k not in structure.guide_enumerated]
+    if name in ("iwae", "renyi") and sampled:
+        site = sampled[0]
+        raise SetupError(
+            f"objective={name!r} differentiates through the guide's draws, but guide site "
+            f"{site!r} has no rsample (a discrete or other non-reparameterizable "
+            "distribution), so its parameters would get a wrong gradient; use "
+            "objective='trace' (score-function gradients) or mark it with config_enumerate "
+            "and use objective='enum'")
+    if name in ("trace", "meanfield", "jit") and structure.model_enumerated:
+        raise SetupError(
+            f"model site {structure.model_enumerated[0]!r} is marked for enumeration "
+            f"(config_enumerate), which objective={name!r} does not do (it would draw the "
+            "site from its prior); use objective='enum' (or 'iwae'/'renyi', which also sum "
+            "it out)")
+    if name in ("iwae", "renyi") and structure.guide_enumerated:
+        warnings.warn(
+            f"objective={name!r} sums out the enumerated guide site(s) "
+            f"{', '.join(structure.guide_enumerated)} exactly, so their guide distribution "
+            "gets no gradient and keeps its initial values; train with objective='enum' to "
+            "fit it", stacklevel=3)
 
 
 class SiteWeight(Messenger):
@@ -195,4 +269,4 @@ def make_objective(name: str, num_particles: int = 1, kl_sites: Iterable[str] = 
         if num_particles < 2:
             raise ValueError("objective 'iwae' needs num_particles >= 2 (K=1 is the ELBO)")
         return IWAEObjective(num_particles, kl_weight, plate=plate)
-    raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    raise SetupError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

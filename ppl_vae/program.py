@@ -250,13 +250,21 @@ class Structure:
     ``plate``: the data plate's name (None: no plate runs over rows -- only for full-batch
     training); ``nesting``: plate dims used (Pyro's ``max_plate_nesting``, the particle
     plate excluded); ``enumerated``: sites marked for parallel enumeration (model or
-    guide); ``local_latents``: latent sites of the guide inside the data plate.
+    guide); ``local_latents``: latent sites of the guide inside the data plate;
+    ``guide_enumerated``: the guide's sites marked for parallel enumeration;
+    ``model_enumerated``: the model's, of latents the guide does not sample;
+    ``unreparameterized``: guide latents without ``rsample`` (discrete ones, enumerated or
+    not); ``latents``: the model's latent sites.
     """
 
     plate: str | None
     nesting: int
     enumerated: list[str] = field(default_factory=list)
     local_latents: list[str] = field(default_factory=list)
+    guide_enumerated: list[str] = field(default_factory=list)
+    model_enumerated: list[str] = field(default_factory=list)
+    unreparameterized: list[str] = field(default_factory=list)
+    latents: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -395,7 +403,14 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
                      and not site["infer"].get("is_auxiliary")}
     local = [k for k, s in guide_latents.items()
              if any(f.name == plate for f in _vectorized_frames(s))]
-    structure = Structure(plate, nesting, enumerated, local)
+    parallel = [k for k in enumerated if k in guide_latents]
+    model_only = [k for k in enumerated if k not in guide_latents and k in model_trace.nodes
+                  and not model_trace.nodes[k]["is_observed"]]
+    discrete = [k for k, s in guide_latents.items() if not s["fn"].has_rsample]
+    latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
+               if s["type"] == "sample" and not s["is_observed"]]
+    structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
+                          latents)
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure

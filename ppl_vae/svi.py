@@ -41,8 +41,13 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
             or an iterable of minibatches (then give ``num_data`` if it has no ``.dataset``).
         val_data: same structure; its ELBO per example is recorded each epoch and drives
             early stopping (``patience`` epochs without improvement).
-        objective: ``trace`` | ``meanfield`` | ``jit`` | ``enum`` | ``iwae``
-            (``iwae`` uses ``num_particles`` importance samples).
+        objective: ``trace`` | ``meanfield`` | ``jit`` | ``enum`` | ``iwae`` | ``renyi``
+            (``iwae``/``renyi`` use ``num_particles`` importance samples; ``renyi_alpha``).
+            A name, not a Pyro ELBO object: the error for one names the settings that give
+            its bound. An objective that cannot train the pair (``meanfield``, ``iwae`` or
+            ``renyi`` with a discrete guide site; ``trace``/``meanfield``/``jit`` with a
+            ``config_enumerate``-d model site) is refused before training, naming one that
+            can (:func:`ppl_vae.objectives.check_objective`).
         kl_sites, beta, kl_anneal_epochs: weight the KL term of these latent sites by beta,
             ramped linearly from 0 over ``kl_anneal_epochs`` epochs.
         out: run folder: ``checkpoint.pt`` (every epoch, atomic), ``best.pt``, ``metrics.csv``.

@@ -31,7 +31,7 @@ from .checkpoint import (
 )
 from .evaluation import elbo as evaluate_elbo
 from .evaluation import eval_mode
-from .objectives import OBJECTIVES, make_objective
+from .objectives import check_objective, make_objective, objective_name
 from .program import (
     Pair,
     SetupError,
@@ -100,6 +100,15 @@ class FitConfig:
             if not ok:
                 raise SetupError(f"{what}, got {value!r}")
 
+        self.objective = objective_name(self.objective)
+        if not isinstance(self.optimizer, str):
+            raise SetupError(refuse_optimizer(self.optimizer))
+        if self.optimizer not in OPTIMIZERS:
+            raise SetupError(f"unknown optimizer {self.optimizer!r}; choose adam, adamw or "
+                             "clipped_adam")
+        if self.lr_schedule not in (None, "", "constant", "cosine", "exponential"):
+            raise SetupError(f"unknown lr_schedule {self.lr_schedule!r}; choose cosine, "
+                             "exponential or None (constant)")
         need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be >= 1",
              self.epochs)
         need(isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -117,6 +126,27 @@ class FitConfig:
         need(self.val_particles >= 1, "val_particles must be >= 1", self.val_particles)
         need(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0,
              "warmup_epochs must be an integer >= 0", self.warmup_epochs)
+
+
+OPTIMIZERS = ("adam", "adamw", "clipped_adam")
+
+
+def refuse_optimizer(optimizer: Any) -> str:
+    """The message for an optimizer given as an object (pyro.optim or torch.optim) instead of
+    one of :data:`OPTIMIZERS`, with the settings that give it here."""
+    kind = getattr(optimizer, "__name__", type(optimizer).__name__)
+    args = getattr(optimizer, "pt_optim_args", None) or {}  # pyro.optim.Adam({"lr": ...})
+    if callable(args):
+        args = {}
+    if hasattr(optimizer, "pt_optim_constructor"):
+        kind = optimizer.pt_optim_constructor.__name__
+    name = {"Adam": "adam", "AdamW": "adamw", "ClippedAdam": "clipped_adam"}.get(kind)
+    settings = {"optimizer": name, **{k: v for k, v in args.items()
+                                      if k in ("lr", "weight_decay", "clip_norm")}}
+    how = (", ".join(f"{k}={v!r}" for k, v in settings.items()) if name else
+           f"one of optimizer={', '.join(map(repr, OPTIMIZERS))} with lr=")
+    return (f"optimizer takes a name, not {kind} (the engine builds one fused torch "
+            f"optimizer over all parameters, with lr_schedule= for schedules): pass {how}")
 
 
 @dataclass
@@ -171,9 +201,6 @@ class Trainer:
         self._bad_epochs = 0
         self._scale: float | None = None
         c = self.config
-        if c.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {c.objective!r}; choose one of "
-                             f"{', '.join(OBJECTIVES)}")
         if c.objective == "jit" and c.kl_anneal_epochs:
             raise ValueError("KL annealing changes a constant every step; it cannot be "
                              "combined with objective='jit'")
@@ -208,7 +235,12 @@ class Trainer:
             with eval_mode(self.model, self.guide), torch.no_grad(), poutine.block():
                 full.call(self.guide)
         with eval_mode(self.model, self.guide):
-            self.pair.inspect(batch)
+            structure = self.pair.inspect(batch)
+        check_objective(self.config.objective, structure)
+        unknown = [k for k in self.config.kl_sites if k not in structure.latents]
+        if unknown:
+            raise SetupError(f"kl_sites names {unknown[0]!r}, which is not a latent site of the "
+                             f"model (its latent sites: {', '.join(structure.latents) or 'none'})")
         with eval_mode(self.model, self.guide), torch.no_grad(), \
                 poutine.trace(param_only=True) as capture:
             guide_trace = poutine.trace(batch.call).get_trace(self.guide)
@@ -259,7 +291,7 @@ class Trainer:
             self.optimizer = ClippedAdam(params, lr=c.lr, weight_decay=c.weight_decay,
                                          clip_norm=c.clip_norm or 10.0)
         else:
-            raise ValueError(f"unknown optimizer {c.optimizer!r}; choose adam, adamw or "
+            raise SetupError(f"unknown optimizer {c.optimizer!r}; choose adam, adamw or "
                              "clipped_adam")
         if c.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(

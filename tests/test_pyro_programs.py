@@ -1130,3 +1130,68 @@ def test_a_reparameterized_site_is_in_the_posterior_not_the_likelihood():
     rebuilt = post["mu"].values[..., None] + 5.0 * post["theta_decentered"].values
     assert abs(post["theta"].values - rebuilt).max() < 1e-4
     assert np.isfinite(az.loo(idata).elpd_loo)
+
+
+def test_objectives_that_cannot_train_the_pair_are_refused_naming_one_that_can():
+    """z ~ Bernoulli(0.3), x | z ~ N(3z - 1.5, 1), guide q(z | x) = Bernoulli(sigmoid(a x + c)):
+    the exact posterior is in the family (a = 3, c = logit 0.3 = -0.847). TraceMeanField_ELBO
+    has no score-function term, so ``meanfield`` trained q to the prior (a = 0.000, c =
+    -0.847); ``iwae``/``renyi`` differentiate through the draws only and pushed q the wrong
+    way (a = -5.1). Pyro refuses the first only under validation, which training steps run
+    without. Both are now refused naming ``trace``, which trains q to the exact posterior.
+    A ``config_enumerate``-d model site under ``trace`` was drawn from its prior with no
+    word (Pyro warns); Pyro ELBO and optimizer objects and an unknown KL site were refused
+    or ignored unclearly."""
+    torch.manual_seed(0)
+    z = torch.bernoulli(torch.full((400,), 0.3))
+    x = 3.0 * z - 1.5 + torch.randn(400)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.3))
+            pyro.sample("obs", dist.Normal(3.0 * z - 1.5, 1.0), obs=x)
+
+    class Guide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.0))
+            self.c = nn.Parameter(torch.tensor(0.0))
+
+        def forward(self, x):
+            pyro.module("q", self)
+            with pyro.plate("data", len(x)):
+                pyro.sample("z", dist.Bernoulli(logits=self.a * x + self.c))
+
+    for objective, particles in (("meanfield", 1), ("iwae", 4), ("renyi", 4)):
+        with pytest.raises(SetupError, match=rf"objective='{objective}'.*guide site 'z' has no "
+                                             r"rsample.*use objective='trace'"):
+            fit(model, Guide(), x, objective=objective, num_particles=particles, epochs=1,
+                progress=False, device="cpu")
+    guide = Guide()
+    fit(model, guide, x, objective="trace", num_particles=8, epochs=60, batch_size=100,
+        lr=0.05, progress=False, device="cpu")
+    # exact: logit q = logit 0.3 + log N(x; 1.5, 1) - log N(x; -1.5, 1) = 3 x - 0.847
+    assert guide.a.item() == pytest.approx(3.0, abs=0.6)
+    assert guide.c.item() == pytest.approx(math.log(0.3 / 0.7), abs=0.4)
+
+    @config_enumerate
+    def mixture(x):
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.Bernoulli(0.3))
+            pyro.sample("obs", dist.Normal(3.0 * y - 1.5, 1.0), obs=x)
+
+    with pytest.raises(SetupError, match=r"model site 'y' is marked for enumeration.*"
+                                         r"objective='trace' does not do.*objective='enum'"):
+        fit(mixture, lambda x: None, x, objective="trace", epochs=1, progress=False,
+            device="cpu")
+    with pytest.raises(SetupError, match=r"not a Pyro TraceMeanField_ELBO object.*pass "
+                                         r"objective='meanfield', num_particles=4"):
+        fit(model, Guide(), x, objective=pyro.infer.TraceMeanField_ELBO(num_particles=4))
+    with pytest.raises(SetupError, match=r"pass objective='renyi', renyi_alpha=0.5, "
+                                         r"num_particles=5"):
+        fit(model, Guide(), x, objective=pyro.infer.RenyiELBO(alpha=0.5, num_particles=5))
+    with pytest.raises(SetupError, match=r"optimizer takes a name, not Adam.*"
+                                         r"optimizer='adam', lr=0.01"):
+        fit(model, Guide(), x, optimizer=pyro.optim.Adam({"lr": 0.01}))
+    with pytest.raises(SetupError, match=r"kl_sites names 'zz', which is not a latent site.*: z"):
+        fit(model, Guide(), x, kl_sites=["zz"], epochs=1, progress=False, device="cpu")
