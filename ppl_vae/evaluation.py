@@ -36,7 +36,14 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.util import prune_subsample_sites
 
 from .batching import Batch, Data, make_batches
-from .program import PARTICLE_PLATE, Pair, Program, SetupError, modules_of
+from .program import (
+    PARTICLE_PLATE,
+    Pair,
+    Program,
+    SetupError,
+    check_per_row_evaluation,
+    modules_of,
+)
 
 
 def as_pair(model: Callable, guide: Callable | None, plate: str | None = None) -> Pair:
@@ -120,8 +127,10 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
     guide_trace = poutine.trace(
         EnumMessenger(first_available_dim=-nesting - 2)(batch.call)).get_trace(
         in_particles(guide, num_particles, nesting))
-    model_trace = poutine.trace(EnumMessenger()(
-        poutine.replay(batch.call, trace=guide_trace))).get_trace(
+    # enumeration inside the replay, as in TraceEnum_ELBO: a replayed site (the guide's z)
+    # is marked done by the replay and would get no enumeration dims from an outer enum
+    model_trace = poutine.trace(poutine.replay(EnumMessenger()(batch.call),
+                                               trace=guide_trace)).get_trace(
         in_particles(model, num_particles, nesting))
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
@@ -141,13 +150,18 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
     glob_terms: list[torch.Tensor] = []
     enum_dims: set[str] = set()
     guide_enum: list[torch.Tensor] = []
+    # a site the guide enumerates is an ELBO term like any latent: masked in the model too
+    # (obs_mask's <name>_unobserved at observed rows); for the importance weight its q(y)
+    # leaves the weight and the model's factor stays whole, as for model-side enumeration
+    by_guide = {name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+                and site["infer"].get("_enumerate_dim") is not None} if kind == "elbo" else set()
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]):
                 continue
             p = site["packed"]
             is_enum = site["infer"].get("_enumerate_dim") is not None
-            term = _enumerated_term(p, is_enum and trace is model_trace)
+            term = _enumerated_term(p, is_enum and trace is model_trace and name not in by_guide)
             if is_enum:
                 enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
             if trace is guide_trace and is_enum:
@@ -182,9 +196,16 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
     for part in parts[1:]:
         value = value + part
     if keep:
-        log_q = sum(packed.unpack(t, symbol_to_dim) for t in guide_enum)
-        value, log_q = torch.broadcast_tensors(value, log_q)
-        value = log_q.exp() * (value - log_q)
+        log_q, log_weight = 0.0, 0.0
+        for t in guide_enum:
+            lq = packed.unpack(t, symbol_to_dim)
+            own = [symbol_to_dim[d] for d in t._pyro_dims if d in enum_dims]
+            log_q = log_q + lq
+            # normalized over its values: where the site is masked (log q = 0 for every
+            # value) the row's terms do not depend on it and count once, not once per value
+            log_weight = log_weight + lq - lq.logsumexp(own, keepdim=True)
+        value, log_q, log_weight = torch.broadcast_tensors(value, log_q, log_weight)
+        value = log_weight.exp() * (value - log_q)
         dims = [d for d in range(-value.dim(), -nesting - 1)]
         value = value.sum(dims, keepdim=True) if dims else value
     width = nesting + 1
@@ -198,16 +219,19 @@ def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particl
                               plate: str, nesting: int) -> dict[str, torch.Tensor]:
     """log p(x_i | z_i, globals) of each row with the model's enumerated discrete sites
     summed out, for the guide's draws in ``guide_trace``: ``{first observed site: (K, B)}``
-    (nats; all observed sites of the row together, under the first one's name)."""
-    model_trace = poutine.trace(EnumMessenger(first_available_dim=-nesting - 2)(
-        poutine.replay(batch.call, trace=guide_trace))).get_trace(
-        in_particles(pair.model, num_particles, nesting))
+    (nats; all observed sites of the row together, under the first one's name). Where a
+    row's latent z_i depends on an enumerated site y: log sum_y p(y, z_i, x_i) - log sum_y
+    p(y, z_i), i.e. log sum_y p(y | z_i) p(x_i | y, z_i)."""
+    model_trace = poutine.trace(poutine.replay(
+        EnumMessenger(first_available_dim=-nesting - 2)(batch.call),
+        trace=guide_trace)).get_trace(in_particles(pair.model, num_particles, nesting))
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     model_trace.pack_tensors()
     symbols = model_trace.plate_to_symbol
     data_symbol = symbols[plate]
-    tree: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()
+    joint: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()  # p(y, z, x)
+    latent: OrderedDict[frozenset, list[torch.Tensor]] = OrderedDict()  # p(y, z)
     enum_dims: set[str] = set()
     first = None
     for name, site in model_trace.nodes.items():
@@ -215,22 +239,27 @@ def enumerated_log_likelihood(pair: Pair, batch: Batch, guide_trace, num_particl
             continue
         is_enum = site["infer"].get("_enumerate_dim") is not None
         ordinal = frozenset(symbols[f.name] for f in site["cond_indep_stack"] if f.vectorized)
-        if not (site["is_observed"] or is_enum) or data_symbol not in ordinal:
+        if data_symbol not in ordinal:
             continue
         if site["is_observed"] and first is None:
             first = name
         term = _enumerated_term(site["packed"], is_enum)
         if is_enum:
             enum_dims.update(d for d in term._pyro_dims if d not in symbols.values())
-        tree.setdefault(ordinal, []).append(term)
+        joint.setdefault(ordinal, []).append(term)
+        if not site["is_observed"]:
+            latent.setdefault(ordinal, []).append(term)
     if first is None:
         return {}
     target = frozenset({data_symbol} | ({symbols[PARTICLE_PLATE]} if num_particles else set()))
     sizes = {data_symbol: len(batch)}
     if num_particles:
         sizes[symbols[PARTICLE_PLATE]] = num_particles
-    value = packed.unpack(_contract(tree, enum_dims, target, sizes)[0],
+    value = packed.unpack(_contract(joint, enum_dims, target, sizes)[0],
                           model_trace.symbol_to_dim)
+    if latent:  # log p(x | z) = log p(y, z, x) - log p(y, z), y summed out in both
+        value = value - packed.unpack(_contract(latent, enum_dims, target, sizes)[0],
+                                      model_trace.symbol_to_dim)
     lp = _keep_dims(value, nesting, model_trace.symbol_to_dim[data_symbol])
     return {first: lp.reshape(lp.shape[0], -1).expand(num_particles or 1, len(batch))}
 
@@ -318,6 +347,9 @@ def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
     when the program broadcasts over an extra leading dim, else one particle at a time
     (found out on the first call and remembered, with a warning)."""
     structure = pair.inspect(batch)
+    if getattr(pair, "_rows_checked", None) is not structure:  # once, not every iwae step
+        check_per_row_evaluation(pair, structure)
+        pair._rows_checked = structure
     common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind)
     if pair.vectorizable is not False:
         try:
@@ -403,6 +435,12 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
             if structure is None:
                 structure = pair.inspect(batch)
                 plate_name = pair.data_plate(batch)
+                if structure.point_masses and reduce == "logmeanexp":
+                    warnings.warn(
+                        f"the guide's per-row latent(s) {', '.join(structure.point_masses)} "
+                        "are point masses (Delta, e.g. AutoDelta): log_likelihood is then "
+                        "log p(x_i, z_i) at those points, not an estimate of log p(x_i); use "
+                        "a guide with a density (AutoNormal) for log p(x)", stacklevel=3)
             acc = None
             done = 0
             while done < num_samples:

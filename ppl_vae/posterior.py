@@ -52,6 +52,7 @@ from .evaluation import (
     module_device,
     within_particle_plate,
 )
+from .program import check_per_row_evaluation
 
 __all__ = ["to_arviz", "save_netcdf", "load_netcdf", "model_dims", "Draws", "draw",
            "samples_to_draws", "draws_to_arviz"]
@@ -284,6 +285,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
             if plate_name is None:
                 structure = pair.inspect(batch)
                 plate_name = pair.data_plate(batch)
+                check_per_row_evaluation(pair, structure, weights=False)
             args = (pair, batch, structure, plate_name, globs, prior)
             collect = dict(plate=plate_name, first=i == 0, predictive=predictive and not prior,
                            log_likelihood=log_likelihood and not prior)
@@ -300,9 +302,15 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                         f"does not broadcast over a leading particle dim ({NOT_BROADCASTING});"
                         f" drawing the {num_samples} draws one after another (slower)",
                         stacklevel=3)
-                except (ValueError, RuntimeError, IndexError):
+                except (ValueError, RuntimeError, IndexError) as e:
                     if pair.vectorizable:
                         raise
+                    warnings.warn(
+                        "the model or guide does not broadcast over an extra leading particle "
+                        f"dim ({type(e).__name__}: {str(e).splitlines()[0][:200]}); drawing "
+                        f"the {num_samples} draws one after another (slower). Write it "
+                        "batch-shape-agnostic (e.g. Vindex(locs)[..., a], "
+                        "x @ w.unsqueeze(-1)) for speed", stacklevel=3)
                 pair.vectorizable = False
                 globs.clear()
             one = [Draws() for _ in range(num_samples)]

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
@@ -116,11 +117,23 @@ class DataPlate(Messenger):
         stack = msg["cond_indep_stack"]
         for i, frame in enumerate(stack):
             # opened at the batch's rows (the program may subsample them further itself)
-            if frame.name == self.name and (frame.full_size or frame.size) == self.batch:
+            if frame.name == self.name and frame_rows(frame, msg) == self.batch:
                 msg["scale"] = msg["scale"] * (self.size / self.batch)
-                msg["cond_indep_stack"] = stack[:i] + (frame._replace(full_size=self.size),) \
-                    + stack[i + 1:]
+                frame = frame._replace(size=self.batch if frame.size == -1 else frame.size,
+                                       full_size=self.size)
+                msg["cond_indep_stack"] = stack[:i] + (frame,) + stack[i + 1:]
                 return
+
+
+def frame_rows(frame, site: dict) -> int:
+    """A plate frame's length at ``site``; a sizeless plate (``pyro.plate("data")``, as Pyro's
+    SS-VAE example writes it: size -1, broadcasting) takes the site's batch length at the
+    plate's dim (-1 when the site has none there)."""
+    size = frame.full_size or frame.size
+    if size == -1 and frame.dim is not None:
+        shape = tuple(getattr(site["fn"], "batch_shape", ()))
+        size = shape[frame.dim] if len(shape) >= -frame.dim else -1
+    return size
 
 
 class SharedPlates(Messenger):
@@ -254,7 +267,9 @@ class Structure:
     ``guide_enumerated``: the guide's sites marked for parallel enumeration;
     ``model_enumerated``: the model's, of latents the guide does not sample;
     ``unreparameterized``: guide latents without ``rsample`` (discrete ones, enumerated or
-    not); ``latents``: the model's latent sites.
+    not); ``latents``: the model's latent sites; ``own_subsample``: the subsample size of a
+    model that subsamples its data plate itself (None if it does not); ``point_masses``:
+    per-row guide latents drawn from a Delta (AutoDelta's MAP values).
     """
 
     plate: str | None
@@ -265,6 +280,8 @@ class Structure:
     model_enumerated: list[str] = field(default_factory=list)
     unreparameterized: list[str] = field(default_factory=list)
     latents: list[str] = field(default_factory=list)
+    own_subsample: int | None = None
+    point_masses: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -347,7 +364,7 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
     for site in observed:
         frames = _vectorized_frames(site)
         f = {fr.name: fr.dim for fr in frames if (fr.full_size or fr.size) == n and fr.size == b}
-        g = {fr.name: fr.dim for fr in frames if (fr.full_size or fr.size) == b}
+        g = {fr.name: fr.dim for fr in frames if frame_rows(fr, site) == b}
         full = f if full is None else {k: v for k, v in full.items() if k in f}
         local = g if local is None else {k: v for k, v in local.items() if k in g}
     for candidates in (full, local):
@@ -359,6 +376,17 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
                 f"({', '.join(sorted(candidates))}); say which runs over the rows of the data "
                 "with plate=NAME")
     return None, None
+
+
+def _plates_of_rows(model_sites: dict, b: int) -> dict[str, list[str]]:
+    """Plates of the batch's length b around some (not all) observed sites: {name: sites}."""
+    found: dict[str, list[str]] = {}
+    for name, site in model_sites.items():
+        if site["is_observed"]:
+            for fr in _vectorized_frames(site):
+                if frame_rows(fr, site) == b:
+                    found.setdefault(fr.name, []).append(name)
+    return found
 
 
 def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
@@ -409,8 +437,10 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     discrete = [k for k, s in guide_latents.items() if not s["fn"].has_rsample]
     latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
                if s["type"] == "sample" and not s["is_observed"]]
+    own = _own_subsample(prior_trace, plate)
+    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"])]
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
-                          latents)
+                          latents, own.subsample_size if own is not None else None, deltas)
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -473,6 +503,17 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
     plate = structure.plate
     if plate is None:
         observed = [repr(k) for k, s in model_sites.items() if s["is_observed"]]
+        inside = _plates_of_rows(model_sites, b)
+        if inside:  # some observations are in a plate over the rows, others outside it
+            name, sites = next(iter(inside.items()))
+            outside = [repr(k) for k, s in model_sites.items() if s["is_observed"]
+                       and k not in sites]
+            raise SetupError(
+                f"training on minibatches of {b} of {n} rows: plate {name!r} runs over the "
+                f"rows of {', '.join(map(repr, sites))}, but observed site(s) "
+                f"{', '.join(outside)} lie outside it; if they are observed once for the "
+                f"whole dataset (not per row), pass plate={name!r} (they are then not "
+                "scaled); if per row, put them inside that plate")
         raise SetupError(
             f"training on minibatches of {b} of {n} rows, but the observed site(s) "
             f"{', '.join(observed)} are not inside a plate over the rows, so the engine "
@@ -552,6 +593,48 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
                 f"(batch_size >= {n}), or use AutoNormal / AutoDelta for the per-row latents")
 
 
+def _is_delta(fn) -> bool:
+    while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist  # Independent, MaskedDistribution ...
+    return isinstance(fn, dist.Delta)
+
+
+def _own_subsample(prior_trace, plate: str | None):
+    """The ``_Subsample`` of a model that subsamples its data plate itself
+    (``pyro.plate("data", len(x), subsample_size=m)``, m < len(x)); None if it does not."""
+    return next((s["fn"] for s in prior_trace.nodes.values()
+                 if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
+                 and s["name"] == plate
+                 and (s["fn"].subsample_size or s["fn"].size) < s["fn"].size), None)
+
+
+def check_per_row_evaluation(pair: Pair, structure: Structure, weights: bool = True) -> None:
+    """Refuse what cannot be scored row by row (``elbo``, ``log_likelihood``, k-hat per row,
+    the iwae/renyi objectives; ``weights=False``: ``to_arviz``'s draws): a model that
+    subsamples its own data plate scores m random rows of each batch, and (``weights``) a
+    joint autoguide over per-row latents puts all of log q on one site outside the rows."""
+    if structure.own_subsample:
+        m = structure.own_subsample
+        raise SetupError(
+            f"the model subsamples plate {structure.plate!r} itself (subsample_size={m}), so "
+            f"it scores {m} random rows of each call, not every row; evaluate it without "
+            f"subsample_size (the engine's batch_size={m} makes the same minibatches in fit)")
+    if not weights:
+        return
+    for part in _autoguide_parts(pair.raw_guide):
+        if not isinstance(part, AutoContinuous) or part.prototype_trace is None:
+            continue
+        local = [name for name, s in part.prototype_trace.iter_stochastic_nodes()
+                 if any(f.name == structure.plate for f in s["cond_indep_stack"])]
+        if local:
+            raise SetupError(
+                f"{type(part).__name__} keeps one joint distribution over all latents, "
+                f"including the per-row latent(s) {', '.join(local)} of plate "
+                f"{structure.plate!r}: its log q does not split by rows, so per-row weights "
+                "(elbo, log_likelihood, k-hat, iwae) cannot be computed; use AutoNormal for "
+                "the per-row latents (to_arviz's draws are fine as they are)")
+
+
 def _check_own_subsampling(pair: Pair, prior_trace, n: int, b: int) -> None:
     """Refuse, on minibatches, a model that subsamples its data plate itself
     (``pyro.plate("data", len(x), subsample_size=m)``) under an autoguide with per-row
@@ -560,10 +643,7 @@ def _check_own_subsampling(pair: Pair, prior_trace, n: int, b: int) -> None:
     plate = pair.plate
     if b >= n or plate is None:
         return
-    own = next((s["fn"] for s in prior_trace.nodes.values()
-                if s["type"] == "sample" and isinstance(s["fn"], _Subsample)
-                and s["name"] == plate
-                and (s["fn"].subsample_size or s["fn"].size) < s["fn"].size), None)
+    own = _own_subsample(prior_trace, plate)
     per_row = per_row_autoguide_sites(pair)
     if own is not None and per_row:
         raise SetupError(
