@@ -7,6 +7,10 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts -- never pi
     epoch       last finished epoch (1-based)
     model, guide         state_dicts of the model/guide modules (empty if plain functions)
     params      {name: unconstrained tensor} of every Pyro param the pair uses
+    buffers     {name: tensor}: buffers (BatchNorm statistics) of networks outside the
+                model/guide modules (``pyro.module("decoder", net)``); older files lack it
+    num_examples  rows of the training data (restore sets per-row autoguides up for them;
+                older files lack it)
     optimizer, scheduler state_dicts
     rng         torch / cuda / numpy / python RNG states and the shuffling generator's
     history     list of per-epoch rows

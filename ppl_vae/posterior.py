@@ -25,6 +25,7 @@ after the plate they belong to (``data``, ``student``, ``item`` ...); event axes
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -88,20 +89,20 @@ def _axes(name: str, site: dict, shape: Sequence[int], event_dim: int, kind: str
           ) -> tuple[list[str], list[int]]:
     """Names of a site's axes and which of its batch axes to keep.
 
-    ``shape`` excludes the sample (draw) axis. Leading batch axes of size 1 that belong to
-    no plate are broadcasting padding and are dropped; plate axes are named after the plate.
-    Returns ``(names of kept axes, indices of dropped axes)``.
+    ``shape`` excludes the sample (draw) axis. Batch axes of size 1 that belong to no plate
+    are broadcasting padding and are dropped (leading ones, and the trailing one of a
+    per-row site in a plate at dim -2: theta of shape (students, 1)); plate axes are named
+    after the plate. Returns ``(names of kept axes, indices of dropped axes)``.
     """
     plates = {f.dim: f.name for f in site["cond_indep_stack"]
               if f.vectorized and f.dim is not None and f.name != PARTICLE_PLATE}
     n_batch = len(shape) - event_dim
-    names, drop, started = [], [], False
+    names, drop = [], []
     for j in range(n_batch):
         dim = j - n_batch
-        if not started and dim not in plates and shape[j] == 1:
+        if dim not in plates and shape[j] == 1:
             drop.append(j)
             continue
-        started = True
         names.append(plates.get(dim, f"{name}_batch{n_batch - j}"))
     if kind == "latent" and event_dim == 1:
         names.append("latent_dim")
@@ -184,6 +185,15 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
             full = tuple(torch.broadcast_shapes(tuple(fn.batch_shape) + tuple(fn.event_shape),
                                                 full))
         vec = value.expand(full) if value.shape != full else value
+        mask = site["mask"]
+        if not observed and name.endswith("_unobserved") and vec.is_floating_point() \
+                and name[:-len("_unobserved")] in model_trace.nodes \
+                and mask is not None and not isinstance(mask, bool):
+            # obs_mask's latent holds the guide's values at observed entries too: unused
+            # there (the site's own value is the data), so NaN, as in observed_data
+            hidden = ~torch.as_tensor(mask, device=vec.device).bool().expand(
+                full[:len(full) - event_dim])
+            vec = vec.masked_fill(hidden.reshape(hidden.shape + (1,) * event_dim), math.nan)
         if not vectorized:
             vec = vec.unsqueeze(0)
         elif vec.dim() == 0 or vec.shape[0] != num:

@@ -46,7 +46,8 @@ __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN, infinite, or implausibly large (over :data:`PLAUSIBLE` times the
-    first step's per-example size); training stopped before corrupting checkpoints."""
+    first step's per-example size), or a parameter NaN or infinite (a NaN gradient); training
+    stopped before corrupting checkpoints."""
 
 
 class FitFailed(RuntimeError):
@@ -193,6 +194,7 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         self.device = resolve_device(self.config.device)
         self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # of modules outside the pair's own
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.history = History([])
@@ -241,10 +243,16 @@ class Trainer:
         if unknown:
             raise SetupError(f"kl_sites names {unknown[0]!r}, which is not a latent site of the "
                              f"model (its latent sites: {', '.join(structure.latents) or 'none'})")
-        with eval_mode(self.model, self.guide), torch.no_grad(), \
-                poutine.trace(param_only=True) as capture:
-            guide_trace = poutine.trace(batch.call).get_trace(self.guide)
-            poutine.replay(batch.call, trace=guide_trace)(self.model)
+        called: list[torch.nn.Module] = []
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: called.append(module))
+        try:
+            with eval_mode(self.model, self.guide), torch.no_grad(), \
+                    poutine.trace(param_only=True) as capture:
+                guide_trace = poutine.trace(batch.call).get_trace(self.guide)
+                poutine.replay(batch.call, trace=guide_trace)(self.model)
+        finally:
+            hook.remove()
         params = {}
         for name, site in capture.trace.nodes.items():
             if site["type"] != "param":
@@ -273,6 +281,27 @@ class Trainer:
         if not params:
             raise SetupError("the model and guide have no parameters to train")
         self.params = dict(sorted(params.items()))
+        self.buffers = self._called_buffers(called)
+
+    def _called_buffers(self, called: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+        """Buffers (BatchNorm's running statistics ...) of the modules the pair called that
+        are not its own modules (``pyro.module("decoder", net)`` in a plain function: the
+        param store keeps their parameters only), named like their module's parameters
+        (``decoder$$$1.running_mean`` beside ``decoder$$$1.weight``)."""
+        names = {id(p): name for name, p in self.params.items()}
+        seen = {id(b) for m in self._modules() for b in m.buffers()}  # in the state dicts
+        buffers = {}
+        for module in called:
+            local, name = next(((local, names[id(p)]) for local, p in module.named_parameters()
+                                if id(p) in names), (None, None))
+            if name is None or not name.endswith(local):
+                continue
+            prefix = name[:len(name) - len(local)]
+            for path, b in module.named_buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    buffers[prefix + path] = b
+        return dict(sorted(buffers.items()))
 
     def _make_optimizer(self) -> None:
         c = self.config
@@ -316,6 +345,8 @@ class Trainer:
             "model": self._owner("model").state_dict() if self._owner("model") else {},
             "guide": self._owner("guide").state_dict() if self._owner("guide") else {},
             "params": {k: v.detach().cpu() for k, v in self._free_params().items()},
+            "buffers": {k: v.detach().cpu() for k, v in self.buffers.items()},
+            "num_examples": self._num_examples,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else {},
             "rng": rng_state(batches.generator),
@@ -341,6 +372,14 @@ class Trainer:
                     raise ValueError(f"parameter {name}: checkpoint shape {tuple(value.shape)} "
                                      f"!= model shape {tuple(p.shape)}")
                 p.copy_(value.to(p.device))
+            if "buffers" in state:  # checkpoints of earlier versions hold none
+                for name, b in self.buffers.items():
+                    value = state["buffers"].get(name)
+                    if value is None or value.shape != b.shape:
+                        raise ValueError(f"buffer {name}: the checkpoint holds "
+                                         f"{'none' if value is None else tuple(value.shape)}"
+                                         f", the model {tuple(b.shape)}")
+                    b.copy_(value.to(b.device))
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -440,8 +479,10 @@ class Trainer:
                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float | None:
         """Keep ``loss`` on the device; every ``sync_every`` steps (and at the epoch's last)
         read the pending losses once (``reduce``: e.g. the mean over DDP ranks), stop with
-        :class:`TrainingDiverged` naming the step if one is not finite, and return their
-        mean ELBO per example (None between reads)."""
+        :class:`TrainingDiverged` naming the step if one is not finite, or if a parameter
+        is not (a NaN gradient under a finite loss: checked at the same reads, so no
+        checkpoint is ever written from it), and return their mean ELBO per example (None
+        between reads)."""
         self._pending.append(loss)
         if len(self._pending) < self.config.sync_every and step != steps:
             return None
@@ -462,6 +503,13 @@ class Trainer:
                            f" (|ELBO| {float(per_example[first]):.3g} nats per example, "
                            f"over {PLAUSIBLE:.0e} times the {self._scale:.3g} of the first "
                            "step)")
+        bad = self._nonfinite_param()
+        if bad is not None:
+            first = step - len(self._pending) + 1
+            self._stop(f"parameter {bad[0]!r} became {bad[1]:.4g} "
+                       f"(a gradient was NaN or infinite while the loss was finite) at epoch "
+                       f"{self.epoch}, step {f'{first} to ' if first < step else ''}{step} "
+                       f"of {steps}. ")
         self._total += chunk.sum()
         self._done += len(self._pending)
         self._pending = []
@@ -511,7 +559,8 @@ class Trainer:
         """checkpoint.pt (and best.pt when ``best``) and metrics.csv into the run folder."""
         self._save(batches, best)
 
-    def fit(self, data: Data, val_data: Data | None = None, resume: str | Path | bool = False,
+    def fit(self, data: Data, val_data: Data | None = None,
+            resume: str | Path | bool | dict = False,
             num_data: int | None = None, progress: bool | None = None) -> History:
         c = self.config
         if c.clear_param_store:
@@ -561,7 +610,22 @@ class Trainer:
         progress = (self.epoch - 1 + step / steps) / c.kl_anneal_epochs
         return c.beta * min(1.0, progress)
 
+    def _nonfinite_param(self) -> tuple[str, float] | None:
+        """A parameter holding NaN or inf and such a value, if any (one read of the device)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params.values()])
+        if bool(finite.all()):
+            return None
+        name = list(self.params)[int((~finite).nonzero()[0])]
+        value = self.params[name].detach()
+        return name, float(value[~torch.isfinite(value)].reshape(-1)[0])
+
     def _diverged(self, step: int, steps: int, value: float, why: str = "") -> None:
+        self._stop(f"loss became {value:.4g}{why} at epoch {self.epoch}, step {step} of "
+                   f"{steps}. ")
+
+    def _stop(self, what: str) -> None:
+        """Raise :class:`TrainingDiverged`: ``what`` happened, where the last good checkpoint
+        is, and the remedies."""
         kept = self.out / "checkpoint.pt" if self.out else None
         if kept is None:
             where = "There is no checkpoint (no out= folder). "
@@ -570,8 +634,7 @@ class Trainer:
         else:
             where = f"No epoch had finished, so {self.out} holds no checkpoint. "
         raise TrainingDiverged(
-            f"loss became {value:.4g}{why} at epoch {self.epoch}, step {step} of {steps}. "
-            + where +
+            what + where +
             "Remedies: lower the learning rate, set clip_norm (e.g. 10), use "
             "optimizer='clipped_adam', or check the data for extreme values.")
 

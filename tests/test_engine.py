@@ -351,3 +351,133 @@ def test_a_plain_function_model_as_in_the_readme_trains():
     history = fit(model, guide, data, epochs=5, batch_size=64, lr=1e-2, progress=False)
     assert history["train_elbo"][-1] > history["train_elbo"][0] + 5
     assert log_likelihood(model, guide, data[:16], num_samples=50) > history["train_elbo"][-1] - 5
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path):
+    """One step per epoch, so the NaN gradient comes at an epoch's last step with a finite
+    loss: training stops naming the parameter, and checkpoint.pt and best.pt keep the last
+    finite epoch, the one the message names."""
+    x = torch.randn(40, generator=torch.Generator().manual_seed(0)) + 1.0
+
+    def model(x):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        if mu.detach() > 0.5:  # the value stays finite, its gradient is NaN
+            mu = torch.where(torch.tensor(True), mu, torch.sqrt(mu - 100.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    with pytest.raises(TrainingDiverged, match=r"parameter 'mu' became nan .* at epoch (\d+)"
+                       ) as stop:
+        fit(model, guide, x, epochs=50, batch_size=40, lr=0.05, device="cpu",
+            out=tmp_path, progress=False)
+    epoch = int(str(stop.value).split("at epoch ")[1].split(",")[0])
+    assert f"checkpoint.pt (epoch {epoch - 1})" in str(stop.value)
+    for name in ("checkpoint.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / name)
+        assert state["epoch"] == epoch - 1 and torch.isfinite(state["params"]["mu"])
+
+
+def test_buffers_of_networks_registered_with_pyro_module_are_saved_and_restored(tmp_path):
+    """A plain-function model and guide registering their networks with pyro.module: the
+    BatchNorm running statistics (buffers, which Pyro's param store does not hold) come
+    back with restore and with resume; a checkpoint without them still loads."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.bernoulli(torch.full((60, 6), 0.3), generator=g)
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    dec = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, 6))
+
+    def model(x):
+        pyro.module("decoder", dec)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", enc)
+        with pyro.plate("data", len(x)):
+            h = enc(x)
+            pyro.sample("z", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+
+    fit(model, guide, x, epochs=2, batch_size=20, device="cpu", out=tmp_path, progress=False)
+    trained = [m[1].running_mean.clone() for m in (enc, dec)]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "decoder$$$1.running_var" in state["buffers"]
+    for m in (enc, dec):
+        m[1].reset_running_stats()
+    ppl_vae.restore(model, guide, tmp_path / "checkpoint.pt", x[:10])
+    assert all(torch.equal(m[1].running_mean, t) for m, t in zip((enc, dec), trained))
+    for m in (enc, dec):
+        m[1].reset_running_stats()
+    fit(model, guide, x, epochs=2, batch_size=20, device="cpu", out=tmp_path, resume=True,
+        progress=False)
+    assert all(torch.equal(m[1].running_mean, t) for m, t in zip((enc, dec), trained))
+    del state["buffers"]  # written before buffers were saved: loads as before
+    ppl_vae.restore(model, guide, state, x[:10])
+
+
+@pytest.mark.parametrize("autoguide", ["AutoNormal", "AutoDelta"])
+def test_restore_from_a_slice_sets_up_per_row_autoguide_parameters_for_every_row(autoguide,
+                                                                                 tmp_path):
+    """restore's data may be any slice of the training data, also for an autoguide with one
+    parameter per row; a checkpoint that does not say its number of rows asks for them."""
+    from pyro.infer import autoguide as autoguides
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, generator=g)
+    y = 1.5 * x + 0.7 * torch.randn(60, generator=g)
+
+    def model(x, y):
+        s = pyro.sample("slope", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(x)):
+            u = pyro.sample("u", dist.Normal(0.0, 0.5))
+            pyro.sample("y", dist.Normal(s * x + u, 0.5), obs=y)
+
+    make = getattr(autoguides, autoguide)
+    guide = make(model)
+    fit(model, guide, (x, y), epochs=2, batch_size=20, device="cpu", out=tmp_path,
+        progress=False)
+    trained = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    again = make(model)
+    state = ppl_vae.restore(model, again, tmp_path / "checkpoint.pt", (x[:10], y[:10]))
+    assert {k: v.shape for k, v in again.state_dict().items()} == {
+        k: v.shape for k, v in trained.items()}
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in trained.items())
+    del state["num_examples"]  # written before checkpoints held it
+    with pytest.raises(ppl_vae.SetupError, match=r"one parameter per training row for "
+                       r"\['u'\].*pass restore all the training rows \(10 given\)"):
+        ppl_vae.restore(model, make(model), state, (x[:10], y[:10]))
+    ppl_vae.restore(model, make(model), state, (x, y))
+
+
+def test_resume_refuses_another_lr_or_seed_and_keeps_the_runs_own(tmp_path):
+    """fit(resume=True) continues with the run's optimizer and random states: another lr or
+    seed given is refused naming both values (as the CLI refuses them); left out, the run's
+    own are used (also when they are not fit's defaults)."""
+    x = torch.randn(40, generator=torch.Generator().manual_seed(0)) + 1.0
+
+    def model(x):
+        mu = pyro.param("mu", torch.tensor(0.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    def run(**options):
+        return fit(model, guide, x, batch_size=20, device="cpu", out=tmp_path, progress=False,
+                   **options)
+
+    run(epochs=1, lr=0.01, seed=4)
+    with pytest.raises(ppl_vae.SetupError, match=r"lr \(run: 0\.01, given: 0\.5\)"):
+        run(epochs=2, lr=0.5, resume=True)
+    with pytest.raises(ppl_vae.SetupError, match=r"seed \(run: 4, given: 0\)"):
+        run(epochs=2, seed=0, resume=True)
+    history = run(epochs=2, resume=True)
+    assert history["lr"] == [0.01, 0.01]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (state["config"]["lr"], state["config"]["seed"]) == (0.01, 4)
+    assert len(run(epochs=3, lr=0.01, seed=4, resume=True)) == 3

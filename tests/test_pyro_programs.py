@@ -1330,3 +1330,63 @@ def test_sizeless_plates_side_observations_and_rows_that_cannot_be_scored():
     fit(local, point, x[:20], epochs=2, batch_size=20, progress=False, device="cpu")
     with pytest.warns(UserWarning, match=r"per-row latent\(s\) z are point masses"):
         log_likelihood(local, point, x[:20], num_samples=5)
+
+
+def test_to_arviz_names_rows_of_a_dim_minus_2_plate_and_hides_unused_obs_mask_values():
+    """Students x items with theta in a plate at dim -2: theta came out as (draws, students,
+    theta_batch1) with labels theta[0, 0], and dims={"theta": ["student"]} was refused.
+    obs_mask's x_unobserved held the guide's untrained values at observed entries, which
+    az.summary reported as if they were posterior draws. A program that does not broadcast
+    over particles was drawn one draw at a time without the warning the other evaluators
+    give."""
+    import arviz as az
+
+    torch.manual_seed(0)
+    students, items = 12, 5
+    y = torch.randn(students, 1) + torch.randn(items) + torch.randn(students, items)
+
+    def exam(y):
+        with pyro.plate("items", y.shape[1]):
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("students", len(y), dim=-2):
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+            with pyro.plate("items", y.shape[1], dim=-1):
+                pyro.sample("y", dist.Normal(theta + b, 1.0), obs=y)
+
+    guide = AutoNormal(exam)
+    fit(exam, guide, y, epochs=3, batch_size=students, progress=False, device="cpu")
+    idata = ppl_vae.to_arviz(exam, guide, y, num_samples=20)
+    assert idata.posterior["theta"].dims == ("chain", "draw", "students")
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "students", "items")
+    assert "theta[0]" in az.summary(idata, kind="stats").index
+    named = ppl_vae.to_arviz(exam, guide, y, num_samples=20, dims={"theta": ["student"]})
+    assert named.posterior["theta"].dims == ("chain", "draw", "student")
+
+    x = torch.randn(30) + 4.0
+    seen = torch.rand(30) > 0.3
+
+    def missing(x, seen):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x, obs_mask=seen)
+
+    guide = AutoNormal(missing)
+    fit(missing, guide, (x, seen), epochs=5, batch_size=30, progress=False, device="cpu")
+    idata = ppl_vae.to_arviz(missing, guide, (x, seen), num_samples=20)
+    values = idata.posterior["x_unobserved"].values[0]  # (draws, rows)
+    assert np.isnan(values[:, seen.numpy()]).all()
+    assert np.isfinite(values[:, ~seen.numpy()]).all()
+
+    w_true = torch.tensor([1.0, -2.0])
+    inputs = torch.randn(40, 2)
+    target = inputs @ w_true + 0.5 * torch.randn(40)
+
+    def regression(inputs, target):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(inputs)):
+            pyro.sample("obs", dist.Normal(inputs @ w, 0.5), obs=target)
+
+    guide = AutoNormal(regression)
+    fit(regression, guide, (inputs, target), epochs=3, progress=False, device="cpu")
+    with pytest.warns(UserWarning, match="does not broadcast over an extra leading particle"):
+        ppl_vae.to_arviz(regression, guide, (inputs, target), num_samples=5)

@@ -141,3 +141,14 @@ def test_image_validation_names_the_problem():
         validate_images(torch.full((1, 2, 2), 0.5), binary=True)
     with pytest.raises(ValueError, match="floating point"):
         validate_images(torch.zeros(1, 2, 2, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_check_refuses_a_non_positive_khat_samples(value, capsys):
+    """--khat-samples -5 ended in a torch traceback and 0 fell back to 500 draws: both are
+    refused as flag errors (an ``error:`` line, exit status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["check", "some-run", "--khat-samples", value])
+    assert stop.value.code == 2
+    assert f"error: argument --khat-samples: must be >= 1, got {int(value)}" in (
+        capsys.readouterr().err)

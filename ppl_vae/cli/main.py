@@ -96,6 +96,17 @@ def _devices(text: str) -> int | str | list[int]:
             f"--devices {text!r}: give a number of devices, 'auto' or ids like 0,1") from None
 
 
+def _positive(text: str) -> int:
+    """A count that must be at least 1 (draws, samples, examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def fit_overrides(args: argparse.Namespace) -> dict:
     """The fit settings the user set with flags (the family's defaults fill the rest)."""
     return {setting: getattr(args, dest) for dest, setting in FIT_FLAGS.items()
@@ -120,18 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="print a run's test figures as 'name: value' lines")
     ev.add_argument("run", type=Path)
-    ev.add_argument("--iwae-samples", type=int, default=100,
+    ev.add_argument("--iwae-samples", type=_positive, default=100,
                     help="importance samples K for log p(x) (default 100: about a minute on a "
                     "CPU for a 10,000-example test set; --full uses 1000)")
     ev.add_argument("--full", dest="iwae_samples", action="store_const", const=1000,
                     help="the full estimate: K = 1000 (the bound tightens as K grows)")
-    ev.add_argument("--limit", type=int, default=None, help="first N test examples only")
+    ev.add_argument("--limit", type=_positive, default=None, help="first N test examples only")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
 
     sa = sub.add_parser("sample", help="draw from a trained generative model")
     sa.add_argument("run", type=Path)
-    sa.add_argument("--n", type=int, default=64)
+    sa.add_argument("--n", type=_positive, default=64)
     sa.add_argument("--label", type=int, default=None, help="class label (conditional models)")
     sa.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN/...)")
     sa.add_argument("--seed", type=int, default=0)
@@ -160,16 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("check", help="posterior checks with ArviZ (writes into RUN)")
     ch.add_argument("run", type=Path)
-    ch.add_argument("--samples", type=int, default=500,
+    ch.add_argument("--samples", type=_positive, default=500,
                     help="guide draws written to posterior.nc")
-    ch.add_argument("--khat-samples", type=int, default=1000,
+    ch.add_argument("--khat-samples", type=_positive, default=1000,
                     help="draws per data point for PSIS k-hat (Pyro's psis_diagnostic "
                          "default; fewer make k-hat noisy and biased upwards)")
     ch.add_argument("--sbc-simulations", type=int, default=1000,
                     help="simulation-based calibration of amortized guides (0: skip)")
     ch.add_argument("--nuts", action="store_true",
                     help="also run NUTS and compare it with the guide (small data only)")
-    ch.add_argument("--nuts-samples", type=int, default=500,
+    ch.add_argument("--nuts-samples", type=_positive, default=500,
                     help="NUTS draws (and warmup steps) per chain, 2 chains")
     ch.add_argument("--device", default="auto")
     ch.add_argument("--seed", type=int, default=0)
