@@ -438,7 +438,13 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
                if s["type"] == "sample" and not s["is_observed"]]
     own = _own_subsample(prior_trace, plate)
-    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"])]
+    # a Delta backed by an auxiliary draw (AutoNormal's <name>_unconstrained, an
+    # AutoContinuous's joint latent) is a density's value, not a point mass (AutoDelta)
+    auxiliary = [k for k, s in guide_trace.nodes.items() if s["type"] == "sample"
+                 and s["infer"].get("is_auxiliary")]
+    joint = any(k.startswith("_Auto") for k in auxiliary)
+    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"]) and not joint
+              and f"{k}_unconstrained" not in auxiliary]
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
                           latents, own.subsample_size if own is not None else None, deltas)
     if check:

@@ -1330,6 +1330,11 @@ def test_sizeless_plates_side_observations_and_rows_that_cannot_be_scored():
     fit(local, point, x[:20], epochs=2, batch_size=20, progress=False, device="cpu")
     with pytest.warns(UserWarning, match=r"per-row latent\(s\) z are point masses"):
         log_likelihood(local, point, x[:20], num_samples=5)
+    density = AutoNormal(local)  # its sites are Deltas too, of an auxiliary Normal draw
+    fit(local, density, x[:20], epochs=2, batch_size=20, progress=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log_likelihood(local, density, x[:20], num_samples=5)
 
 
 def test_to_arviz_names_rows_of_a_dim_minus_2_plate_and_hides_unused_obs_mask_values():
