@@ -55,7 +55,9 @@ class MeanFieldWithAmortized(nn.Module):
     The model may be written either way: ``model(x, size=None, subsample=None)`` (the
     library's families) gets ``size`` and ``subsample`` passed on, a plain ``model(x)`` does
     not. (Through the engine, Pyro's ``AutoGuideList`` of an AutoNormal on the blocked model
-    and the amortized guide does the same job.)
+    and the amortized guide does the same job; append the amortized guide as a function
+    that returns nothing, ``guides.append(lambda *a, **k: amortized(*a, **k) and None)``:
+    an AutoGuideList part must return a dict or None, and AmortizedNormal returns its draw.)
 
     ``full_rank=True`` puts one multivariate Normal (AutoMultivariateNormal) over all global
     values instead, keeping their posterior correlations (e.g. an item's discrimination and

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
@@ -230,8 +231,12 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
         inner = _distribution_mask(fn, full)
         if inner is not None:
             obs = obs.masked_fill(~inner, float("nan"))
-        draws.observed.setdefault(name, []).append(keep(obs)[0])
-        if predictive:
+        # pyro.factor (a Unit site): a log-density term with no data to show or predict;
+        # it stays in log_likelihood (az.loo then needs var_name= beside other sites)
+        factor = isinstance(fn, dist.Unit) or site["infer"].get("is_auxiliary", False)
+        if not factor:
+            draws.observed.setdefault(name, []).append(keep(obs)[0])
+        if predictive and not factor:
             with torch.no_grad():
                 draws.predictive.setdefault(name, []).append(keep(lead(fn.sample())))
         if log_likelihood and enumerated_lik is not None and name in enumerated_lik:

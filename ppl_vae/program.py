@@ -267,7 +267,8 @@ class Structure:
     ``guide_enumerated``: the guide's sites marked for parallel enumeration;
     ``model_enumerated``: the model's, of latents the guide does not sample;
     ``unreparameterized``: guide latents without ``rsample`` (discrete ones, enumerated or
-    not); ``latents``: the model's latent sites; ``own_subsample``: the subsample size of a
+    not); ``sequential``: sequential plates around observed sites; ``latents``: the model's
+    latent sites; ``own_subsample``: the subsample size of a
     model that subsamples its data plate itself (None if it does not); ``point_masses``:
     per-row guide latents drawn from a Delta (AutoDelta's MAP values).
     """
@@ -282,6 +283,7 @@ class Structure:
     latents: list[str] = field(default_factory=list)
     own_subsample: int | None = None
     point_masses: list[str] = field(default_factory=list)
+    sequential: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -336,8 +338,25 @@ class Pair:
             raise SetupError(
                 "could not tell which plate runs over the rows of the data: no plate of "
                 f"length {len(batch)} surrounds every observed site; wrap the observations "
-                "in `with pyro.plate(\"data\", len(x)):` or pass plate=NAME")
+                "in `with pyro.plate(\"data\", len(x)):` or pass plate=NAME"
+                + _sequential_note(self.structure.sequential))
         return plate
+
+
+def _sequential_note(names: list[str]) -> str:
+    """What to say when the rows sit in a sequential plate (``for i in pyro.plate(...)``)."""
+    if not names:
+        return ""
+    return (f"; plate {names[0]!r} is sequential (`for i in pyro.plate(...)`: a site per row), "
+            "and the engine needs the rows in one vectorized plate: `with pyro.plate("
+            f"{names[0]!r}, len(x)):` around one site for all rows")
+
+
+def _sequential_plates(model_trace) -> list[str]:
+    """Sequential plates (``for i in pyro.plate(...)``) around observed sites."""
+    return sorted({f.name for s in model_trace.nodes.values()
+                   if s["type"] == "sample" and s["is_observed"]
+                   for f in s["cond_indep_stack"] if not f.vectorized})
 
 
 def _vectorized_frames(site: dict) -> list:
@@ -411,8 +430,10 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
         dims = {f.name: f.dim for s in model_trace.nodes.values() if s["type"] == "sample"
                 for f in _vectorized_frames(s)}
         if pair.plate not in dims:
-            raise SetupError(f"plate={pair.plate!r} is not a plate of the model (its plates: "
-                             f"{sorted(dims) or 'none'})")
+            sequential = _sequential_plates(model_trace)
+            raise SetupError(f"plate={pair.plate!r} is not a vectorized plate of the model "
+                             f"(its vectorized plates: {sorted(dims) or 'none'})"
+                             + _sequential_note([k for k in sequential if k == pair.plate]))
         pair.plate_dim = dims[pair.plate]
     plate = pair.plate
     nesting = 0
@@ -446,7 +467,8 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     deltas = [k for k in local if _is_delta(guide_latents[k]["fn"]) and not joint
               and f"{k}_unconstrained" not in auxiliary]
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
-                          latents, own.subsample_size if own is not None else None, deltas)
+                          latents, own.subsample_size if own is not None else None, deltas,
+                          _sequential_plates(model_trace))
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -524,7 +546,8 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             f"training on minibatches of {b} of {n} rows, but the observed site(s) "
             f"{', '.join(observed)} are not inside a plate over the rows, so the engine "
             "cannot scale them to the dataset; wrap them in `with pyro.plate(\"data\", "
-            "len(x)):` (or train full-batch: batch_size >= number of rows)")
+            "len(x)):` (or train full-batch: batch_size >= number of rows)"
+            + _sequential_note(structure.sequential))
     guide = pair.raw_guide
     if structure.local_latents and not pair.model_subsamples:
         for part in _autoguide_parts(guide):

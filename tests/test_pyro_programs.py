@@ -1395,3 +1395,38 @@ def test_to_arviz_names_rows_of_a_dim_minus_2_plate_and_hides_unused_obs_mask_va
     fit(regression, guide, (inputs, target), epochs=3, progress=False, device="cpu")
     with pytest.warns(UserWarning, match="does not broadcast over an extra leading particle"):
         ppl_vae.to_arviz(regression, guide, (inputs, target), num_samples=5)
+
+
+def test_factors_have_no_observed_data_and_sequential_plates_are_named():
+    """pyro.factor beside an observation gave to_arviz empty (rows, 0) arrays in observed_data
+    and posterior_predictive; SVI Part II's sequential plate (`for i in pyro.plate(...)`) was
+    refused on minibatches as if it were no plate, and plate="data_loop" was called "not a
+    plate of the model"."""
+    torch.manual_seed(0)
+    x = 1.5 * torch.randn(24)
+
+    def penalized(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.factor("penalty", -0.5 * z ** 2)
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    guide = AutoNormal(penalized)
+    fit(penalized, guide, x, epochs=5, batch_size=24, progress=False, device="cpu")
+    idata = ppl_vae.to_arviz(penalized, guide, x, num_samples=20)
+    assert list(idata.observed_data.data_vars) == ["x"]
+    assert list(idata.posterior_predictive.data_vars) == ["x"]
+    z = idata.posterior["z"].values
+    assert np.allclose(idata.log_likelihood["penalty"].values, -0.5 * z ** 2, atol=1e-5)
+
+    flips = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+
+    def coin(data):
+        f = pyro.sample("f", dist.Beta(10.0, 10.0))
+        for i in pyro.plate("data_loop", len(data)):
+            pyro.sample(f"obs_{i}", dist.Bernoulli(f), obs=data[i])
+
+    for kwargs in ({"batch_size": 5}, {"plate": "data_loop"}):
+        with pytest.raises(SetupError, match=r"plate 'data_loop' is sequential.*"
+                                             r"`with pyro.plate\('data_loop', len\(x\)\):`"):
+            fit(coin, AutoNormal(coin), flips, epochs=1, progress=False, device="cpu", **kwargs)
