@@ -186,10 +186,27 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
     if is_in_memory(data):
         return TensorBatches(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
                              name=name, sparse_rows=sparse_rows)
+    _refuse_arrays(data, name)
     _refuse_non_tensor_entries(data, name)
     if isinstance(data, Iterable):
         return IterableBatches(data, device, num_data=num_data)
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
+
+
+def _refuse_arrays(data: Any, name: str) -> None:
+    """NumPy arrays (or pandas columns) where tensors belong would otherwise be taken for a
+    stream of minibatches ("streamed data needs num_data="); say to convert them."""
+    entries = (list(data.items()) if isinstance(data, Mapping) else
+               list(enumerate(data)) if isinstance(data, tuple) else [(None, data)])
+    for key, value in entries:
+        if not isinstance(value, torch.Tensor) and hasattr(value, "__array__") \
+                and hasattr(value, "shape"):
+            where = name if key is None else f"{name}[{key!r}]"
+            raise ValueError(
+                f"{where} is a {type(value).__module__.split('.')[0]} "
+                f"{type(value).__name__}, not a torch tensor; the engine takes tensors (one "
+                "row per example): pass torch.as_tensor(x, dtype=torch.float32) (integer "
+                "labels: dtype=torch.long)")
 
 
 def _refuse_non_tensor_entries(data: Any, name: str) -> None:

@@ -617,9 +617,10 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
         if local:
             raise SetupError(
                 f"{type(part).__name__} keeps one joint distribution over all latents, "
-                f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}; it "
-                f"cannot be trained on minibatches of {b} of {n} rows: train full-batch "
-                f"(batch_size >= {n}), or use AutoNormal / AutoDelta for the per-row latents")
+                f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}, so "
+                f"it cannot be trained or evaluated on minibatches of {b} of {n} rows (nor "
+                "give per-row figures: elbo, log_likelihood, k-hat); use AutoNormal / AutoDelta "
+                f"for the per-row latents, or train full-batch (batch_size >= {n})")
 
 
 def _is_delta(fn) -> bool:

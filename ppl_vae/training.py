@@ -571,6 +571,12 @@ class Trainer:
                                num_data=num_data, name="data", sparse_rows=c.sparse_batches)
         batches.generator.manual_seed(c.seed)
         self.setup(batches, resume)
+        if val_data is not None and per_row_autoguide_sites(self.pair):
+            raise SetupError(
+                f"the guide keeps one parameter per training row for "
+                f"{', '.join(per_row_autoguide_sites(self.pair))}, so validation rows have none "
+                "of their own and val_data cannot be scored: drop val_data, or use an amortized "
+                "guide for the per-row latents (ppl_vae.guides.amortized.AmortizedNormal)")
         steps = len(batches)
         bar = tqdm(total=max(0, c.epochs - self.epoch) * steps, unit="step",
                    dynamic_ncols=True, disable=None if progress is None else not progress)

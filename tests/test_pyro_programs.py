@@ -1430,3 +1430,34 @@ def test_factors_have_no_observed_data_and_sequential_plates_are_named():
         with pytest.raises(SetupError, match=r"plate 'data_loop' is sequential.*"
                                              r"`with pyro.plate\('data_loop', len\(x\)\):`"):
             fit(coin, AutoNormal(coin), flips, epochs=1, progress=False, device="cpu", **kwargs)
+
+
+def test_numpy_data_per_row_guides_with_val_data_and_joint_guides_on_minibatches_are_named():
+    """NumPy data was taken for a stream ("streamed data needs num_data="); val_data beside an
+    AutoNormal over per-row latents failed after the first epoch with a raw size mismatch
+    (50 vs 300) after a misleading "does not broadcast" warning; log_likelihood of a joint
+    autoguide at the default batch size said it "cannot be trained on minibatches"."""
+    torch.manual_seed(0)
+    x = torch.randn(300)
+
+    def per_row(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("obs", dist.Normal(z, 0.5), obs=x)
+
+    with pytest.raises(ValueError, match=r"data is a numpy ndarray, not a torch tensor.*"
+                                         r"torch.as_tensor"):
+        fit(per_row, AutoNormal(per_row), x.numpy(), epochs=1, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"data\[1\] is a numpy ndarray"):
+        fit(per_row, AutoNormal(per_row), (x, x.numpy()), epochs=1, progress=False,
+            device="cpu")
+    with pytest.raises(SetupError, match=r"one parameter per training row for z.*val_data "
+                                         r"cannot be scored.*AmortizedNormal"):
+        fit(per_row, AutoNormal(per_row), x, val_data=x[:50], epochs=1, progress=False,
+            device="cpu")
+    joint = AutoDiagonalNormal(per_row)
+    fit(per_row, joint, x, epochs=1, batch_size=300, progress=False, device="cpu")
+    with pytest.raises(SetupError, match=r"cannot be trained or evaluated on minibatches of "
+                                         r"100 of 300 rows"):
+        log_likelihood(per_row, joint, x, num_samples=5)
