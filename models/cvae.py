@@ -215,7 +215,8 @@ def class_samples(model: CVAE, path: Path, per_class: int = 8) -> Path:
     torch.manual_seed(0)
     images = torch.cat([model.generate(c, per_class) for c in range(model.num_classes)])
     return plots.image_grid(images.cpu(), path, nrow=per_class,
-                            title="rows: " + ", ".join(CLASSES[:model.num_classes]))
+                            title="generated items, one class per row",
+                            row_labels=CLASSES[:model.num_classes])
 
 
 def sample_classes(run: Run, n: int = 64, label: int | None = None,

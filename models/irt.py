@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -496,6 +497,28 @@ def marginal_items(run, y: torch.Tensor, mask: torch.Tensor):
     return est, laplace
 
 
+def _marginal_predictive(model: Any, y: torch.Tensor, mask: torch.Tensor, idata: Any
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """A marginal run's answers, observed (N, I; NaN where missing) and replicated (chains,
+    draws, N, I) from each posterior draw of the items in ``idata``
+    (:meth:`~ppl_vae.models.irt_marginal.MarginalIRT.replicate`: a new ability per student,
+    the one its likelihood integrates out); the model's likelihood is a ``pyro.factor``,
+    which has no draws of its own."""
+    post = idata.posterior
+    chains, draws = post.sizes["chain"], post.sizes["draw"]
+    latents = {site: torch.as_tensor(post[site].values, dtype=torch.float64,
+                                     device=model.nodes.device).reshape(chains * draws, -1)
+               for site in model.latent_sites}
+    params = model.item_parameters(latents)
+    rep = torch.stack([model.replicate({k: v[s] for k, v in params.items()}, len(y))
+                       for s in range(chains * draws)])
+    missing = ~mask.bool().cpu().numpy()
+    observed = np.where(missing, np.nan, y.double().cpu().numpy())
+    rep = np.where(missing, np.nan, rep.cpu().numpy())
+    return {"responses": (observed, rep.reshape(chains, draws, *observed.shape),
+                          ["student", "item"])}
+
+
 def _wide_item_rows(table, item_ids: list[str]) -> list[dict]:
     """irt_marginal.item_table's rows (item, parameter) -> one row per item: per parameter
     ``_mode``, ``_mean``, ``_sd``, ``_5%``, ``_95%``."""
@@ -941,24 +964,25 @@ class IRTFamily(Family):
         data = run_responses(run)
         tensors = data.tensors()
         items = list(run.spec.item_ids)
+        ppc = {"proportion correct per item": ("responses", lambda y: np.nanmean(y, 0), items),
+               "share of students per total score (answered items)":
+               ("responses", lambda y: np.bincount(np.nansum(y, 1).astype(int),
+                                                   minlength=len(items) + 1) / len(y),
+                list(range(len(items) + 1)))}
+        predictive = None
         if run.spec.method == "marginal":  # the item posterior: Laplace at the marginal MAP
             _, guide = marginal_items(run, *tensors)
             dims = {k: v for k, v in self.dims.items() if k in run.model.latent_sites}
-            coords, ppc = {"item": items}, None
+            coords = {"item": items, "student": list(data.student_ids)}
+            predictive = partial(_marginal_predictive, run.model, *tensors)
         else:
             guide = run.guide
             dims = {"responses": ["student", "item"]}
             coords = {"item": items, "student": list(data.student_ids)}
-            ppc = {"proportion correct per item": ("responses", lambda y: np.nanmean(y, 0),
-                                                   items),
-                   "share of students per total score (answered items)":
-                   ("responses", lambda y: np.bincount(np.nansum(y, 1).astype(int),
-                                                       minlength=len(items) + 1) / len(y),
-                    list(range(len(items) + 1)))}
         torch.manual_seed(seed)
         result = check_posterior(run.model, guide, tensors, run.path, dims=dims,
                                  coords=coords, num_samples=samples, khat_samples=khat_samples,
-                                 ppc=ppc, seed=seed,
+                                 ppc=ppc, predictive=predictive, seed=seed,
                                  batch_size=max(1, 200_000 // max(1, samples)))
         if run.spec.method == "amortized" and sbc_simulations > 0:
             calibration = sbc(run.model, run.guide, tensors, num_simulations=sbc_simulations,

@@ -460,6 +460,18 @@ class MarginalIRT(nn.Module):
 
     forward = model
 
+    @torch.no_grad()
+    def replicate(self, items: dict[str, torch.Tensor], num_students: int) -> torch.Tensor:
+        """Answers of ``num_students`` students drawn from the model given one set of item
+        parameters ((I,) / (I, Kmax-1), :meth:`item_parameters`): theta ~ N(0, 1) (the
+        ability this model integrates out), y_st ~ p(y | theta_s, item t). Returns (N, I)
+        float codes; uses torch's global random numbers. Posterior predictive replicates of
+        an exam for ``ppl-vae check``."""
+        a = items["discrimination"]
+        theta = torch.randn(num_students, dtype=a.dtype, device=a.device)
+        log_p = torch.where(self.valid, self.category_log_probs(theta, items), -math.inf)
+        return dist.Categorical(logits=log_p).sample().to(a.dtype)
+
     # ---- abilities given the items --------------------------------------------------------
     @torch.no_grad()
     def abilities(self, responses: torch.Tensor, mask: torch.Tensor | None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import math
 import warnings
 from pathlib import Path
@@ -81,7 +82,7 @@ class TopicSpec:
     ``decoder_bn`` keeps AVITM's encoder; neural LDA: not measured).
     Runs stored before this field existed reload with ``batchnorm``.
 
-    ``theta_dropout``: ProdLDA's dropout on theta before the decoder (AVITM's is
+    ``theta_dropout``: the decoder's dropout on theta (ProdLDA and neural LDA) (AVITM's is
     ``dropout``, shared with the encoder). None: 0 with the ``bounded`` encoder variance,
     where dropping topics at random rewarded spare copies of a topic and kept a rare-word
     topic alive (BBC_News K=20, seeds 0-4: the worst topic's NPMI rose in every seed, mean
@@ -263,6 +264,11 @@ def topic_corpus(spec: TopicSpec) -> TopicCorpus:
     (``bbc_news``, ``m10``, ``dblp``, ``20ng``) is the fetched OCTIS folder, downloaded on
     first use (:mod:`ppl_vae.data.fetch`)."""
     path = Path(spec.corpus)
+    if not path.exists() and spec.corpus not in CORPORA:
+        close = difflib.get_close_matches(spec.corpus, list(CORPORA), n=1)
+        raise SetupError(f"corpus (--corpus): {spec.corpus!r} is no such file or folder, and "
+                         f"not a corpus name ({', '.join(CORPORA)})"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
     if spec.corpus in CORPORA and not path.exists():
         try:
             path = fetch_corpus(spec.corpus)
@@ -403,7 +409,8 @@ class TopicFamily(Family):
             return build_lda(spec.vocab_size, spec.topics, hidden=spec.hidden,
                              dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
                              embedding_dim=embedding_dim,
-                             encoder_variance=spec.encoder_variance)
+                             encoder_variance=spec.encoder_variance,
+                             theta_dropout=spec.theta_dropout)
         return build_prodlda(spec.vocab_size, spec.topics, hidden=spec.hidden,
                              dropout=spec.dropout, alpha=spec.alpha, prior=spec.prior,
                              decoder_bn=spec.decoder_bn, beta_precision=spec.beta_precision,

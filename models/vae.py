@@ -151,9 +151,18 @@ def build_guide_for(kind: str, latent_dim: int, hidden: Sequence[int], architect
 # ---- the image data every image family trains on -----------------------------------------
 TRAIN_SIZE = 60_000  # images in Fashion-MNIST's training file
 BINARIZE = ("dynamic", "sample", "threshold", "none")
-BINARIZE_HELP = ("dynamic: a new binary draw each time a training batch is seen (validation "
-                 "and test: one fixed draw); sample: one fixed draw; threshold: pixel > 0.5; "
-                 "none: grey levels")
+BINARIZE_TEXT = {  # what each --binarize choice means, for the help of every image family
+    "dynamic": "a new binary draw each time a training batch is seen (validation and test: "
+               "one fixed draw)",
+    "sample": "one fixed draw", "threshold": "pixel > 0.5", "none": "grey levels"}
+
+
+def binarize_help(choices: tuple[str, ...]) -> str:
+    """``--binarize`` help describing exactly ``choices`` (a family's BINARIZE)."""
+    return "; ".join(f"{c}: {BINARIZE_TEXT[c]}" for c in choices)
+
+
+BINARIZE_HELP = binarize_help(BINARIZE)
 
 
 def need(ok: bool, message: str) -> None:

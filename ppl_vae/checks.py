@@ -37,6 +37,9 @@ from .posterior import save_netcdf, to_arviz
 
 # name -> (observed site, statistic(one data set) -> 1-D array, labels or None)
 PPCSpec = Mapping[str, tuple[str, Callable[[np.ndarray], np.ndarray], Sequence[Any] | None]]
+# idata -> {site: (observed (N, ...) with NaN where missing, replicated (chains, draws, N, ...),
+#                  names of the observed axes)}
+Predictive = Callable[[Any], Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]]]
 
 
 def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Path, *,
@@ -44,6 +47,7 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
                     coords: Mapping[str, Sequence[Any]] | None = None,
                     num_samples: int = 500, khat_samples: int | None = None,
                     inner_samples: int = 50, ppc: PPCSpec | None = None,
+                    predictive: Predictive | None = None,
                     var_names: Sequence[str] | None = None, plot_points: int = 5,
                     batch_size: int | None = None, plate: str | None = None,
                     device: str | torch.device | None = None, seed: int = 0) -> dict:
@@ -56,6 +60,10 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
             k-hat (default: the same); ``inner_samples``: local draws per global draw.
         ppc: named predictive statistics, e.g. ``{"proportion correct": ("responses",
             lambda y: np.nanmean(y, 0), item_ids)}``.
+        predictive: replicated data for a likelihood Pyro cannot draw from (a
+            ``pyro.factor``, e.g. abilities integrated out), from the posterior draws:
+            added to the InferenceData as ``observed_data`` and ``posterior_predictive``
+            before anything is written, so ``ppc`` can name its sites.
         var_names: latents to summarize and plot (default: all).
         plot_points: how many data points' local latents the forest/density plots show.
     """
@@ -65,6 +73,8 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     idata = to_arviz(model, guide, data, num_samples, dims=dims, coords=coords,
                      batch_size=batch_size, plate=plate, device=device, seed=seed)
+    if predictive is not None:
+        _add_predictive(idata, predictive(idata), coords or {})
     save_netcdf(idata, out / "posterior.nc")
     names = list(var_names) if var_names else list(idata.posterior.data_vars)
     az.summary(idata, var_names=names, kind="stats").to_csv(out / "summary.csv")
@@ -93,8 +103,7 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
         plot_ppc_table(tables, out / "ppc.png")
         _write_ppc_csv(tables, out / "ppc.csv")
         files += ["ppc.png", "ppc.csv"]
-    else:
-        _default_ppc(idata, out / "ppc.png")
+    elif _default_ppc(idata, out / "ppc.png"):
         files.append("ppc.png")
     result = k.as_dict()
     result["draws"] = num_samples
@@ -133,8 +142,33 @@ def _applicable(idata: Any, coords: dict) -> dict:
     return {k: v for k, v in coords.items() if k in idata.posterior.dims}
 
 
-def _default_ppc(idata: Any, path: Path) -> None:
+def _add_predictive(idata: Any, sites: Mapping[str, tuple[np.ndarray, np.ndarray,
+                                                          Sequence[str]]],
+                    coords: Mapping[str, Sequence[Any]]) -> None:
+    """Put ``predictive``'s observed and replicated data into ``idata`` (ArviZ groups)."""
     import arviz as az
 
-    _save(az.plot_ppc(idata, num_pp_samples=min(50, idata.posterior.sizes["draw"]),
-                      random_seed=0), path)
+    dims = {site: list(axes) for site, (_, _, axes) in sites.items()}
+    idata.extend(az.from_dict(
+        posterior_predictive={site: rep for site, (_, rep, _) in sites.items()},
+        observed_data={site: obs for site, (obs, _, _) in sites.items()},
+        dims=dims, coords={d: list(v) for d, v in coords.items()
+                           if any(d in axes for axes in dims.values())}))
+
+
+def _default_ppc(idata: Any, path: Path) -> bool:
+    """ArviZ's ``plot_ppc`` of every observed site with finite draws; False (no picture)
+    when there is none (a likelihood written as ``pyro.factor`` has no draws)."""
+    import arviz as az
+
+    if "posterior_predictive" not in idata.groups():
+        return False
+    names = [name for name, values in idata.posterior_predictive.data_vars.items()
+             if values.size and np.isfinite(values.values).any()
+             and np.ptp(values.values[np.isfinite(values.values)]) > 0]
+    if not names:
+        return False
+    _save(az.plot_ppc(idata, var_names=names,
+                      num_pp_samples=min(50, idata.posterior.sizes["draw"]), random_seed=0),
+          path)
+    return True

@@ -7,6 +7,7 @@ figures after saving.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,17 +32,29 @@ def loss_curve(rows: Sequence[dict], path: str | Path, title: str = "ELBO per ex
 
 
 def image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
-               title: str | None = None) -> Path:
-    """A grid of grey images (N, H, W) with values in [0, 1]."""
+               title: str | None = None, row_labels: Sequence[str] | None = None) -> Path:
+    """A grid of grey images (N, H, W) with values in [0, 1]; ``row_labels`` name the rows
+    on the left. The title is wrapped to the figure's width."""
+    padding = 2
     grid = make_grid(images.detach().float().cpu().clamp(0, 1).unsqueeze(1), nrow=nrow,
-                     padding=2, pad_value=1.0)
+                     padding=padding, pad_value=1.0)
     ncol = min(nrow, len(images))
     rows = -(-len(images) // nrow)
-    fig, ax = plt.subplots(figsize=(max(2.0, 0.6 * ncol), max(2.0, 0.6 * rows + 0.4)))
+    width = max(2.0, 0.6 * ncol)
+    fig, ax = plt.subplots(figsize=(width, max(2.0, 0.6 * rows + 0.4)))
     ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
-    if title:
-        ax.set_title(title)
+    ax.set_xticks([])
+    if row_labels is not None:
+        cell = images.shape[-2] + padding
+        ax.set_yticks([padding + cell * r + images.shape[-2] / 2 for r in range(rows)],
+                      list(row_labels)[:rows], fontsize=8)
+        ax.tick_params(left=False)
+    else:
+        ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:  # about 9 characters of 10-point text per inch
+        ax.set_title(textwrap.fill(title, max(16, int(9 * width))), fontsize=10)
     return save_figure(fig, path)
 
 

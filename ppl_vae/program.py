@@ -421,7 +421,12 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
         if check:
             _check_joint_autoguide(pair, n, b)
             _check_own_subsampling(pair, prior_trace, n, b)
-        model_trace, guide_trace = _traces(pair, batch)
+        try:
+            model_trace, guide_trace = _traces(pair, batch)
+        except (RuntimeError, ValueError, IndexError) as e:
+            if check:  # the model failed on the guide's values: say which site and why
+                _explain_failed_replay(pair, batch, prior_trace, e)
+            raise
     except TypeError as e:
         raise SetupError(f"calling the model or guide with the data failed: {e}. The engine "
                          "calls model(*data) for a tensor or tuple and model(**data) for a "
@@ -514,6 +519,8 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 f"site {name!r}: the guide samples it in {show(g)} but the model in {show(m)}; "
                 "open the same plates, with the same names and sizes, in both")
         _check_shapes(name, model_sites[name], site, structure.nesting)
+        if site["infer"].get("_enumerate_dim") is None:
+            _check_guide_support(name, model_sites[name], site)
     masked = [k for k in model_latents
               if model_sites[k]["mask"] is not None and model_sites[k]["mask"] is not True]
     for part in _autoguide_parts(pair.raw_guide):
@@ -577,6 +584,46 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 "argument, guide(x, subsample=None), and open its plate as "
                 f"pyro.plate({plate!r}, {n}, subsample=subsample) (or train full-batch: "
                 f"batch_size >= {n})")
+
+
+def _explain_failed_replay(pair: Pair, batch, prior_trace, error: Exception) -> None:
+    """A model that ran on its own but failed on the guide's values: raise a SetupError
+    naming the guide site whose value has another shape than the model's own draw, or lies
+    outside the model site's support (nothing found: the caller re-raises ``error``)."""
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(batch.call).get_trace(pair.guide)
+    for name, site in guide_trace.nodes.items():
+        alone = prior_trace.nodes.get(name)
+        if site["type"] != "sample" or site["is_observed"] or alone is None \
+                or alone["is_observed"] or not torch.is_tensor(site["value"]):
+            continue
+        if tuple(site["value"].shape) != tuple(alone["value"].shape):
+            raise SetupError(
+                f"site {name!r}: the guide draws values of shape {tuple(site['value'].shape)}"
+                f" but the model's own draws have shape {tuple(alone['value'].shape)}, and the "
+                f"model failed on the guide's ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:150]}); give the guide the model's latent size "
+                "and its rows the dim of the model's plate (an amortized guide's plate_dim=)"
+            ) from error
+        _check_guide_support(name, alone, site, error)
+
+
+def _check_guide_support(name: str, model_site: dict, guide_site: dict,
+                         error: Exception | None = None) -> None:
+    """Refuse a guide whose draw at a latent site lies outside the model site's support
+    (a Normal guide on a Gamma or Dirichlet latent): the model's log-density is then NaN
+    or an error, whatever the learning rate."""
+    try:
+        support = model_site["fn"].support
+        inside = bool(support.check(guide_site["value"]).all())
+    except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+        return
+    if not inside:
+        raise SetupError(
+            f"site {name!r}: the guide draws values outside the model's support ({support}) "
+            f"of {type(model_site['fn']).__name__}; give the guide a distribution on that "
+            "support (AutoNormal transforms to it; a hand-written guide: LogNormal/Gamma for "
+            "positive values, Dirichlet for a simplex)") from error
 
 
 def _check_shapes(name: str, model_site: dict, guide_site: dict, nesting: int) -> None:

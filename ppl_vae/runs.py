@@ -137,13 +137,40 @@ RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.csv", "failed.j
 def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` (pid and host) while a training writes the folder: a second writer
     is refused; a lock left by a dead process is taken over. Leftover temp files of saves
-    that were killed midway (``.<name>.*.tmp``) are removed once the lock is held."""
+    that were killed midway (``.<name>.*.tmp``) are removed once the lock is held. Folders
+    this call created are removed again if they are still empty when it ends (a start
+    refused before it wrote anything leaves no trace)."""
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out} is a file, not a run folder")
+    created = _missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SetupError(f"--out {out}: cannot create the run folder ({e.strerror})") from e
+    try:
+        with _locked(out):
+            yield
+    finally:
+        for folder in created:  # innermost first; a folder with anything in it stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for folder in (out, *out.absolute().parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """``out/.lock`` held for the ``with`` block (:func:`run_lock`)."""
     lock = out / ".lock"
     me = f"{os.getpid()} {socket.gethostname()}"
     for _ in range(2):
@@ -209,8 +236,9 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
         model: ``vae``, ``irt-2pl``, ``prodlda`` ... (:func:`ppl_vae.family.model_names`).
         out: run folder (config.json, checkpoints, metrics.csv, the family's report).
         spec: the family's spec, or a dict of its fields (the rest take their defaults).
-        resume: continue the run in ``out`` (its spec must be the same; ``spec=None``: the
-            run's stored spec, and its own copy of the data where the family keeps one).
+        resume: continue the run in ``out`` (its spec must be the same: fields missing
+            from a dict ``spec``, or all with ``spec=None``, take the run's stored values;
+            the family's own copy of the data is read where it keeps one).
         **fit_options: override the family's fit settings (:class:`ppl_vae.FitConfig`
             fields and ``devices``/``num_nodes``/``strategy``).
 
@@ -240,8 +268,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
         raise SetupError(f"unknown fit settings {sorted(unknown)}")
     FitConfig(**{k: v for k, v in fit_options.items()  # the caller's own settings: checked
                  if k in FitConfig.__dataclass_fields__})  # before any data is read
-    if spec is None and resume and out is not None:  # continue the run's own spec
-        spec = family.spec_from_json(read_config(out)["spec"])
+    if resume and out is not None and (spec is None or isinstance(spec, dict)):
+        spec = _resumed_spec(read_config(out), model, family, spec or {})
     if spec is None or isinstance(spec, dict):
         spec = family.make_spec(model, **(spec or {}))
     settings = family.with_overrides(spec, fit_options)
@@ -259,7 +287,12 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
         if saved.get("spec") != config["spec"] or saved.get("model") != config["model"]:
             changed = {k: (saved.get("spec", {}).get(k), v) for k, v in config["spec"].items()
                        if saved.get("spec", {}).get(k) != v}
-            raise SetupError(f"--resume with a different model spec: {changed}")
+            raise SetupError(
+                f"--resume with a different model spec than the run in {out}: "
+                + ", ".join(f"{k} (run: {old!r}, given: {new!r})"
+                            for k, (old, new) in sorted(changed.items()))
+                + "; drop those settings to continue with the run's own, or train anew "
+                "(--overwrite or another --out)")
     data = family.run_data(run, "train")
     val = family.run_data(run, "val")
     pyro.set_rng_seed(settings["seed"])  # before build: the seed fixes the initial weights
@@ -296,6 +329,20 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     if out is not None:
         family.report(run)
     return run
+
+
+def _resumed_spec(saved: dict, model: str, family: Family, given: dict) -> Any:
+    """The spec a resumed run continues with: the run's stored spec, with the fields the
+    caller gave (``spec`` as a dict; the CLI passes only the flags on the command line) in
+    place of the stored ones (a real difference is refused afterwards, naming both)."""
+    if saved.get("model") != model:
+        raise SetupError(f"--resume: the run holds a {saved.get('model')!r} model, not "
+                         f"{model!r}")
+    fields = {f.name for f in dataclasses.fields(family.Spec)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise SetupError(f"{model}: unknown settings {unknown}; known: {sorted(fields)}")
+    return family.spec_from_json({**saved["spec"], **given, "model": model})
 
 
 # what a resumed run may change; everything else continues as the run was set up

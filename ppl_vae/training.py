@@ -161,8 +161,15 @@ class History:
     # form) kept in memory
     best_state: dict | None = field(default=None, repr=False)
 
-    def __getitem__(self, key: str) -> list:
+    def __getitem__(self, key: str | int) -> list | dict:
+        """A column by name (``history["val_elbo"]``: one value per epoch) or a row by
+        position (``history[-1]``: the last epoch's dict)."""
+        if isinstance(key, int):
+            return self.rows[key]
         return [row.get(key) for row in self.rows]
+
+    def __iter__(self):
+        return iter(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)

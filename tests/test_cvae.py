@@ -110,3 +110,31 @@ def test_cli_evaluate_after_dynamic_binarization(fashion_dir, tmp_path, capsys):
     main(["evaluate", str(run), "--iwae-samples", "5", "--limit", "40", "--device", "cpu"])
     lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
     assert float(lines["elbo"]) < 0 and lines["test_images"] == "40"
+
+
+def test_samples_per_class_title_and_labels_fit_in_the_figure(tmp_path, monkeypatch):
+    """samples_per_class.png's title (every class name) was cut off on both sides; the
+    classes now label the rows and every text lies inside the figure."""
+    import matplotlib.pyplot as plt
+
+    from ppl_vae import plots
+    from ppl_vae.models.cvae import class_samples
+
+    outside = []
+
+    def check(fig, path):
+        fig.tight_layout()
+        fig.canvas.draw()
+        box = fig.bbox
+        for ax in fig.axes:
+            for text in [ax.title, *(ax.get_yticklabels() if ax.axison else [])]:
+                extent = text.get_window_extent()
+                if extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1:
+                    outside.append(text.get_text())
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", check)
+    model, _ = build_cvae(latent_dim=2, hidden=(8,))
+    class_samples(model, tmp_path / "samples_per_class.png", per_class=4)
+    assert not outside, outside

@@ -1461,3 +1461,46 @@ def test_numpy_data_per_row_guides_with_val_data_and_joint_guides_on_minibatches
     with pytest.raises(SetupError, match=r"cannot be trained or evaluated on minibatches of "
                                          r"100 of 300 rows"):
         log_likelihood(per_row, joint, x, num_samples=5)
+
+
+def test_a_guide_of_the_wrong_shape_or_support_is_named_before_training():
+    """A guide whose value at a site has another shape than the model's (a latent size of 3
+    for a 2-dim site, plate_dim=-2 forgotten) failed inside the model with a raw
+    "mat1 and mat2 shapes cannot be multiplied"; a Normal guide on a Gamma latent stopped
+    training with "loss became nan ... lower the learning rate". Iterating over a History
+    never ended."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    weights = torch.randn(3, 2)
+
+    def linear(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weights.T, 1.0).to_event(1), obs=x)
+
+    def too_wide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(len(x), 3), 1.0).to_event(1))
+
+    with pytest.raises(SetupError, match=r"site 'z': the guide draws values of shape \(40, 3\) "
+                                         r"but the model's own draws have shape \(40, 2\)"):
+        fit(linear, too_wide, x, epochs=1, progress=False, device="cpu")
+
+    rates = torch.rand(30) * 5
+
+    def gamma(rates):
+        with pyro.plate("data", len(rates)):
+            r = pyro.sample("r", dist.Gamma(2.0, 1.0))
+            pyro.sample("n", dist.Poisson(r), obs=rates.round())
+
+    def normal_guide(rates):
+        with pyro.plate("data", len(rates)):
+            pyro.sample("r", dist.Normal(torch.zeros(len(rates)), 1.0))
+
+    with pytest.raises(SetupError, match=r"site 'r': the guide draws values outside the "
+                                         r"model's support.*of Gamma"):
+        fit(gamma, normal_guide, rates, epochs=1, progress=False, device="cpu")
+
+    history = fit(gamma, AutoNormal(gamma), rates, epochs=2, progress=False, device="cpu")
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[-1]["epoch"] == 2 and len(history["train_elbo"]) == 2

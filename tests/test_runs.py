@@ -252,3 +252,32 @@ def test_a_loss_that_runs_away_within_the_first_read_is_caught():
     with pytest.raises(TrainingDiverged, match="times the"):
         fit(model, guide, x, epochs=3, batch_size=50, lr=1e6, optimizer="adam",
             progress=False, device="cpu")
+
+
+def test_a_refused_start_leaves_no_empty_run_folder(tmp_path):
+    """A start refused before it wrote anything (an impossible setting, --resume of nothing)
+    used to leave its empty --out folder behind; folders it created are removed again, a
+    folder that was there before is kept."""
+    out = tmp_path / "new" / "run"
+    with pytest.raises(SetupError, match="holds no checkpoint.pt"):
+        train("test-gauss", out, resume=True, progress=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="batch_size"):
+        train("test-gauss", out, batch_size=0, progress=False)
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)  # the user's own (empty) folder stays
+    with pytest.raises(ValueError, match="batch_size"):
+        train("test-gauss", out, batch_size=0, progress=False)
+    assert out.is_dir() and not list(out.iterdir())
+
+
+def test_resume_with_a_partial_spec_takes_the_rest_from_the_run(tmp_path):
+    """A dict spec on resume gives only the fields it names (the CLI passes the flags on
+    the command line); the others are the run's, not the defaults. A real difference is
+    refused naming the run's and the given value."""
+    out = tmp_path / "run"
+    train("test-gauss", out, {"rows": 80}, epochs=1, progress=False)
+    run = train("test-gauss", out, {"true_mu": 2.0}, resume=True, epochs=2, progress=False)
+    assert run.spec.rows == 80 and len(run.history) == 2
+    with pytest.raises(SetupError, match=r"rows \(run: 80, given: 99\)"):
+        train("test-gauss", out, {"rows": 99}, resume=True, epochs=3, progress=False)

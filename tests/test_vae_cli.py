@@ -152,3 +152,63 @@ def test_check_refuses_a_non_positive_khat_samples(value, capsys):
     assert stop.value.code == 2
     assert f"error: argument --khat-samples: must be >= 1, got {int(value)}" in (
         capsys.readouterr().err)
+
+
+def test_resume_takes_spec_flags_not_given_from_the_run(fashion_dir, tmp_path):
+    """`train vae --resume --epochs N --out RUN` without the first start's --limit, --data ...
+    used to be refused ('different model spec: limit (100, None)'): argparse's defaults
+    counted as changes. Only flags on the command line do, and the error names both."""
+    run = tmp_path / "run"
+    main(["train", "vae", "--hidden", "8", "--latent-dim", "3", "--epochs", "1", "--limit",
+          "100", "--data", str(fashion_dir), "--out", str(run), "--no-progress"])
+    spec = json.loads((run / "config.json").read_text())["spec"]
+    main(["train", "vae", "--resume", "--epochs", "2", "--out", str(run), "--no-progress"])
+    assert json.loads((run / "config.json").read_text())["spec"] == spec
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2
+    with pytest.raises(ValueError, match=r"limit \(run: 100, given: 150\)"):
+        main(["train", "vae", "--resume", "--epochs", "3", "--limit", "150", "--out", str(run),
+              "--no-progress"])
+
+
+@pytest.mark.parametrize("flags", [["--latent-dim", "0"], ["--batch-size", "0"],
+                                   ["--data", "MISSING"], ["--resume"]])
+def test_a_failed_start_removes_the_run_folder_it_created(fashion_dir, tmp_path, flags):
+    """A start that fails before writing anything leaves no empty --out folder behind."""
+    flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]
+    data = [] if "--data" in flags else ["--data", str(fashion_dir)]
+    with pytest.raises((ValueError, OSError)):  # `ppl-vae`: one error line, status 2
+        main(["train", "vae", "--limit", "100", "--epochs", "1", "--no-progress", *data,
+              *flags, "--out", str(tmp_path / "runs" / "y2")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_texts_describe_the_choices_each_family_takes(capsys):
+    """--binarize help described choices a family refuses (cvae: 'none', ssvae: 'dynamic',
+    'none'); prodlda's --corpus help left out the corpus names; --khat-samples its default."""
+    import argparse
+    import re
+
+    from ppl_vae.cli.main import build_parser
+
+    def option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
+        return next(a for a in parser._actions if flag in a.option_strings)
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    models = next(a for a in sub.choices["train"]._actions
+                  if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("vae", "cvae", "ssvae"):
+        action = option(models[name], "--binarize")
+        described = set(re.findall(r"(?:^|; )(\w+): ", action.help))
+        assert described == set(action.choices), (name, action.help)
+    for name in ("prodlda", "lda"):
+        text = option(models[name], "--corpus").help
+        assert all(corpus in text for corpus in ("bbc_news", "m10", "dblp", "20ng")), text
+    assert "default 1000" in option(sub.choices["check"], "--khat-samples").help
+
+
+def test_a_misspelt_corpus_name_lists_the_names(tmp_path):
+    with pytest.raises(ValueError, match=r"not a corpus name \(bbc_news, m10, dblp, 20ng\); "
+                                         r"did you mean 'bbc_news'"):
+        main(["train", "prodlda", "--corpus", "bbc_nws", "--out", str(tmp_path / "run"),
+              "--no-progress"])
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import argparse
 from ppl_vae.data.images import add_data_arguments
 from ppl_vae.guides import GUIDES
 from ppl_vae.models.cvae import BINARIZE, PRIORS, CVAESpec
-from ppl_vae.models.vae import BINARIZE_HELP
+from ppl_vae.models.vae import binarize_help
 
 HELP = {"cvae": "conditional VAE q(z|x,y), p(x|z,y) on labelled Fashion-MNIST"}
 FIELDS = ("latent_dim", "hidden", "prior", "guide", "flows", "binarize", "data", "download",
@@ -29,7 +29,7 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--guide", choices=GUIDES, help="q(z | x, y): diagonal Normal (default), "
                    "full covariance, or IAF")
     g.add_argument("--flows", type=int, help=f"IAF steps (default {CVAESpec.flows})")
-    add_data_arguments(g, BINARIZE, BINARIZE_HELP + f" (default {CVAESpec.binarize})")
+    add_data_arguments(g, BINARIZE, binarize_help(BINARIZE) + f" (default {CVAESpec.binarize})")
 
 
 def cli_spec(args: argparse.Namespace) -> dict:

@@ -15,6 +15,8 @@ import argparse
 from ppl_vae.models.irt import HELP, METHODS
 
 NAMES = tuple(HELP)
+# flag dest -> spec field where the names differ (what --resume counts as given)
+SPEC_FLAGS = {"guide": "method", "quadrature_nodes": "num_nodes"}
 
 
 def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:

@@ -7,10 +7,13 @@ CLI module of its family, which provides
     HELP                          model name -> one line of help
     add_train_arguments(p, name)  its own flags on ``train`` (common flags are added here)
     cli_spec(args)                -> dict of the family's spec fields
+    SPEC_FLAGS (optional)         flag dest -> spec field, where the names differ
 
 ``train`` then calls ``ppl_vae.train(model, out, spec, **flags given)`` (unset flags take
-the family's fit defaults); every other command loads the run (``ppl_vae.load_run``) and
-calls the family's method of the command's name with the command's flags.
+the family's fit defaults; with ``--resume`` the spec holds only the flags on the command
+line, the run's stored spec gives the rest); every other command loads the run
+(``ppl_vae.load_run``) and calls the family's method of the command's name with the
+command's flags.
 """
 
 from __future__ import annotations
@@ -113,6 +116,30 @@ def fit_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, dest, None) is not None}
 
 
+def given_flags(argv: list[str]) -> set[str]:
+    """The dests of the flags on the command line ``argv`` (argparse's defaults left out)."""
+    parser = build_parser()
+    _suppress_defaults(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _suppress_defaults(sub)
+        else:
+            action.default = argparse.SUPPRESS
+
+
+def given_spec(module: ModuleType, spec: dict, given: set[str]) -> dict:
+    """The spec fields set by flags in ``given`` (a family module's ``SPEC_FLAGS`` maps a
+    flag's dest to its field where the names differ)."""
+    names = getattr(module, "SPEC_FLAGS", {})
+    fields = {names.get(dest, dest) for dest in given}
+    return {k: v for k, v in spec.items() if k in fields}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppl-vae", description="Train and check deep latent-variable models "
@@ -174,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--samples", type=_positive, default=500,
                     help="guide draws written to posterior.nc")
     ch.add_argument("--khat-samples", type=_positive, default=1000,
-                    help="draws per data point for PSIS k-hat (Pyro's psis_diagnostic "
-                         "default; fewer make k-hat noisy and biased upwards)")
+                    help="draws per data point for PSIS k-hat (default 1000, Pyro's "
+                         "psis_diagnostic default; fewer make k-hat noisy and biased upwards)")
     ch.add_argument("--sbc-simulations", type=int, default=1000,
                     help="simulation-based calibration of amortized guides (0: skip)")
     ch.add_argument("--nuts", action="store_true",
@@ -196,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # only rank 0 writes the run folder's tables and figures after training
             distributed.set_only_rank_zero_continues(True)
-        spec = family_module(args.family).cli_spec(args)
+        module = family_module(args.family)
+        spec = module.cli_spec(args)
+        if args.resume:  # flags not on the command line keep the run's values, not defaults
+            spec = given_spec(module, spec, given_flags(sys.argv[1:] if argv is None else argv))
         run = train(args.model, args.out, spec, resume=args.resume, overwrite=args.overwrite,
                     progress=False if args.no_progress else None, **fit_overrides(args))
         last = run.history[-1] if run.history else {}

@@ -16,7 +16,7 @@ import argparse
 from ppl_vae.data.images import add_data_arguments
 from ppl_vae.guides import GUIDES
 from ppl_vae.models.ssvae import BINARIZE, SSVAESpec
-from ppl_vae.models.vae import BINARIZE_HELP
+from ppl_vae.models.vae import binarize_help
 
 HELP = {"ssvae": "semi-supervised VAE (M2, Kingma et al. 2014): classify with few labels"}
 FIELDS = ("labels_per_class", "label_seed", "alpha", "labelled_share", "latent_dim", "hidden",
@@ -40,7 +40,7 @@ def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    f"encoder, decoder mirrored (default {list(SSVAESpec.hidden)})")
     g.add_argument("--guide", choices=GUIDES, help="q(z | x, y) (default diagonal)")
     g.add_argument("--flows", type=int, help=f"IAF steps (default {SSVAESpec.flows})")
-    add_data_arguments(g, BINARIZE, BINARIZE_HELP + f" (default {SSVAESpec.binarize})")
+    add_data_arguments(g, BINARIZE, binarize_help(BINARIZE) + f" (default {SSVAESpec.binarize})")
 
 
 def cli_spec(args: argparse.Namespace) -> dict:

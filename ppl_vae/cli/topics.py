@@ -17,23 +17,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ppl_vae.data.fetch import CORPORA
 from ppl_vae.models.prodlda import PRIORS
 from ppl_vae.models.topics import TopicFamily
 from ppl_vae.models.topics import TopicSpec as S
 
 HELP = TopicFamily.models
+# flag dest -> spec field where the names differ (what --resume counts as given)
+SPEC_FLAGS = {"seed": "split_seed"}
 
 
 def add_train_arguments(p: argparse.ArgumentParser, name: str) -> None:
     g = p.add_argument_group(name)
     g.add_argument("--corpus", type=Path, required=True,
-                   help="OCTIS folder (corpus.tsv + vocabulary.txt), a text file with one "
-                   "document a line, or a folder of *.txt files")
+                   help=f"a corpus name ({', '.join(CORPORA)}: OCTIS's preprocessed "
+                   "corpora, downloaded on first use), an OCTIS folder (corpus.tsv + "
+                   "vocabulary.txt), a text file with one document a line, or a folder of "
+                   "*.txt files")
     g.add_argument("--topics", type=int, default=S.topics, help="number of topics K")
     g.add_argument("--hidden", type=int, default=S.hidden, help="encoder hidden units")
     g.add_argument("--dropout", type=float, default=S.dropout)
     g.add_argument("--theta-dropout", type=float, default=None,
-                   help="prodlda: dropout on the topic proportions before the decoder "
+                   help="dropout on the topic proportions before the decoder "
                    "(default: 0 with the bounded encoder variance, else --dropout)")
     g.add_argument("--alpha", type=float, default=None,
                    help="symmetric Dirichlet concentration of the prior on theta (default: "

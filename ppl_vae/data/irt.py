@@ -469,18 +469,35 @@ def _read_jsonl(path: Path, graded: bool = False) -> Responses:
     return Responses(resp, mask, ids, list(item_pos), str(path))
 
 
-def write_wide(path: str | Path, responses: np.ndarray | torch.Tensor,
+def _table(responses: np.ndarray | torch.Tensor | Responses,
+           mask: np.ndarray | torch.Tensor | None, student_ids: list[str] | None,
+           item_ids: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Codes (N, I) float, answered (N, I) bool and the ids a writer uses: a
+    :class:`Responses` brings its own mask and ids; an array has NaN (or ``mask`` False) where
+    missing and default ids s0, s1, ... and q1, q2, ...."""
+    if isinstance(responses, Responses):
+        data = responses
+        mask = data.mask if mask is None else (
+            data.mask & torch.as_tensor(np.asarray(mask)).bool())
+        responses = data.responses
+        student_ids, item_ids = student_ids or data.student_ids, item_ids or data.item_ids
+    r = np.asarray(responses, dtype=np.float64)
+    m = ~np.isnan(r) if mask is None else np.asarray(mask, dtype=bool) & ~np.isnan(r)
+    students = list(student_ids or [f"s{s}" for s in range(r.shape[0])])
+    items = list(item_ids or [f"q{j + 1}" for j in range(r.shape[1])])
+    return r, m, students, items
+
+
+def write_wide(path: str | Path, responses: np.ndarray | torch.Tensor | Responses,
                mask: np.ndarray | torch.Tensor | None = None,
                student_ids: list[str] | None = None, item_ids: list[str] | None = None
                ) -> Path:
     """Write answer codes (N, I) (0/1, or 0..K-1 for graded items) as the wide CSV that
     :func:`load_responses` reads: a ``student`` column (default ids s0, s1, ...), one
     column per item (default q1, q2, ...), a blank cell where ``mask`` is False or the
-    value is NaN. Returns the path."""
-    r = np.asarray(responses, dtype=np.float64)
-    m = ~np.isnan(r) if mask is None else np.asarray(mask, dtype=bool) & ~np.isnan(r)
-    students = student_ids or [f"s{s}" for s in range(r.shape[0])]
-    items = item_ids or [f"q{j + 1}" for j in range(r.shape[1])]
+    value is NaN. ``responses`` may be a :class:`Responses` (its mask and ids). Returns the
+    path."""
+    r, m, students, items = _table(responses, mask, student_ids, item_ids)
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -490,10 +507,21 @@ def write_wide(path: str | Path, responses: np.ndarray | torch.Tensor,
     return path
 
 
-def write_jsonl(data: Responses, path: str | Path) -> None:
-    """Write py-irt's jsonlines format (missing answers left out)."""
-    r, m = data.responses.numpy(), data.mask.numpy()
+def write_jsonl(path: str | Path | Responses,
+                responses: np.ndarray | torch.Tensor | Responses | str | Path,
+                mask: np.ndarray | torch.Tensor | None = None,
+                student_ids: list[str] | None = None, item_ids: list[str] | None = None
+                ) -> Path:
+    """Write answers in py-irt's jsonlines format (missing answers left out), with the
+    arguments of :func:`write_wide`: ``write_jsonl(path, responses, mask)``. The older
+    form ``write_jsonl(data, path)`` (a :class:`Responses` first) still works. Returns the
+    path."""
+    if isinstance(path, Responses):  # the older argument order (data, path)
+        path, responses = responses, path
+    r, m, students, items = _table(responses, mask, student_ids, item_ids)
+    path = Path(path)
     with open(path, "w", encoding="utf-8") as f:
-        for s, sid in enumerate(data.student_ids):
-            answers = {data.item_ids[j]: int(r[s, j]) for j in np.nonzero(m[s])[0]}
+        for sid, row, ok in zip(students, r.tolist(), m.tolist()):
+            answers = {item: int(v) for item, v, o in zip(items, row, ok) if o}
             f.write(json.dumps({"subject_id": sid, "responses": answers}) + "\n")
+    return path
