@@ -327,6 +327,16 @@ NOT_BROADCASTING = ("e.g. mu[..., index] on a latent with an event dim; Pyro's "
                     "Vindex(mu)[..., index] broadcasts")
 
 
+def warn_not_broadcasting(error: Exception, doing: str, stacklevel: int) -> None:
+    """Warn that a vectorized pass failed with ``error`` and ``doing`` (e.g. "evaluating its
+    K particles") now runs one particle at a time."""
+    warnings.warn(
+        "the model or guide does not broadcast over an extra leading particle dim "
+        f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); {doing} one at a time "
+        "(slower). Write it batch-shape-agnostic (e.g. Vindex(locs)[..., a], "
+        "x @ w.unsqueeze(-1)) for speed", stacklevel=stacklevel)
+
+
 def within_particle_plate(trace) -> bool:
     """Whether every site of a vectorized pass keeps its batch dims within the particle
     plate's. Indexing a latent's event dim (``mu[..., index]``) pushes one left of it: no
@@ -361,12 +371,7 @@ def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
             if pair.vectorizable:
                 raise
             pair.vectorizable = False
-            warnings.warn(
-                "the model or guide does not broadcast over an extra leading particle dim "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); evaluating its "
-                f"{num_particles} particles one at a time (slower). Write it "
-                "batch-shape-agnostic (e.g. Vindex(locs)[..., a], x @ w.unsqueeze(-1)) for "
-                "speed", stacklevel=3)
+            warn_not_broadcasting(e, f"evaluating its {num_particles} particles", stacklevel=4)
     return log_weights(pair.model, pair.guide, batch, num_particles, plate,
                        structure.nesting, vectorize=False, **common)
 

@@ -52,6 +52,7 @@ from .evaluation import (
     eval_mode,
     in_particles,
     module_device,
+    warn_not_broadcasting,
     within_particle_plate,
 )
 from .program import check_per_row_evaluation
@@ -320,12 +321,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                 except (ValueError, RuntimeError, IndexError) as e:
                     if pair.vectorizable:
                         raise
-                    warnings.warn(
-                        "the model or guide does not broadcast over an extra leading particle "
-                        f"dim ({type(e).__name__}: {str(e).splitlines()[0][:200]}); drawing "
-                        f"the {num_samples} draws one after another (slower). Write it "
-                        "batch-shape-agnostic (e.g. Vindex(locs)[..., a], "
-                        "x @ w.unsqueeze(-1)) for speed", stacklevel=3)
+                    warn_not_broadcasting(e, f"drawing the {num_samples} draws", stacklevel=4)
                 pair.vectorizable = False
                 globs.clear()
             one = [Draws() for _ in range(num_samples)]

@@ -656,18 +656,28 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
     plate = pair.plate
     if b >= n or plate is None:
         return
+    joint = _joint_over_rows(pair, plate)
+    if joint:
+        kind, local = joint
+        raise SetupError(
+            f"{kind} keeps one joint distribution over all latents, including the per-row "
+            f"latent(s) {', '.join(local)} of plate {plate!r}, so it cannot be trained or "
+            f"evaluated on minibatches of {b} of {n} rows (nor give per-row figures: elbo, "
+            "log_likelihood, k-hat); use AutoNormal / AutoDelta for the per-row latents, or "
+            f"train full-batch (batch_size >= {n})")
+
+
+def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | None:
+    """The first AutoContinuous part of the guide (one joint distribution over all its
+    latents) that holds latents of ``plate``: (its class name, those latents); None if none."""
     for part in _autoguide_parts(pair.raw_guide):
         if not isinstance(part, AutoContinuous) or part.prototype_trace is None:
             continue
         local = [name for name, s in part.prototype_trace.iter_stochastic_nodes()
                  if any(f.name == plate for f in s["cond_indep_stack"])]
         if local:
-            raise SetupError(
-                f"{type(part).__name__} keeps one joint distribution over all latents, "
-                f"including the per-row latent(s) {', '.join(local)} of plate {plate!r}, so "
-                f"it cannot be trained or evaluated on minibatches of {b} of {n} rows (nor "
-                "give per-row figures: elbo, log_likelihood, k-hat); use AutoNormal / AutoDelta "
-                f"for the per-row latents, or train full-batch (batch_size >= {n})")
+            return type(part).__name__, local
+    return None
 
 
 def _is_delta(fn) -> bool:
@@ -696,20 +706,15 @@ def check_per_row_evaluation(pair: Pair, structure: Structure, weights: bool = T
             f"the model subsamples plate {structure.plate!r} itself (subsample_size={m}), so "
             f"it scores {m} random rows of each call, not every row; evaluate it without "
             f"subsample_size (the engine's batch_size={m} makes the same minibatches in fit)")
-    if not weights:
-        return
-    for part in _autoguide_parts(pair.raw_guide):
-        if not isinstance(part, AutoContinuous) or part.prototype_trace is None:
-            continue
-        local = [name for name, s in part.prototype_trace.iter_stochastic_nodes()
-                 if any(f.name == structure.plate for f in s["cond_indep_stack"])]
-        if local:
-            raise SetupError(
-                f"{type(part).__name__} keeps one joint distribution over all latents, "
-                f"including the per-row latent(s) {', '.join(local)} of plate "
-                f"{structure.plate!r}: its log q does not split by rows, so per-row weights "
-                "(elbo, log_likelihood, k-hat, iwae) cannot be computed; use AutoNormal for "
-                "the per-row latents (to_arviz's draws are fine as they are)")
+    joint = _joint_over_rows(pair, structure.plate) if weights else None
+    if joint:
+        kind, local = joint
+        raise SetupError(
+            f"{kind} keeps one joint distribution over all latents, including the per-row "
+            f"latent(s) {', '.join(local)} of plate {structure.plate!r}: its log q does not "
+            "split by rows, so per-row weights (elbo, log_likelihood, k-hat, iwae) cannot be "
+            "computed; use AutoNormal for the per-row latents (to_arviz's draws are fine as "
+            "they are)")
 
 
 def _check_own_subsampling(pair: Pair, prior_trace, n: int, b: int) -> None:
