@@ -43,6 +43,7 @@ from torch import nn
 from .batching import Batch, Data, IterableBatches, TensorBatches, is_in_memory, split_structure
 from .checkpoint import load_checkpoint
 from .evaluation import elbo as evaluate_elbo
+from .program import SetupError, per_row_autoguide_sites
 from .training import FitConfig, History, Trainer
 
 # strategies that start the ranks from a pickled/forked copy of the caller: the trained
@@ -333,6 +334,14 @@ def _make_module_class(L):
         def _val_elbo(self) -> float:
             """Validation ELBO per example: each rank evaluates its rows, sums are reduced."""
             c, world = self.core.config, self.trainer.world_size
+            with torch.random.fork_rng(devices=[self.core.device]
+                                       if self.core.device.type == "cuda" else []):
+                # the same draws every epoch (common random numbers), as the single-process
+                # fit: epochs then differ by their parameters; the training stream untouched
+                torch.manual_seed(c.seed + self.trainer.global_rank)
+                return self._val_elbo_drawn(c, world)
+
+        def _val_elbo_drawn(self, c: Any, world: int) -> float:
             part = shard(self.val_data, self.trainer.global_rank, world)
             args, kwargs = split_structure(part)
             rows_n = int((args or tuple(kwargs.values()))[0].shape[0])
@@ -350,6 +359,20 @@ def _make_module_class(L):
             return float(totals[0] / totals[1])
 
     return SVIModule
+
+
+def _refuse_per_row_validation(core: Any, data: Data) -> None:
+    """The single-process refusal of val_data beside per-row autoguide parameters, made
+    before any process starts (set-up on one example batch)."""
+    with torch.no_grad():
+        batch = next(iter(TensorBatches(data, core.config.batch_size, "cpu", shuffle=False)))
+        core.pair.inspect(batch)
+    if per_row_autoguide_sites(core.pair):
+        raise SetupError(
+            f"the guide keeps one parameter per training row for "
+            f"{', '.join(per_row_autoguide_sites(core.pair))}, so validation rows have none "
+            "of their own and val_data cannot be scored: drop val_data, or use an amortized "
+            "guide for the per-row latents (ppl_vae.guides.amortized.AmortizedNormal)")
 
 
 def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
@@ -417,10 +440,16 @@ def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,
         path = Path(out) / "checkpoint.pt" if resume is True else Path(resume)
         resume_state = load_checkpoint(path, "cpu")
     done_epochs = int(resume_state["epoch"]) if resume_state else 0
+    stopped = resume_state is not None and config.patience is not None and int(
+        resume_state.get("early_stopping", {}).get("bad_epochs", 0)) >= config.patience
+    if resume_state is not None and (done_epochs >= config.epochs or stopped):
+        # nothing left to train (finished, or stopped early): what the single-process fit
+        # does -- load the run into model and guide, refuse fewer epochs -- in this process
+        return core.fit(data, val_data, resume=resume_state, num_data=num_data,
+                        progress=progress)
+    if val_data is not None and is_in_memory(data):
+        _refuse_per_row_validation(core, data)
     module = _make_module_class(L)(core, data, val_data, resume_state, num_data)
-    if done_epochs >= config.epochs:
-        core.history = History(list(resume_state["history"]))  # nothing left to train
-        return core.history
     accelerator = accelerator or _accelerator(config.device)
     trainer = L.Trainer(
         accelerator=accelerator,

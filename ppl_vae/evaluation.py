@@ -371,7 +371,7 @@ def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
             if pair.vectorizable:
                 raise
             pair.vectorizable = False
-            warn_not_broadcasting(e, f"evaluating its {num_particles} particles", stacklevel=4)
+            warn_not_broadcasting(e, "evaluating particles", stacklevel=4)
     return log_weights(pair.model, pair.guide, batch, num_particles, plate,
                        structure.nesting, vectorize=False, **common)
 

@@ -321,7 +321,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                 except (ValueError, RuntimeError, IndexError) as e:
                     if pair.vectorizable:
                         raise
-                    warn_not_broadcasting(e, f"drawing the {num_samples} draws", stacklevel=4)
+                    warn_not_broadcasting(e, "drawing the draws", stacklevel=4)
                 pair.vectorizable = False
                 globs.clear()
             one = [Draws() for _ in range(num_samples)]

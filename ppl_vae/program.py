@@ -117,7 +117,10 @@ class DataPlate(Messenger):
         stack = msg["cond_indep_stack"]
         for i, frame in enumerate(stack):
             # opened at the batch's rows (the program may subsample them further itself)
-            if frame.name == self.name and frame_rows(frame, msg) == self.batch:
+            # a sizeless data plate (pyro.plate("data")) broadcasts: every site in it is per
+            # row, whatever its own shape (a latent drawn as Normal(0, 1) there)
+            if frame.name == self.name and (frame.size == -1
+                                            or frame_rows(frame, msg) == self.batch):
                 msg["scale"] = msg["scale"] * (self.size / self.batch)
                 frame = frame._replace(size=self.batch if frame.size == -1 else frame.size,
                                        full_size=self.size)
@@ -133,6 +136,11 @@ def frame_rows(frame, site: dict) -> int:
     if size == -1 and frame.dim is not None:
         shape = tuple(getattr(site["fn"], "batch_shape", ()))
         size = shape[frame.dim] if len(shape) >= -frame.dim else -1
+        value = site.get("value")
+        if size in (-1, 1) and torch.is_tensor(value):  # an observation that broadcasts
+            events = len(getattr(site["fn"], "event_shape", ()))
+            batch = tuple(value.shape[:value.dim() - events])
+            size = batch[frame.dim] if len(batch) >= -frame.dim else size
     return size
 
 
@@ -512,7 +520,7 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
         alone = prior_trace.nodes.get(name, model_sites[name])  # plates not replayed
         g = {f.name: f.size for f in _vectorized_frames(site)}
         m = {f.name: f.size for f in _vectorized_frames(alone)}
-        if g != m:
+        if g.keys() != m.keys() or any(g[k] != m[k] and -1 not in (g[k], m[k]) for k in g):
             def show(d: dict) -> str:
                 return ", ".join(f"{k!r} (size {v})" for k, v in d.items()) or "no plate"
             raise SetupError(
@@ -544,13 +552,13 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
             outside = [repr(k) for k, s in model_sites.items() if s["is_observed"]
                        and k not in sites]
             raise SetupError(
-                f"training on minibatches of {b} of {n} rows: plate {name!r} runs over the "
+                f"on minibatches of {b} of {n} rows: plate {name!r} runs over the "
                 f"rows of {', '.join(map(repr, sites))}, but observed site(s) "
                 f"{', '.join(outside)} lie outside it; if they are observed once for the "
                 f"whole dataset (not per row), pass plate={name!r} (they are then not "
                 "scaled); if per row, put them inside that plate")
         raise SetupError(
-            f"training on minibatches of {b} of {n} rows, but the observed site(s) "
+            f"on minibatches of {b} of {n} rows, but the observed site(s) "
             f"{', '.join(observed)} are not inside a plate over the rows, so the engine "
             "cannot scale them to the dataset; wrap them in `with pyro.plate(\"data\", "
             "len(x)):` (or train full-batch: batch_size >= number of rows)"

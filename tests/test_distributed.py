@@ -363,3 +363,48 @@ def test_the_cli_trains_a_run_folder_on_two_processes(tmp_path):
     run = ppl_vae.load_run(out)
     assert len(run.history) == 2 and (out / "items.csv").exists()
     assert not (out / ".lock").exists()
+
+
+def test_resuming_a_finished_run_on_two_processes_loads_it_and_per_row_val_data_is_refused(
+        tmp_path):
+    """fit(devices=2, resume=True) on a run already trained to its epochs returned the
+    untrained model (sigma 1.0 against the run's 0.95) and, for fewer epochs, no error; an
+    early-stopped run trained one more epoch. Both now do what the single-process fit does,
+    in the calling process (no workers start). val_data beside per-row autoguide parameters
+    crashed after the first epoch on two processes; it is refused before any starts."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoNormal
+
+    from ppl_vae import SetupError, fit
+
+    torch.manual_seed(0)
+    x = torch.randn(64) + 1.0
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    guide = AutoNormal(model)
+    fit(model, guide, x, epochs=3, batch_size=16, lr=0.05, out=tmp_path / "run",
+        progress=False, device="cpu")
+    trained = guide.locs.mu.item()
+    pyro.clear_param_store()
+    resumed = AutoNormal(model)
+    history = fit(model, resumed, x, epochs=3, batch_size=16, lr=0.05, out=tmp_path / "run",
+                  resume=True, devices=2, progress=False, device="cpu")
+    assert resumed.locs.mu.item() == pytest.approx(trained, abs=1e-6)
+    assert len(history) == 3
+    with pytest.raises(SetupError, match="trained 3 epochs already"):
+        fit(model, AutoNormal(model), x, epochs=2, batch_size=16, lr=0.05,
+            out=tmp_path / "run", resume=True, devices=2, progress=False, device="cpu")
+
+    def per_row(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(SetupError, match=r"one parameter per training row for z"):
+        fit(per_row, AutoNormal(per_row), x, val_data=x[:8], epochs=1, devices=2,
+            progress=False, device="cpu")

@@ -1289,6 +1289,23 @@ def test_sizeless_plates_side_observations_and_rows_that_cannot_be_scored():
     exact_sd = float((1.0 + (x ** 2).sum()) ** -0.5)  # N(0, 1) prior, unit noise
     assert guide.scales.w.item() == pytest.approx(exact_sd, rel=0.25)
 
+    def sizeless_rows(x):  # Pyro's SS-VAE shape: per-row latents in a sizeless plate
+        with pyro.plate("data"):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(x)), 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    def amortized(x):
+        a = pyro.param("a", torch.tensor(0.1))
+        s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+        with pyro.plate("data"):
+            pyro.sample("z", dist.Normal(a * x, s))
+
+    fit(sizeless_rows, amortized, 2 * x, epochs=40, batch_size=25, lr=0.05, progress=False,
+        device="cpu")  # refused before ("'data' (size 25) but the model in 'data' (size -1)")
+    # exact q(z | x) = N(x / 2, sqrt(1/2)); minibatch noise at lr 0.05 leaves a few hundredths
+    assert pyro.param("a").item() == pytest.approx(0.5, abs=0.06)
+    assert pyro.param("s").item() == pytest.approx(0.5 ** 0.5, abs=0.06)
+
     side = torch.tensor([1.5, 2.0, 0.5, 1.0, 2.5])
 
     def two_plates(x):
