@@ -43,8 +43,7 @@ from torch import nn
 from .batching import Batch, Data, IterableBatches, TensorBatches, is_in_memory, split_structure
 from .checkpoint import load_checkpoint
 from .evaluation import elbo as evaluate_elbo
-from .program import SetupError, per_row_autoguide_sites
-from .training import FitConfig, History, Trainer
+from .training import FitConfig, History, Trainer, refuse_per_row_validation
 
 # strategies that start the ranks from a pickled/forked copy of the caller: the trained
 # parameters and the history would stay in the children
@@ -367,12 +366,7 @@ def _refuse_per_row_validation(core: Any, data: Data) -> None:
     with torch.no_grad():
         batch = next(iter(TensorBatches(data, core.config.batch_size, "cpu", shuffle=False)))
         core.pair.inspect(batch)
-    if per_row_autoguide_sites(core.pair):
-        raise SetupError(
-            f"the guide keeps one parameter per training row for "
-            f"{', '.join(per_row_autoguide_sites(core.pair))}, so validation rows have none "
-            "of their own and val_data cannot be scored: drop val_data, or use an amortized "
-            "guide for the per-row latents (ppl_vae.guides.amortized.AmortizedNormal)")
+    refuse_per_row_validation(core.pair)
 
 
 def fit_distributed(model: Any, guide: Any, data: Data, config: FitConfig,

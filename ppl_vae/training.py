@@ -129,6 +129,18 @@ class FitConfig:
              "warmup_epochs must be an integer >= 0", self.warmup_epochs)
 
 
+def refuse_per_row_validation(pair) -> None:
+    """Validation data cannot be scored by a guide with one parameter per training row
+    (AutoNormal, AutoDelta over a per-row latent): its rows have none of their own."""
+    sites = per_row_autoguide_sites(pair)
+    if sites:
+        raise SetupError(
+            f"the guide keeps one parameter per training row for {', '.join(sites)}, so "
+            "validation rows have none of their own and val_data cannot be scored: drop "
+            "val_data, or use an amortized guide for the per-row latents "
+            "(ppl_vae.guides.amortized.AmortizedNormal)")
+
+
 OPTIMIZERS = ("adam", "adamw", "clipped_adam")
 
 
@@ -578,12 +590,8 @@ class Trainer:
                                num_data=num_data, name="data", sparse_rows=c.sparse_batches)
         batches.generator.manual_seed(c.seed)
         self.setup(batches, resume)
-        if val_data is not None and per_row_autoguide_sites(self.pair):
-            raise SetupError(
-                f"the guide keeps one parameter per training row for "
-                f"{', '.join(per_row_autoguide_sites(self.pair))}, so validation rows have none "
-                "of their own and val_data cannot be scored: drop val_data, or use an amortized "
-                "guide for the per-row latents (ppl_vae.guides.amortized.AmortizedNormal)")
+        if val_data is not None:
+            refuse_per_row_validation(self.pair)
         steps = len(batches)
         bar = tqdm(total=max(0, c.epochs - self.epoch) * steps, unit="step",
                    dynamic_ncols=True, disable=None if progress is None else not progress)
