@@ -299,6 +299,8 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
     run.model, run.guide = family.build(spec)
     if out is not None and writer:
         write_json(config, Path(out) / "config.json")
+        if resume:  # `evaluate`'s figures are of the model before the resumed epochs
+            (Path(out) / "evaluation.json").unlink(missing_ok=True)
     history = fit(run.model, run.guide, data, val_data=val, out=out, resume=resume,
                   progress=progress, config={"model": model}, **settings)
     run.history = list(history.rows)

@@ -162,8 +162,10 @@ def test_resume_takes_spec_flags_not_given_from_the_run(fashion_dir, tmp_path):
     main(["train", "vae", "--hidden", "8", "--latent-dim", "3", "--epochs", "1", "--limit",
           "100", "--data", str(fashion_dir), "--out", str(run), "--no-progress"])
     spec = json.loads((run / "config.json").read_text())["spec"]
+    (run / "evaluation.json").write_text("{}")  # `evaluate` of the 1-epoch model
     main(["train", "vae", "--resume", "--epochs", "2", "--out", str(run), "--no-progress"])
     assert json.loads((run / "config.json").read_text())["spec"] == spec
+    assert not (run / "evaluation.json").exists()  # stale once more epochs are trained
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2
     with pytest.raises(ValueError, match=r"limit \(run: 100, given: 150\)"):
         main(["train", "vae", "--resume", "--epochs", "3", "--limit", "150", "--out", str(run),
