@@ -426,9 +426,10 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
             prior_trace = poutine.trace(batch.call).get_trace(pair.model)
         if pair.plate is None:  # the guide's plates follow from the model's
             pair.plate, pair.plate_dim = _find_plate(prior_trace, n, b)
+        own = _own_subsample(prior_trace, pair.plate)
         if check:
             _check_joint_autoguide(pair, n, b)
-            _check_own_subsampling(pair, prior_trace, n, b)
+            _check_own_subsampling(pair, own, n, b)
         try:
             model_trace, guide_trace = _traces(pair, batch)
         except (RuntimeError, ValueError, IndexError) as e:
@@ -471,7 +472,6 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     discrete = [k for k, s in guide_latents.items() if not s["fn"].has_rsample]
     latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
                if s["type"] == "sample" and not s["is_observed"]]
-    own = _own_subsample(prior_trace, plate)
     # a Delta backed by an auxiliary draw (AutoNormal's <name>_unconstrained, an
     # AutoContinuous's joint latent) is a density's value, not a point mass (AutoDelta)
     auxiliary = [k for k, s in guide_trace.nodes.items() if s["type"] == "sample"
@@ -491,7 +491,7 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 structure: Structure, n: int, b: int) -> None:
     model_sites = {name: site for name, site in prune_subsample_sites(model_trace).nodes.items()
                    if site["type"] == "sample"}
-    model_latents = {k for k, s in model_sites.items() if not s["is_observed"]}
+    model_latents = set(structure.latents)
     stray = [k for k in guide_latents if k not in model_sites]
     if stray:
         raise SetupError(
@@ -725,15 +725,15 @@ def check_per_row_evaluation(pair: Pair, structure: Structure, weights: bool = T
             "they are)")
 
 
-def _check_own_subsampling(pair: Pair, prior_trace, n: int, b: int) -> None:
+def _check_own_subsampling(pair: Pair, own, n: int, b: int) -> None:
     """Refuse, on minibatches, a model that subsamples its data plate itself
     (``pyro.plate("data", len(x), subsample_size=m)``) under an autoguide with per-row
     parameters there: the guide is handed the minibatch's rows, the model draws m of them,
-    and the two cannot agree on which rows a step sees."""
+    and the two cannot agree on which rows a step sees. ``own``: the model's ``_Subsample``
+    of its data plate (:func:`_own_subsample`), None if it does not subsample itself."""
     plate = pair.plate
     if b >= n or plate is None:
         return
-    own = _own_subsample(prior_trace, plate)
     per_row = per_row_autoguide_sites(pair)
     if own is not None and per_row:
         raise SetupError(
