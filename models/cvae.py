@@ -48,7 +48,7 @@ from ppl_vae.models.vae import (
     score_test_set,
     train_val,
 )
-from ppl_vae.nn import MLPDecoder, NormalEncoder
+from ppl_vae.nn import MLPDecoder, NormalEncoder, like_parameters
 
 if TYPE_CHECKING:
     from ppl_vae.runs import Run
@@ -130,7 +130,7 @@ class CVAE(VAE):
               subsample: torch.Tensor | None = None) -> torch.Tensor:
         """x: images (B, H, W) in [0, 1]; y: labels (B,). Returns z (B, D)."""
         pyro.module("cvae", self)
-        x = self.binarized(x)
+        x = self.binarized(like_parameters(x, self))
         y1 = one_hot(y, self.num_classes)
         with pyro.plate("data", size or len(x), subsample=subsample):
             z = pyro.sample("z", self.prior_distribution(y1))

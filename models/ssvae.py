@@ -53,7 +53,7 @@ from ppl_vae.models.vae import (
     score_test_set,
     train_val,
 )
-from ppl_vae.nn import MLP, MLPDecoder
+from ppl_vae.nn import MLP, MLPDecoder, like_parameters
 
 if TYPE_CHECKING:
     from ppl_vae.runs import Run
@@ -153,6 +153,7 @@ class SSVAE(CVAE):
         every term of row i counts weight_i times (see :func:`oversample_labelled`)."""
         pyro.module("ssvae_decoder", self.decoder)
         pyro.module("y_classifier", self.classifier)
+        x = like_parameters(x, self)
         prior_y = dist.OneHotCategorical(logits=x.new_zeros(self.num_classes))
         with pyro.plate("data", size or len(x), subsample=subsample), _weighted(weight):
             y1 = pyro.sample("y", prior_y)

@@ -40,7 +40,7 @@ from ppl_vae.evaluation import elbo, log_likelihood
 from ppl_vae.family import Family, register
 from ppl_vae.guides import GUIDES, build_guide, point_estimate
 from ppl_vae.guides.amortized import AmortizedNormal
-from ppl_vae.nn import ConvDecoder, ConvEncoder, MLPDecoder, NormalEncoder
+from ppl_vae.nn import ConvDecoder, ConvEncoder, MLPDecoder, NormalEncoder, like_parameters
 from ppl_vae.program import SetupError
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class VAE(nn.Module):
               subsample: torch.Tensor | None = None) -> torch.Tensor:
         """x: images (B, H, W) with values in [0, 1]. Returns z (B, D)."""
         pyro.module("vae", self)
-        x = self.binarized(x)
+        x = self.binarized(like_parameters(x, self))
         with pyro.plate("data", size or len(x), subsample=subsample):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
             pyro.sample("x", self.pixel_distribution(self.decoder(z)), obs=x)

@@ -44,9 +44,12 @@ class Batch:
 
 
 def split_structure(data: Any) -> tuple[tuple, dict]:
-    """Turn a tensor / tuple of tensors / dict of tensors into ``(args, kwargs)``."""
+    """Turn a tensor / tuple of tensors / dict of tensors into ``(args, kwargs)`` (a
+    TensorDataset gives its tensors, as a DataLoader over it does)."""
     if isinstance(data, torch.Tensor):
         return (data,), {}
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return tuple(data.tensors), {}
     if isinstance(data, (tuple, list)):
         return tuple(data), {}
     if isinstance(data, Mapping):
@@ -57,6 +60,8 @@ def split_structure(data: Any) -> tuple[tuple, dict]:
 
 
 def is_in_memory(data: Any) -> bool:
+    if isinstance(data, torch.utils.data.TensorDataset):
+        return True
     if isinstance(data, torch.Tensor):
         return True
     if isinstance(data, (tuple, list)):
@@ -188,9 +193,11 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
                              name=name, sparse_rows=sparse_rows)
     _refuse_arrays(data, name)
     _refuse_non_tensor_entries(data, name)
+    _refuse_plain_python(data, name)
     if isinstance(data, Iterable):
         return IterableBatches(data, device, num_data=num_data)
-    raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}")
+    raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}; give a tensor, "
+                    "a tuple or dict of tensors (rows = examples) or a DataLoader")
 
 
 def _refuse_arrays(data: Any, name: str) -> None:
@@ -207,6 +214,19 @@ def _refuse_arrays(data: Any, name: str) -> None:
                 f"{type(value).__name__}, not a torch tensor; the engine takes tensors (one "
                 "row per example): pass torch.as_tensor(x, dtype=torch.float32) (integer "
                 "labels: dtype=torch.long)")
+
+
+def _refuse_plain_python(data: Any, name: str) -> None:
+    """An empty container, or a list of numbers, would otherwise be taken for a stream of
+    minibatches ("streamed data needs num_data="); say what is wrong with it."""
+    if isinstance(data, (tuple, list, Mapping)) and len(data) == 0:
+        raise ValueError(f"{name} is an empty {type(data).__name__}: give at least one tensor "
+                         "(one row per example)")
+    if isinstance(data, (tuple, list)) and all(isinstance(v, (int, float, bool)) or
+                                               isinstance(v, (tuple, list)) for v in data):
+        raise ValueError(f"{name} is a Python {type(data).__name__} of numbers, not a torch "
+                         "tensor; the engine takes tensors (one row per example): pass "
+                         "torch.tensor(x, dtype=torch.float32)")
 
 
 def _refuse_non_tensor_entries(data: Any, name: str) -> None:
@@ -265,6 +285,7 @@ def keeps_sparse(t: torch.Tensor, device: torch.device) -> bool:
 
 
 def _to(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    t = t.detach()  # data, not a leaf of the user's graph: no gradients written into it
     if t.layout == torch.sparse_coo:
         t = t.coalesce().to_sparse_csr()
     if t.layout == torch.sparse_csr:

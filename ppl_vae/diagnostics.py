@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import textwrap
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ from .posterior import (
     samples_to_draws,
     to_arviz,
 )
+from .program import warn_user
 
 GOOD, BAD = 0.5, 0.7
 NOISY = 0.3  # nats: inner-estimate noise sd above which the global k-hat is inflated
@@ -293,10 +293,10 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                     why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     glob = None
             if glob is None:
-                warnings.warn(
+                warn_user(
                     f"the model or guide does not broadcast over an extra leading particle dim "
                     f"({why}); the global k-hat's {num_samples} draws are evaluated one after "
-                    "another (slower)", stacklevel=2)
+                    "another (slower)")
                 ratios = global_log_ratios_looped
                 total = ratios(num_samples)
             glob_k = float(pareto_khat(total))

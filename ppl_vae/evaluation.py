@@ -20,7 +20,6 @@ posterior-predictive log-likelihood of x_i, the usual held-out figure for such m
 from __future__ import annotations
 
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from .program import (
     SetupError,
     check_per_row_evaluation,
     modules_of,
+    warn_user,
 )
 
 
@@ -327,14 +327,14 @@ NOT_BROADCASTING = ("e.g. mu[..., index] on a latent with an event dim; Pyro's "
                     "Vindex(mu)[..., index] broadcasts")
 
 
-def warn_not_broadcasting(error: Exception, doing: str, stacklevel: int) -> None:
+def warn_not_broadcasting(error: Exception, doing: str) -> None:
     """Warn that a vectorized pass failed with ``error`` and ``doing`` (e.g. "evaluating its
     K particles") now runs one particle at a time."""
-    warnings.warn(
+    warn_user(
         "the model or guide does not broadcast over an extra leading particle dim "
         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); {doing} one at a time "
         "(slower). Write it batch-shape-agnostic (e.g. Vindex(locs)[..., a], "
-        "x @ w.unsqueeze(-1)) for speed", stacklevel=stacklevel)
+        "x @ w.unsqueeze(-1)) for speed")
 
 
 def within_particle_plate(trace) -> bool:
@@ -371,7 +371,7 @@ def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
             if pair.vectorizable:
                 raise
             pair.vectorizable = False
-            warn_not_broadcasting(e, "evaluating particles", stacklevel=4)
+            warn_not_broadcasting(e, "evaluating particles")
     return log_weights(pair.model, pair.guide, batch, num_particles, plate,
                        structure.nesting, vectorize=False, **common)
 
@@ -429,7 +429,9 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
     pair = as_pair(model, guide, plate)
     batches = make_batches(data, batch_size, device, shuffle=False, sparse_rows=sparse_rows)
     if particles_per_pass is None:
-        particles_per_pass = max(1, min(num_samples, 50_000 // max(1, batches.batch_size)))
+        rows = getattr(batches, "batch_size", None) \
+            or getattr(getattr(batches, "loader", None), "batch_size", None) or batch_size
+        particles_per_pass = max(1, min(num_samples, 50_000 // max(1, rows)))
     if reduce not in ("logmeanexp", "mean"):
         raise ValueError(f"reduce must be 'logmeanexp' or 'mean', not {reduce!r}")
     out = []
@@ -441,11 +443,11 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                 structure = pair.inspect(batch)
                 plate_name = pair.data_plate(batch)
                 if structure.point_masses and reduce == "logmeanexp":
-                    warnings.warn(
+                    warn_user(
                         f"the guide's per-row latent(s) {', '.join(structure.point_masses)} "
                         "are point masses (Delta, e.g. AutoDelta): log_likelihood is then "
                         "log p(x_i, z_i) at those points, not an estimate of log p(x_i); use "
-                        "a guide with a density (AutoNormal) for log p(x)", stacklevel=3)
+                        "a guide with a density (AutoNormal) for log p(x)")
             acc = None
             done = 0
             while done < num_samples:

@@ -16,6 +16,13 @@ ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus, "tanh": nn.Tanh, "elu":
                "gelu": nn.GELU}
 
 
+def like_parameters(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` in the dtype of ``module``'s parameters: uint8, bool or float64 images enter a
+    float32 network as float32 (values unchanged)."""
+    p = next(module.parameters(), None)
+    return x if p is None or x.dtype == p.dtype else x.to(p.dtype)
+
+
 class MLP(nn.Sequential):
     """Linear layers with an activation between them (none after the last).
 
@@ -33,6 +40,9 @@ class MLP(nn.Sequential):
                 if dropout:
                     layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(like_parameters(x, self))
 
 
 def mlp_body(input_dim: int, hidden: Sequence[int], activation: str = "relu") -> nn.Module:
@@ -74,6 +84,7 @@ class NormalEncoder(nn.Module):
                    flatten=flatten)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = like_parameters(x, self)
         if self.flatten:
             x = x.flatten(-self.flatten)
         return self.head(self.body(x))
@@ -106,6 +117,7 @@ class ConvBody(nn.Module):
         self.out_features = c * 4 * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = like_parameters(x, self)
         if self.channels == 1 and (x.dim() < 4 or x.shape[-3] != 1):
             x = x.unsqueeze(-3)
         batch = x.shape[:-3]

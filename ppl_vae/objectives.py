@@ -25,7 +25,7 @@ from .evaluation import (
     pair_log_weights,
     within_particle_plate,
 )
-from .program import SetupError, Structure
+from .program import SetupError, Structure, warn_user
 
 OBJECTIVES = ("trace", "meanfield", "jit", "enum", "iwae", "renyi")
 # Pyro's ELBO classes and the engine's objective that computes the same bound
@@ -95,11 +95,11 @@ def check_objective(name: str, structure: Structure) -> None:
             "site from its prior); use objective='enum' (or 'iwae'/'renyi', which also sum "
             "it out)")
     if name in ("iwae", "renyi") and structure.guide_enumerated:
-        warnings.warn(
+        warn_user(
             f"objective={name!r} sums out the enumerated guide site(s) "
             f"{', '.join(structure.guide_enumerated)} exactly, so their guide distribution "
             "gets no gradient and keeps its initial values; train with objective='enum' to "
-            "fit it", stacklevel=3)
+            "fit it")
 
 
 class SiteWeight(Messenger):
@@ -148,11 +148,11 @@ class ELBOObjective:
                                  f"({NOT_BROADCASTING})")
             return self(model, guide, batch)
         except (ValueError, RuntimeError, IndexError) as e:
-            warnings.warn(
+            warn_user(
                 f"the model or guide does not broadcast over the extra dim of "
                 f"{type(self.elbo).__name__}'s vectorized particles ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}); drawing the {self.elbo.num_particles} "
-                "particles one after another (slower)", stacklevel=3)
+                "particles one after another (slower)")
             kwargs = {k: getattr(self.elbo, k) for k in ("num_particles", "max_plate_nesting")}
             if kwargs["max_plate_nesting"] == float("inf"):
                 del kwargs["max_plate_nesting"]
@@ -231,9 +231,9 @@ class IWAEObjective:
             # global latents drawn anew per particle (point-estimated ones, e.g. AutoDelta,
             # give every particle the same global weight and leave the bound exact)
             if bool((glob != glob.flatten()[0]).any()):
-                warnings.warn("iwae objective: the model has random global latents; they get "
+                warn_user("iwae objective: the model has random global latents; they get "
                               "one draw per particle, which is not the IWAE bound of the "
-                              "whole dataset", stacklevel=2)
+                              "whole dataset")
         power = 1.0 - self.alpha
         bound = ((power * local).logsumexp(0) - math.log(self.num_particles)) / power
         return -(bound.sum() * (batch.size / len(batch)) + glob.mean())

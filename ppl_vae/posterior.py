@@ -26,7 +26,6 @@ after the plate they belong to (``data``, ``student``, ``item`` ...); event axes
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from .evaluation import (
     warn_not_broadcasting,
     within_particle_plate,
 )
-from .program import check_per_row_evaluation
+from .program import check_per_row_evaluation, holds_joint_rows, records_value, warn_user
 
 __all__ = ["to_arviz", "save_netcdf", "load_netcdf", "model_dims", "Draws", "draw",
            "samples_to_draws", "draws_to_arviz"]
@@ -173,8 +172,7 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
             continue  # global values are replayed: identical in every minibatch
         # pyro.deterministic, and a site poutine.reparam replaced by its value (an observed
         # Delta(...).mask(False)): part of the posterior, not of the likelihood
-        deterministic = site["infer"].get("_deterministic", False) or (
-            isinstance(fn, MaskedDistribution) and fn._mask is False)
+        deterministic = records_value(site)
         observed = site["is_observed"] and not deterministic
         event_dim = len(getattr(fn, "event_shape", ()))
         if deterministic:  # pyro.deterministic's event_dim defaults to all of the value's
@@ -289,8 +287,9 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
         device = module_device(model, guide)
     pair = as_pair(model, guide, plate)
     n = make_batches(data, 1, device, shuffle=False).num_examples
-    if batch_size is None:
-        batch_size = max(1, min(n, 100_000 // max(1, num_samples)))
+    if batch_size is None:  # a joint guide over the rows is drawn for all of them at once
+        batch_size = n if holds_joint_rows(pair, n) else \
+            max(1, min(n, 100_000 // max(1, num_samples)))
     batches = make_batches(data, batch_size, device, shuffle=False)
     draws = Draws()
     with eval_mode(model, guide):
@@ -313,15 +312,14 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
                         _collect(draws, model_trace, num_samples, enumerated_lik=lik,
                                  **collect)
                         continue
-                    warnings.warn(
+                    warn_user(
                         "a site's batch dims reach left of the particle plate: the program "
                         f"does not broadcast over a leading particle dim ({NOT_BROADCASTING});"
-                        f" drawing the {num_samples} draws one after another (slower)",
-                        stacklevel=3)
+                        f" drawing the {num_samples} draws one after another (slower)")
                 except (ValueError, RuntimeError, IndexError) as e:
                     if pair.vectorizable:
                         raise
-                    warn_not_broadcasting(e, "drawing the draws", stacklevel=4)
+                    warn_not_broadcasting(e, "drawing the draws")
                 pair.vectorizable = False
                 globs.clear()
             one = [Draws() for _ in range(num_samples)]

@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,7 +43,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList
+from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList, AutoStructured
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.replay_messenger import ReplayMessenger
@@ -57,6 +58,19 @@ PARTICLE_PLATE = "_ppl_vae_particles"
 class SetupError(ValueError):
     """The model, guide and settings cannot be trained or evaluated together; raised before
     the first step (the CLI prints it as ``error: ...``)."""
+
+
+_LIBRARIES = {"ppl_vae", "torch", "pyro", "contextlib", "functools"}
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointed at the user's line: the first caller outside ppl_vae, torch
+    and pyro (whose decorators and handlers sit between the user and the engine)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and \
+            frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def call_keywords(fn: Callable) -> frozenset[str]:
@@ -222,7 +236,7 @@ class EnginePlates:
         plate, dim, size, subsample = call
         if plate is None or size is None or subsample is None or len(subsample) == size:
             return []
-        if not any(f.name == plate for _, site in guide.prototype_trace.iter_stochastic_nodes()
+        if not any(f.name == plate for _, site in prototype_latents(guide)
                    for f in site["cond_indep_stack"]):
             return []  # no per-row sites: the guide opens no data plate
         return [pyro.plate(plate, size, subsample=subsample, dim=dim)]
@@ -278,7 +292,11 @@ class Structure:
     not); ``sequential``: sequential plates around observed sites; ``latents``: the model's
     latent sites; ``own_subsample``: the subsample size of a
     model that subsamples its data plate itself (None if it does not); ``point_masses``:
-    per-row guide latents drawn from a Delta (AutoDelta's MAP values).
+    per-row guide latents drawn from a Delta (AutoDelta's MAP values); ``joint_rows``:
+    per-row guide latents whose values the guide computes from one draw outside the data
+    plate (AutoStructured, an easyguide group, an AutoContinuous: log q does not split by
+    rows); ``row_plates``: plates of the batch's length around observed sites, {plate:
+    sites}.
     """
 
     plate: str | None
@@ -292,6 +310,8 @@ class Structure:
     own_subsample: int | None = None
     point_masses: list[str] = field(default_factory=list)
     sequential: list[str] = field(default_factory=list)
+    joint_rows: list[str] = field(default_factory=list)
+    row_plates: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Pair:
@@ -343,6 +363,15 @@ class Pair:
         per-example figure needs one)."""
         plate = self.inspect(batch).plate
         if plate is None:
+            split = self.structure.row_plates
+            if len(split) > 1:
+                where = "; ".join(f"{', '.join(map(repr, sites))} in plate {name!r}"
+                                  for name, sites in split.items())
+                raise SetupError(
+                    f"the observations sit in different plates of the data's {len(batch)} "
+                    f"rows ({where}); put every per-row observation inside one "
+                    "`with pyro.plate(\"data\", len(x)):` (plate=NAME is for observations "
+                    "made once for the whole dataset, which are not per-row)")
             raise SetupError(
                 "could not tell which plate runs over the rows of the data: no plate of "
                 f"length {len(batch)} surrounds every observed site; wrap the observations "
@@ -360,15 +389,52 @@ def _sequential_note(names: list[str]) -> str:
             f"{names[0]!r}, len(x)):` around one site for all rows")
 
 
+def records_value(site: dict) -> bool:
+    """A site that records a value, not an observation: ``pyro.deterministic``, or a latent
+    ``poutine.reparam`` replaced by its value (an observed ``Delta(...).mask(False)``)."""
+    fn = site["fn"]
+    return bool(site["infer"].get("_deterministic")) or (
+        isinstance(fn, dist.MaskedDistribution) and fn._mask is False)
+
+
+def observes(site: dict) -> bool:
+    """Whether a trace site is an observation (obs=, pyro.factor), not a recorded value."""
+    return site["type"] == "sample" and site["is_observed"] and not records_value(site)
+
+
 def _sequential_plates(model_trace) -> list[str]:
     """Sequential plates (``for i in pyro.plate(...)``) around observed sites."""
-    return sorted({f.name for s in model_trace.nodes.values()
-                   if s["type"] == "sample" and s["is_observed"]
+    return sorted({f.name for s in model_trace.nodes.values() if observes(s)
                    for f in s["cond_indep_stack"] if not f.vectorized})
 
 
 def _vectorized_frames(site: dict) -> list:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE]
+
+
+def _check_observed_shapes(model_trace) -> None:
+    """An observed value whose shape does not broadcast with its distribution's (Pyro finds
+    out only when scoring it, with a bare shape error)."""
+    for name, site in model_trace.nodes.items():
+        if observes(site) and torch.is_tensor(site["value"]) and hasattr(site["fn"], "shape"):
+            try:
+                torch.broadcast_shapes(site["value"].shape, site["fn"].shape())
+            except RuntimeError as e:
+                raise ValueError(
+                    f"observed site {name!r}: its value of shape {tuple(site['value'].shape)} "
+                    f"does not fit its distribution's shape {tuple(site['fn'].shape())}") from e
+
+
+def _prior_trace(pair: Pair, batch):
+    """The model alone (its own plates and draws); a latent it cannot draw (ImproperUniform,
+    for AutoDelta with init_to_value) takes the guide's value instead."""
+    with poutine.block(), torch.no_grad():
+        try:
+            return poutine.trace(batch.call).get_trace(pair.model)
+        except NotImplementedError:
+            guide_trace = poutine.trace(batch.call).get_trace(pair.guide)
+            return poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(
+                pair.model)
 
 
 def _traces(pair: Pair, batch) -> tuple:
@@ -382,9 +448,7 @@ def _traces(pair: Pair, batch) -> tuple:
 def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
     """The plate around every observed site that runs over the dataset's rows: opened at
     full size n with b rows, or (a program that does not subsample) at the batch's b rows."""
-    observed = [s for s in model_trace.nodes.values()
-                if s["type"] == "sample" and s["is_observed"]
-                and not s["infer"].get("_deterministic")]
+    observed = [s for s in model_trace.nodes.values() if observes(s)]
     if not observed:
         return None, None
     full, local = None, None
@@ -405,11 +469,43 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _check_observes(model_trace) -> None:
+    """A model that observes nothing with this data (``model(x, y=None)`` given x alone)
+    has no likelihood to train or score."""
+    if not any(observes(s) for s in model_trace.nodes.values()):
+        latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
+                   if s["type"] == "sample"]
+        raise SetupError(
+            "the model observes nothing with this data: no pyro.sample(..., obs=...) got a "
+            f"value (its sample sites: {', '.join(map(repr, latents)) or 'none'}); a "
+            "model(x, y=None) needs y in the data, e.g. (x, y) or {'x': x, 'y': y} "
+            "(to predict y for new x: pyro.infer.Predictive(model, guide=guide, "
+            "num_samples=100)(x))")
+
+
+def _check_rows_outside(structure: Structure, n: int, b: int) -> None:
+    """Warn of observations in another plate of the batch's length than the data plate:
+    per-row data put outside it (``plate=`` given for two plates over the rows) would be
+    scaled as if observed once and left out of per-row figures. (A plate of side
+    observations whose size equals the batch's by chance looks the same: hence a warning.)"""
+    plate = structure.plate
+    others = {k: v for k, v in structure.row_plates.items() if k != plate}
+    if plate is None or not others:
+        return
+    name, sites = next(iter(others.items()))
+    warn_user(
+        f"observed site(s) {', '.join(map(repr, sites))} lie in plate {name!r} of the same "
+        f"{b} rows as {'the minibatch of' if b < n else ''} the data plate {plate!r}, outside "
+        "it: they count as observed once for the whole dataset (not scaled to it on "
+        "minibatches, and left out of per-row figures: log_likelihood, elbo, LOO); if they "
+        f"are per row, put them inside plate {plate!r}")
+
+
 def _plates_of_rows(model_sites: dict, b: int) -> dict[str, list[str]]:
     """Plates of the batch's length b around some (not all) observed sites: {name: sites}."""
     found: dict[str, list[str]] = {}
     for name, site in model_sites.items():
-        if site["is_observed"]:
+        if observes(site):
             for fr in _vectorized_frames(site):
                 if frame_rows(fr, site) == b:
                     found.setdefault(fr.name, []).append(name)
@@ -422,12 +518,24 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     :class:`SetupError` before any training step (module docstring)."""
     n, b = batch.size, len(batch)
     try:
-        with poutine.block(), torch.no_grad():  # the model alone: its own plates
-            prior_trace = poutine.trace(batch.call).get_trace(pair.model)
+        try:
+            prior_trace = _prior_trace(pair, batch)
+            if check:
+                _check_observed_shapes(prior_trace)
+        except (ValueError, RuntimeError, IndexError) as e:
+            if b >= n:
+                raise
+            raise SetupError(
+                f"the model failed on a minibatch of {b} of {n} rows ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); data the model reads from elsewhere than "
+                "its arguments (a tensor in pyro.condition(model, data=...), a global or a "
+                "closure) is not cut into minibatches: pass it in the data (e.g. (x, y) for "
+                "model(x, y)), or train full-batch (batch_size >= number of rows)") from e
         if pair.plate is None:  # the guide's plates follow from the model's
             pair.plate, pair.plate_dim = _find_plate(prior_trace, n, b)
         own = _own_subsample(prior_trace, pair.plate)
         if check:
+            _check_observes(prior_trace)
             _check_joint_autoguide(pair, n, b)
             _check_own_subsampling(pair, own, n, b)
         try:
@@ -476,12 +584,13 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     # AutoContinuous's joint latent) is a density's value, not a point mass (AutoDelta)
     auxiliary = [k for k, s in guide_trace.nodes.items() if s["type"] == "sample"
                  and s["infer"].get("is_auxiliary")]
-    joint = any(k.startswith("_Auto") for k in auxiliary)
-    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"]) and not joint
+    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"])
               and f"{k}_unconstrained" not in auxiliary]
+    joint, deltas = _split_deltas(pair, batch, guide_trace, plate, deltas)
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
                           latents, own.subsample_size if own is not None else None, deltas,
-                          _sequential_plates(model_trace))
+                          _sequential_plates(model_trace), joint,
+                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b))
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -512,15 +621,25 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                and model_sites[k]["infer"].get("enumerate") != "parallel"
                and not model_sites[k]["infer"].get("_deterministic")]
     if missing:
-        warnings.warn(
+        warn_user(
             f"model latent site(s) {', '.join(sorted(missing))} are not in the guide: they are "
             "drawn from the prior at every step (mark discrete ones with config_enumerate and "
-            "use objective='enum', or add them to the guide)", stacklevel=4)
+            "use objective='enum', or add them to the guide)")
     for name, site in guide_latents.items():
         alone = prior_trace.nodes.get(name, model_sites[name])  # plates not replayed
         g = {f.name: f.size for f in _vectorized_frames(site)}
         m = {f.name: f.size for f in _vectorized_frames(alone)}
         if g.keys() != m.keys() or any(g[k] != m[k] and -1 not in (g[k], m[k]) for k in g):
+            plate = structure.plate
+            if plate in g and plate in m and g[plate] != m[plate] \
+                    and name in per_row_autoguide_sites(pair):
+                raise SetupError(
+                    f"the guide keeps one parameter per training row for {name!r} "
+                    f"({g[plate]} rows), but this data has {m[plate]}: an autoguide's per-row "
+                    "parameters score only the rows it was trained on, in their order; for "
+                    "new rows use an amortized guide for the per-row latents "
+                    "(ppl_vae.guides.amortized.AmortizedNormal)")
+
             def show(d: dict) -> str:
                 return ", ".join(f"{k!r} (size {v})" for k, v in d.items()) or "no plate"
             raise SetupError(
@@ -532,8 +651,8 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
     masked = [k for k in model_latents
               if model_sites[k]["mask"] is not None and model_sites[k]["mask"] is not True]
     for part in _autoguide_parts(pair.raw_guide):
-        joint = [k for k in masked if isinstance(part, AutoContinuous)
-                 and part.prototype_trace is not None and k in part.prototype_trace.nodes]
+        joint = [k for k in masked if isinstance(part, (AutoContinuous, AutoStructured))
+                 and k in dict(prototype_latents(part))]
         if joint:
             raise SetupError(
                 f"model site {joint[0]!r} is masked (obs_mask or poutine.mask), but "
@@ -541,15 +660,16 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 "masked ones included, whose entropy the ELBO would then reward without "
                 "bound; use AutoNormal or AutoDelta for it (they are masked like the model)")
     _check_support(prior_trace)
+    _check_rows_outside(structure, n, b)
     if b >= n:
         return
     plate = structure.plate
     if plate is None:
-        observed = [repr(k) for k, s in model_sites.items() if s["is_observed"]]
+        observed = [repr(k) for k, s in model_sites.items() if observes(s)]
         inside = _plates_of_rows(model_sites, b)
         if inside:  # some observations are in a plate over the rows, others outside it
             name, sites = next(iter(inside.items()))
-            outside = [repr(k) for k, s in model_sites.items() if s["is_observed"]
+            outside = [repr(k) for k, s in model_sites.items() if observes(s)
                        and k not in sites]
             raise SetupError(
                 f"on minibatches of {b} of {n} rows: plate {name!r} runs over the "
@@ -567,9 +687,8 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
     if structure.local_latents and not pair.model_subsamples:
         for part in _autoguide_parts(guide):
             if isinstance(part, AutoGuide) and part.prototype_trace is not None:
-                frame = next((f for s in part.prototype_trace.nodes.values()
-                              if s["type"] == "sample" for f in s["cond_indep_stack"]
-                              if f.name == plate), None)
+                frame = next((f for _, s in prototype_latents(part)
+                              for f in s["cond_indep_stack"] if f.name == plate), None)
                 if frame is not None and (frame.full_size or frame.size) != n:
                     raise SetupError(
                         f"{type(part).__name__} holds one value per row of a "
@@ -676,16 +795,56 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
 
 
 def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | None:
-    """The first AutoContinuous part of the guide (one joint distribution over all its
-    latents) that holds latents of ``plate``: (its class name, those latents); None if none."""
+    """The first AutoContinuous or AutoStructured part of the guide (one joint distribution
+    over all its latents) that holds latents of ``plate``: (its class name, those latents);
+    None if none."""
     for part in _autoguide_parts(pair.raw_guide):
-        if not isinstance(part, AutoContinuous) or part.prototype_trace is None:
+        if not isinstance(part, (AutoContinuous, AutoStructured)):
             continue
-        local = [name for name, s in part.prototype_trace.iter_stochastic_nodes()
+        local = [name for name, s in prototype_latents(part)
                  if any(f.name == plate for f in s["cond_indep_stack"])]
         if local:
             return type(part).__name__, local
     return None
+
+
+def _split_deltas(pair: Pair, batch, guide_trace, plate: str | None, deltas: list[str]
+                  ) -> tuple[list[str], list[str]]:
+    """Split per-row Delta sites of the guide into (joint, point masses): joint ones take
+    their value from an auxiliary draw outside the data plate (AutoStructured's
+    ``<name>_aux``, an easyguide group's draw, an AutoContinuous's ``_Auto..._latent``), so
+    their log q sits outside the rows; point masses come from no auxiliary draw (AutoDelta).
+    Found by moving each auxiliary draw (the others held) and watching the Delta values."""
+    auxiliary = {k: s for k, s in guide_trace.nodes.items() if s["type"] == "sample"
+                 and s["infer"].get("is_auxiliary") and s["value"].is_floating_point()}
+    if not deltas or not auxiliary:
+        return [], deltas
+    held = {k: s["value"] for k, s in auxiliary.items()}
+    joint: set[str] = set()
+    backed: set[str] = set()
+    with poutine.block(), torch.no_grad():
+        for name, site in auxiliary.items():
+            moved = poutine.condition(pair.guide, data=dict(held, **{name: site["value"] + 1}))
+            try:
+                trace = poutine.trace(batch.call).get_trace(moved)
+            except (ValueError, RuntimeError):  # a value the guide cannot take: no verdict
+                continue
+            outside = not any(f.name == plate for f in _vectorized_frames(site))
+            for k in deltas:
+                if k in trace.nodes and not torch.equal(trace.nodes[k]["value"],
+                                                        guide_trace.nodes[k]["value"]):
+                    (joint if outside else backed).add(k)
+    return ([k for k in deltas if k in joint],
+            [k for k in deltas if k not in joint and k not in backed])
+
+
+def holds_joint_rows(pair: Pair, n: int) -> bool:
+    """Whether an AutoContinuous or AutoStructured part of the guide holds latents of a
+    plate of n rows: its one joint draw covers every row, so it is drawn for all n at once."""
+    return any(isinstance(part, (AutoContinuous, AutoStructured))
+               and any((f.full_size or f.size) == n for _, s in prototype_latents(part)
+                       for f in s["cond_indep_stack"] if f.vectorized)
+               for part in _autoguide_parts(pair.raw_guide))
 
 
 def _is_delta(fn) -> bool:
@@ -715,6 +874,8 @@ def check_per_row_evaluation(pair: Pair, structure: Structure, weights: bool = T
             f"it scores {m} random rows of each call, not every row; evaluate it without "
             f"subsample_size (the engine's batch_size={m} makes the same minibatches in fit)")
     joint = _joint_over_rows(pair, structure.plate) if weights else None
+    if weights and joint is None and structure.joint_rows:
+        joint = type(pair.raw_guide).__name__, structure.joint_rows
     if joint:
         kind, local = joint
         raise SetupError(
@@ -786,12 +947,25 @@ def _autoguide_parts(guide) -> list:
     return [guide] if isinstance(guide, AutoGuide) else []
 
 
+def prototype_latents(part: AutoGuide) -> list[tuple[str, dict]]:
+    """An autoguide's latent sites as its prototype trace saw them, (name, site) pairs
+    ([] before its first call; AutoStructured keeps them in ``_sorted_sites`` and clears
+    the trace)."""
+    if part.prototype_trace is None:
+        return []
+    kept = getattr(part, "_sorted_sites", None)
+    if kept is not None:
+        return list(kept)
+    return [(k, s) for k, s in part.prototype_trace.nodes.items()
+            if s.get("type") == "sample" and not s.get("is_observed")]
+
+
 def per_row_autoguide_sites(pair: Pair) -> list[str]:
     """Latent sites of the data plate that an autoguide keeps one parameter per row for
     (AutoNormal, AutoDelta ...): they need the rows' ids, which streamed data lacks."""
     plate = pair.plate
-    return [name for part in _autoguide_parts(pair.raw_guide) if part.prototype_trace is not None
-            for name, site in part.prototype_trace.iter_stochastic_nodes()
+    return [name for part in _autoguide_parts(pair.raw_guide)
+            for name, site in prototype_latents(part)
             if any(f.name == plate for f in site["cond_indep_stack"])]
 
 

@@ -6,7 +6,6 @@ imports it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from pyro.infer.autoguide import AutoGuide
 
 from .batching import Data, TensorBatches, make_batches
 from .checkpoint import load_checkpoint
-from .program import SetupError, modules_of, per_row_autoguide_sites
+from .program import SetupError, modules_of, per_row_autoguide_sites, warn_user
 from .training import FitConfig, History, Trainer
 
 __all__ = ["fit", "restore"]
@@ -82,8 +81,7 @@ def fit(model: Callable, guide: Callable, data: Data, val_data: Data | None = No
                     seed=kept["seed"], device=device, extra=dict(config or {}), **options,
                     **{k: kept[k] for k in CONTINUED})
     if cfg.beta != 1.0 and not cfg.kl_sites:
-        warnings.warn("beta has no effect without kl_sites (the latent sites to weight)",
-                      stacklevel=2)
+        warn_user("beta has no effect without kl_sites (the latent sites to weight)")
     if devices is not None or num_nodes is not None or strategy is not None:
         from .distributed import fit_distributed  # lightning is optional
 
