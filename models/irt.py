@@ -66,6 +66,7 @@ from .irt_tables import (
     Z90,
     kind_of,
     read_responses,
+    refuse_codes_from_one,
     run_responses,
     save_responses,
     warn_unused_categories,
@@ -337,6 +338,16 @@ def ability_posterior(guide: nn.Module, responses: torch.Tensor, mask: torch.Ten
     return loc, scale
 
 
+def prior_if_unanswered(mean: torch.Tensor, sd: torch.Tensor, mask: torch.Tensor,
+                        ability_mean: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guide's ability means and sds (N,) with the prior N(ability_mean, 1) put in for
+    the students who answered nothing (``mask`` (N, I) all False in their row): nothing is
+    known of them, and the encoder never saw such a row in training."""
+    empty = ~mask.bool().any(-1).to(mean.device)
+    return (torch.where(empty, torch.full_like(mean, ability_mean), mean),
+            torch.where(empty, torch.ones_like(sd), sd))
+
+
 @torch.no_grad()
 def posterior_samples(model: IRT, guide: nn.Module, responses: torch.Tensor,
                       mask: torch.Tensor, num_samples: int = 1000) -> dict[str, torch.Tensor]:
@@ -495,6 +506,26 @@ def marginal_items(run, y: torch.Tensor, mask: torch.Tensor):
                       stacklevel=2)
         laplace = run.guide
     return est, laplace
+
+
+def predictive_statistics(item_ids: list[str], categories: list[int] | None = None
+                          ) -> dict[str, tuple]:
+    """The exam's posterior predictive checks (``ppc`` of
+    :func:`ppl_vae.checks.check_posterior`), each a statistic of an answer table (N, I; NaN
+    where missing): per item the proportion correct (binary items) or the mean code (graded
+    items, ``categories`` K_t per item; None: all binary), and the share of students per
+    total score, the sum of their answered codes, 0 .. sum_t (K_t - 1)."""
+    cats = categories or [2] * len(item_ids)
+    top = int(sum(k - 1 for k in cats))
+
+    def totals(y: np.ndarray) -> np.ndarray:
+        score = np.clip(np.nansum(y, 1).astype(int), 0, top)
+        return np.bincount(score, minlength=top + 1) / len(y)
+
+    per_item = "proportion correct per item" if max(cats) <= 2 else "mean code per item"
+    return {per_item: ("responses", lambda y: np.nanmean(y, 0), list(item_ids)),
+            "share of students per total score (answered items)":
+            ("responses", totals, list(range(top + 1)))}
 
 
 def _marginal_predictive(model: Any, y: torch.Tensor, mask: torch.Tensor, idata: Any
@@ -709,9 +740,12 @@ class IRTFamily(Family):
             spec.num_items, spec.num_students = data.num_items, data.num_students
             spec.item_ids = list(data.item_ids)
             if kind in GRADED_KINDS:
+                refuse_codes_from_one(data)
                 top = ((data.responses * data.mask).amax(0) + 1).clamp_min(2)
                 spec.categories = [int(k) for k in top.tolist()]
                 warn_unused_categories(data, spec.categories)
+            else:  # binary items everybody got right (or wrong)
+                warn_unused_categories(data, [2] * data.num_items)
         elif spec.num_items is None:
             raise SetupError(f"{model}: give the response file (--responses FILE or lsat6)")
         return spec
@@ -911,33 +945,39 @@ class IRTFamily(Family):
         return item_estimates(run.model, run.guide, y, mask)
 
     def score(self, run, responses: str | Path | None = None, out: str | Path | None = None,
+              format: str | None = None, id_column: str | None = None,
               **_: Any) -> dict[str, Any]:
         """Abilities of new students into the CSV ``out``: exactly by quadrature given the
         items (marginal runs: EAP, sd, MAP), or from the amortized encoder in one pass (with
-        the exact posterior mean and sd given the items' means). Items missing from the new
-        file count as unanswered."""
+        the exact posterior mean and sd given the items' means; a student with no answers
+        gets the prior, mean 0 and sd 1). Items missing from the new file count as
+        unanswered. The file is read in the run's layout (its ``--format`` and
+        ``--id-column``) unless ``format`` / ``id_column`` say otherwise."""
         if responses is None or out is None:
             raise SetupError("score needs responses= (a response file) and out= (a CSV)")
         if run.spec.dims > 1:
             from .irt_multidim import score
 
-            return score(run, responses, out)
+            return score(run, responses, out, format=format, id_column=id_column)
         if run.spec.method == "meanfield":
             raise SetupError(f"{run.path} was trained with --method meanfield; scoring new "
                              "students needs a marginal or an amortized run")
-        data = read_responses(run.spec, responses, check=False).align(run.spec.item_ids)
+        data = read_responses(run.spec, responses, check=False, format=format,
+                              id_column=id_column).align(run.spec.item_ids)
         y, mask = data.tensors()
         if run.spec.method == "marginal":
             from .irt_marginal import check_responses
 
-            check_responses(y, mask, run.model.categories)
+            check_responses(y, mask, run.model.categories, source=data.source,
+                            student_ids=data.student_ids, item_ids=data.item_ids,
+                            lines=data.lines)
             ab = run.model.abilities(y, mask, self._estimates(run, y, mask))
             rows = student_rows(data, ab["eap"], ab["sd"], {"ability_map": ab["map"]})
         else:
-            mean, sd = ability_posterior(run.guide, y, mask)
             samples = posterior_samples(run.model, run.guide, y, mask, num_samples=1000)
             point = {k: samples[k].mean(0) for k in run.model.item_sites}
             mu = float(samples["ability_mean"].mean()) if "ability_mean" in samples else 0.0
+            mean, sd = prior_if_unanswered(*ability_posterior(run.guide, y, mask), mask, mu)
             exact = quadrature_abilities(run.model.kind, point, y, mask, ability_mean=mu)
             rows = student_rows(data, mean, sd, {"ability_exact_mean": exact[0],
                                                  "ability_exact_sd": exact[1]})
@@ -950,8 +990,9 @@ class IRTFamily(Family):
         """Posterior checks (:func:`ppl_vae.checks.check_posterior`): posterior.nc,
         summary.csv, forest/posterior/k-hat PNGs with the exam's dims. Marginal runs: of the
         item posterior (Laplace at the marginal MAP; ``pareto_k`` is its k-hat). Amortized
-        and mean-field runs: predictive checks (proportion correct per item, distribution of total
-        scores); for amortized runs simulation-based calibration of the ability encoder
+        and mean-field runs: predictive checks (proportion correct per item, or mean code for
+        graded runs; distribution of total scores, :func:`predictive_statistics`); for amortized
+        runs simulation-based calibration of the ability encoder
         (sbc.png); ``pareto_k`` is the share of students with k-hat >= 0.7. With ``nuts`` a
         NUTS cross-check (nuts_vs_svi.csv, small data only)."""
         from ppl_vae.checkpoint import write_json
@@ -964,11 +1005,7 @@ class IRTFamily(Family):
         data = run_responses(run)
         tensors = data.tensors()
         items = list(run.spec.item_ids)
-        ppc = {"proportion correct per item": ("responses", lambda y: np.nanmean(y, 0), items),
-               "share of students per total score (answered items)":
-               ("responses", lambda y: np.bincount(np.nansum(y, 1).astype(int),
-                                                   minlength=len(items) + 1) / len(y),
-                list(range(len(items) + 1)))}
+        ppc = predictive_statistics(items, run.spec.categories)
         predictive = None
         if run.spec.method == "marginal":  # the item posterior: Laplace at the marginal MAP
             _, guide = marginal_items(run, *tensors)

@@ -714,19 +714,31 @@ def item_table(model: MarginalIRT, guide: nn.Module, responses: torch.Tensor,
 # ---- checks and simulation ----------------------------------------------------------------
 
 def check_responses(responses: torch.Tensor, mask: torch.Tensor | None,
-                    categories: int | Sequence[int]) -> None:
-    """Raise ValueError naming the first answered cell whose code is not an integer in
-    0..K_t-1. The model does not check (no host reads in a step): it reads codes through
-    y >= k comparisons, so a bad code would silently count as some other category."""
+                    categories: int | Sequence[int], *, source: str | None = None,
+                    student_ids: Sequence[str] | None = None,
+                    item_ids: Sequence[str] | None = None,
+                    lines: Sequence[int] | None = None) -> None:
+    """Raise ValueError naming the first answered cell of ``responses`` (N, I) whose code is
+    not an integer in 0..K_t-1. The model does not check (no host reads in a step): it reads
+    codes through y >= k comparisons, so a bad code would silently count as some other
+    category. With ``item_ids`` the message names the file ``source``, the line (``lines``:
+    each student's line in a wide CSV) or the student, and the item, as the readers do;
+    without, the 0-based row and item."""
     y = torch.as_tensor(responses)
     m = torch.ones_like(y, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     k = torch.as_tensor(categories if not isinstance(categories, int)
                         else [categories] * y.shape[-1]).to(y.device)
     bad = m & ((y < 0) | (y >= k) | (y != torch.round(y.double()).to(y.dtype)))
-    if bool(bad.any()):
-        s, t = bad.nonzero()[0].tolist()
-        raise ValueError(f"row {s}, item {t}: value {float(y[s, t])} is not a category code "
-                         f"0..{int(k[t]) - 1}")
+    if not bool(bad.any()):
+        return
+    s, t = bad.nonzero()[0].tolist()
+    what = f"is not a category code 0..{int(k[t]) - 1}"
+    if item_ids is None:
+        raise ValueError(f"row {s}, item {t}: value {float(y[s, t])} {what}")
+    where = (f"line {lines[s]}, column {item_ids[t]!r}" if lines is not None else
+             f"student {(student_ids[s] if student_ids else s)!r}, item {item_ids[t]!r}")
+    raise ValueError(f"{source or '<memory>'}: {where}: value {float(y[s, t]):g} {what} "
+                     f"(the run's item {item_ids[t]!r} has {int(k[t])} categories)")
 
 
 def simulate(num_students: int, categories: int | Sequence[int], missing: float = 0.0,

@@ -642,7 +642,7 @@ def make_spec(spec: Any) -> Any:
     """Check an exam spec with ``dims`` > 1 or a ``q_matrix`` and fill its data fields
     (num_items, num_students, item_ids, dims and loading_pattern from the Q-matrix, method,
     correlated). Raises SetupError naming the flag or file."""
-    from .irt_tables import read_responses
+    from .irt_tables import read_responses, warn_unused_categories
 
     name = spec.model
     if name != "irt-2pl":
@@ -656,6 +656,7 @@ def make_spec(spec: Any) -> Any:
     if spec.responses is None:
         raise SetupError(f"{name}: give the response file (--responses FILE)")
     data = read_responses(spec)
+    warn_unused_categories(data, [2] * data.num_items)  # items everybody got right (or wrong)
     spec.num_items, spec.num_students = data.num_items, data.num_students
     spec.item_ids = list(data.item_ids)
     if spec.q_matrix is not None:
@@ -937,13 +938,17 @@ def evaluate(run, iwae_samples: int = 1000, limit: int | None = None, seed: int 
     return result
 
 
-def score(run, responses: str | Path, out: str | Path) -> dict[str, Any]:
+def score(run, responses: str | Path, out: str | Path, format: str | None = None,
+          id_column: str | None = None) -> dict[str, Any]:
     """Abilities of new students (items missing from their file count as unanswered) into
     the CSV ``out``: by quadrature given the items (marginal runs) or from the encoder and
-    importance weights (amortized runs); same columns as students.csv."""
+    importance weights (amortized runs); same columns as students.csv. The file is read in
+    the run's layout (``--format``, ``--id-column``) unless ``format`` / ``id_column`` say
+    otherwise."""
     from .irt_tables import read_responses, write_csv
 
-    data = read_responses(run.spec, responses, check=False).align(run.spec.item_ids)
+    data = read_responses(run.spec, responses, check=False, format=format,
+                          id_column=id_column).align(run.spec.item_ids)
     y, mask = data.tensors()
     sol = solution(run, y, mask, laplace=False)
     write_csv(_student_rows(data, sol), Path(out))

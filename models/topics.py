@@ -2,11 +2,13 @@
 (:mod:`ppl_vae.models.lda`) share their data, training defaults and reports.
 
 :class:`TopicFamily` holds the spec a run stores, the corpus (:mod:`ppl_vae.data.topics`),
-the training defaults, the topic proportions of documents (:meth:`TopicFamily.theta`),
-the report (topics.csv with per-topic NPMI and usage, topics.png, topic_quality.json) and the
-commands evaluate / transform / check. With contextual document embeddings (CTM: spec field
-``embeddings``, a ``.npy`` matrix in corpus order) the data are ``(counts, embeddings)`` and
-the encoder reads both; every command that encodes documents then needs their embeddings.
+the training defaults, the topic proportions of documents (:meth:`TopicFamily.theta`), the
+report (topics.csv with per-topic NPMI and usage, topics.png, topic_quality.json) and the
+commands evaluate / transform / check (transform reads new documents as the run's corpus was
+read: its tokenizer.json, :class:`~ppl_vae.data.topics.Tokenizer`). With contextual document
+embeddings (CTM: spec field ``embeddings``, a ``.npy`` matrix in corpus order) the data are
+``(counts, embeddings)`` and the encoder reads both; every command that encodes documents
+then needs their embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import json
 import math
 import warnings
 from pathlib import Path
@@ -26,10 +29,13 @@ from ppl_vae.batching import take_rows
 from ppl_vae.checkpoint import atomic_write_bytes, write_json
 from ppl_vae.data.fetch import CORPORA, fetch_corpus
 from ppl_vae.data.topics import (
+    OCTIS_TOKENIZER,
+    Tokenizer,
     TopicCorpus,
     load_corpus,
-    read_documents,
+    load_documents,
     read_embeddings,
+    read_vocabulary,
 )
 from ppl_vae.evaluation import eval_mode
 from ppl_vae.family import Family, register
@@ -42,7 +48,14 @@ from ppl_vae.models.prodlda import (
 )
 from ppl_vae.nn import DocumentEncoder
 from ppl_vae.program import SetupError
-from ppl_vae.topic_metrics import co_use, diversity, perplexity, top_words, topic_quality
+from ppl_vae.topic_metrics import (
+    co_use,
+    diversity,
+    log_multinomial_coefficient,
+    perplexity,
+    top_words,
+    topic_quality,
+)
 
 # ---- the family: spec, corpus, training defaults, reports and commands of prodlda and lda -----
 
@@ -290,6 +303,24 @@ def topic_corpus(spec: TopicSpec) -> TopicCorpus:
     return _CORPORA[key]
 
 
+def corpus_tokenizer(spec: TopicSpec) -> Tokenizer:
+    """How the spec's corpus makes documents into tokens, told from the spec alone (without
+    reading or downloading the corpus): OCTIS's whitespace split for a corpus name or an
+    OCTIS folder, scikit-learn's ``CountVectorizer`` analyzer with the spec's ``stop_words``
+    for a text file or a folder of ``*.txt`` files (:func:`~ppl_vae.data.topics.load_corpus`
+    decides the same way); the legacy lower-cased whitespace split when the corpus is gone
+    or not named. For runs stored before ``tokenizer.json`` (:meth:`TopicFamily.tokenizer`)."""
+    if not spec.corpus:
+        return Tokenizer()
+    path = Path(spec.corpus)
+    if (path / "corpus.tsv").exists() or (spec.corpus in CORPORA and not path.exists()):
+        return OCTIS_TOKENIZER
+    if path.is_file() or path.is_dir():
+        return Tokenizer("countvectorizer",
+                         stop_words=None if spec.stop_words == "none" else spec.stop_words)
+    return Tokenizer()
+
+
 _EMBEDDINGS: dict[tuple, torch.Tensor] = {}
 
 
@@ -497,20 +528,22 @@ class TopicFamily(Family):
     # ---- after training ----------------------------------------------------------------
     def report(self, run) -> list[Path]:
         """On the state a reloaded run holds (best.pt when there is validation data):
-        vocabulary.txt; topics.csv (topic, rank, word, weight of the top 25 words, and per
-        topic its ``npmi`` (top 10), ``usage`` (mean topic proportion over the training
-        documents) and ``documents`` (training documents whose largest proportion is the
-        topic), ``near_copy_of`` (the topic sharing the most of its top 25 words, when more
-        than half: :func:`~ppl_vae.topic_metrics.near_duplicates`, with a warning that names
-        them); topics.png (each topic's top 10 words, its NPMI and usage in the title);
-        topic_quality.json (the same per-topic figures, mean NPMI, diversity at 10 and 25,
-        the near-duplicate pairs and, for each, ``near_duplicates_co_use``: the correlation
-        of the two topics' proportions over the training documents,
-        :func:`~ppl_vae.topic_metrics.co_use`)."""
+        vocabulary.txt; tokenizer.json (how the corpus became tokens, for :meth:`transform`:
+        :class:`~ppl_vae.data.topics.Tokenizer`); topics.csv (topic, rank, word, weight of the
+        top 25 words, and per topic its ``npmi`` (top 10), ``usage`` (mean topic proportion over
+        the training documents) and ``documents`` (training documents whose largest proportion
+        is the topic), ``near_copy_of`` (the topic sharing the most of its top 25 words, when
+        more than half: :func:`~ppl_vae.topic_metrics.near_duplicates`, with a warning that
+        names them and the epochs trained, :func:`near_copy_message`); topics.png (each topic's
+        top 10 words, its NPMI and usage in the title); topic_quality.json (the same per-topic
+        figures, mean NPMI, diversity at 10 and 25, the near-duplicate pairs and, for each,
+        ``near_duplicates_co_use``: the correlation of the two topics' proportions over the
+        training documents, :func:`~ppl_vae.topic_metrics.co_use`)."""
         corpus = topic_corpus(run.spec)
         vocabulary = corpus.vocabulary
         path = Path(run.path)
         atomic_write_bytes(path / "vocabulary.txt", ("\n".join(vocabulary) + "\n").encode())
+        write_json(corpus.tokenizer.to_json(), path / TOKENIZER_FILE)
         weights = run.model.topic_word().cpu()
         quality = topic_quality(weights, vocabulary, corpus.texts)
         theta = self.train_theta(run, corpus)
@@ -530,16 +563,9 @@ class TopicFamily(Family):
         write_json(quality, path / "topic_quality.json")
         copied = sorted(k for k, j in enumerate(copies) if j is not None)
         if copied:
-            together = [c for c in quality["near_duplicates_co_use"] if c == c]
-            warnings.warn(NearDuplicateTopics(
-                f"{len(copied)} of {weights.shape[0]} topics share more than half of their top "
-                f"25 words with another (topics {', '.join(map(str, copied[:12]))}"
-                f"{' ...' if len(copied) > 12 else ''}; column near_copy_of of "
-                f"{path / 'topics.csv'}"
-                + (f"; median correlation of a pair's proportions over the training "
-                   f"documents {float(np.median(together)):.2f}" if together else "")
-                + "): the corpus has fewer themes than topics; fewer topics (--topics) "
-                "usually gives distinct ones"), stacklevel=2)
+            warnings.warn(NearDuplicateTopics(near_copy_message(
+                copied, weights.shape[0], quality["near_duplicates_co_use"],
+                path / "topics.csv", len(run.history))), stacklevel=2)
         titles = [f"topic {k}: NPMI {n:+.2f}, usage {u:.1%}" for k, (n, u) in
                   enumerate(zip(quality["npmi_per_topic"], quality["usage"]))]
         return [path / "vocabulary.txt", path / "topics.csv",
@@ -568,13 +594,30 @@ class TopicFamily(Family):
         run without one (not saved, or stopped before its report) the corpus's."""
         file = Path(run.path) / "vocabulary.txt" if run.path is not None else None
         if file is not None and file.exists():
-            return file.read_text(encoding="utf-8").splitlines()
+            return read_vocabulary(file)
         words = topic_corpus(run.spec).vocabulary
         if len(words) != run.spec.vocab_size:
             raise SetupError(f"vocabulary mismatch: {_vocabulary_file(run.spec)} now has "
                              f"{len(words)} words, the run was trained on "
                              f"{run.spec.vocab_size} (and has no vocabulary.txt)")
         return words
+
+    def tokenizer(self, run) -> Tokenizer:
+        """How the run's training made documents into tokens (what :meth:`transform` does
+        to new ones): the run folder's tokenizer.json, written with its report; for a run
+        without one (stored before it existed, or not saved) told from its spec
+        (:func:`corpus_tokenizer`)."""
+        file = Path(run.path) / TOKENIZER_FILE if run.path is not None else None
+        if file is None or not file.exists():
+            return corpus_tokenizer(run.spec)
+        try:
+            stored = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SetupError(f"{file}: not valid JSON ({e})") from e
+        try:
+            return Tokenizer.from_json(stored, str(file))
+        except ValueError as e:
+            raise SetupError(str(e)) from e
 
     def corpus(self, run) -> TopicCorpus:
         """The run's corpus, checked against the words the run was trained on."""
@@ -642,14 +685,15 @@ class TopicFamily(Family):
     def transform(self, run, docs: str | Path, out: str | Path,
                   embeddings: str | Path | np.ndarray | torch.Tensor | None = None,
                   **_: Any) -> dict:
-        """``out`` (CSV): the topic proportions of each document of ``docs`` (one a line,
-        tokens as the corpus's; ``doc`` = its line number), columns topic_0..K-1. A run
-        trained with contextual embeddings needs the new documents' ``embeddings`` too: a
-        ``.npy`` file or matrix (documents, E), one row per non-blank line of ``docs``
-        (computed here instead when the run used ``--embedding-model``)."""
-        counts, empty = read_documents(docs, self.vocabulary(run))
-        lines = [i for i, line in enumerate(Path(docs).read_text(encoding="utf-8")
-                                             .splitlines(), start=1) if line.split("\t")[0].strip()]
+        """``out`` (CSV): the topic proportions of each document of ``docs`` (one a line, made
+        into tokens as the run's training corpus was: :meth:`tokenizer`; ``doc`` = its line
+        number in the file, :func:`~ppl_vae.data.topics.document_lines`), columns
+        topic_0..K-1. A run trained with contextual embeddings needs the new documents'
+        ``embeddings`` too: a ``.npy`` file or matrix (documents, E), one row per non-blank
+        line of ``docs`` (computed here instead, from each document's in-vocabulary tokens
+        as in training, when the run used ``--embedding-model``)."""
+        new = load_documents(docs, self.vocabulary(run), self.tokenizer(run))
+        counts = new.counts
         matrix = None
         if embeddings is not None and isinstance(embeddings, (str, Path)):
             matrix = read_embeddings(embeddings, counts.shape[0],
@@ -657,26 +701,30 @@ class TopicFamily(Family):
         elif embeddings is not None:
             matrix = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
         elif run.spec.embedding_model:
-            texts = [line.split("\t")[0].lower() for line in Path(docs).read_text(
-                encoding="utf-8").splitlines() if line.split("\t")[0].strip()]
-            matrix = encode_texts(texts, run.spec.embedding_model)
+            matrix = encode_texts([" ".join(t) for t in new.tokens], run.spec.embedding_model)
         theta = self.theta(run, counts, embeddings=matrix)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["doc"] + [f"topic_{k}" for k in range(theta.shape[1])])
-            for n, row in zip(lines, theta.tolist()):
+            for n, row in zip(new.lines, theta.tolist()):
                 writer.writerow([n] + [f"{v:.6g}" for v in row])
-        return {"documents": int(theta.shape[0]), "empty_documents": empty, "out": str(out)}
+        return {"documents": int(theta.shape[0]), "empty_documents": new.empty,
+                "out": str(out)}
 
     def check(self, run, samples: int = 500, khat_samples: int = 1000, seed: int = 0,
               **_: Any) -> dict:
         """Posterior checks on the first 50 held-out documents (written into the run folder):
         topic proportions [document, topic], PPC of the 30 most frequent held-out words'
         shares (per-document frequencies averaged, so the replicates' lengths do not matter),
-        k-hat per document, and the held-out word log-likelihood under the posterior draws
-        (nats per word: mean over draws of sum_d log p(x_d | theta_d) / words)."""
+        k-hat per document, and the held-out word log-likelihood under the posterior draws:
+        ``heldout_loglik_per_word`` = mean over draws of sum_d [log p(x_d | theta_d) - log C_d]
+        / words, nats per word, with each document's multinomial coefficient C_d removed as
+        in :meth:`evaluate`'s perplexity (the likelihood of the word sequence, at most the
+        saturated model's sum_w n_w log(n_w / N) per word), and ``heldout_perplexity`` =
+        exp(-heldout_loglik_per_word): no KL term, so on the same documents at or below
+        evaluate's bound, up to Monte Carlo noise."""
         import numpy as np
 
         from ppl_vae.checks import check_posterior
@@ -708,8 +756,10 @@ class TopicFamily(Family):
                                  num_samples=min(samples, 100), khat_samples=khat_samples,
                                  ppc=ppc, seed=seed, device=run.device, plot_points=2)
         idata = load_netcdf(Path(run.path) / "posterior.nc")
-        ll = idata.log_likelihood["counts"].values.sum(-1).mean()
-        result["heldout_loglik_per_word"] = float(ll / float(test.sum()))
+        ll = float(idata.log_likelihood["counts"].values.sum(-1).mean())
+        per_word = (ll - float(log_multinomial_coefficient(test).sum())) / float(test.sum())
+        result["heldout_loglik_per_word"] = per_word
+        result["heldout_perplexity"] = math.exp(-per_word)
         result["heldout_documents"] = int(test.shape[0])
         write_json(result, Path(run.path) / "check.json")
         return result
@@ -718,6 +768,34 @@ class TopicFamily(Family):
 class NearDuplicateTopics(UserWarning):
     """Some topics of a trained run are near-copies of others (their top 25 words overlap by
     more than half)."""
+
+
+TOKENIZER_FILE = "tokenizer.json"  # how the run's corpus became tokens (Tokenizer)
+SETTLED_EPOCHS = 10  # the default warm-up: before it, topics may not have separated yet
+
+
+def near_copy_message(copied: list[int], num_topics: int, co_use_values: list[float],
+                      table: Path, epochs: int) -> str:
+    """The report's warning about near-copy topics: which topics (``copied``, of
+    ``num_topics``), where they are listed (``table``), the median correlation of a pair's
+    proportions (``co_use_values``, NaN skipped) and after how many training ``epochs``.
+    It states what was measured; fewer than :data:`SETTLED_EPOCHS` epochs are too few to
+    say the corpus has fewer themes than topics (an undertrained run's topics overlap too:
+    neural LDA, 400 documents of 5 themes, K = 5: near-copies at 3 epochs, none at 30)."""
+    together = [c for c in co_use_values if c == c]
+    shown = ", ".join(map(str, copied[:12])) + (" ..." if len(copied) > 12 else "")
+    message = (f"{len(copied)} of {num_topics} topics share more than half of their top 25 "
+               f"words with another (topics {shown}; column near_copy_of of {table}"
+               + (f"; median correlation of a pair's proportions over the training "
+                  f"documents {float(np.median(together)):.2f}" if together else "") + ")")
+    if epochs:
+        message += f" after {epochs} training epoch{'s' if epochs != 1 else ''}"
+    if 0 < epochs < SETTLED_EPOCHS:
+        return (message + ": too few to tell an undertrained run, whose topics overlap too, "
+                "from a corpus with fewer themes than topics; train longer (--epochs) "
+                "before trying fewer topics (--topics)")
+    return (message + ": the corpus may have fewer themes than topics (an undertrained run "
+            "shows this too); fewer topics (--topics) usually gives distinct ones")
 
 
 def near_copies(pairs: list, num_topics: int) -> list[int | None]:

@@ -228,7 +228,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
         has_global = any(not _in_plate(s, plate) for s in sites)
         if has_local:
             for batch in tqdm(batches, desc="k-hat", unit="batch", leave=False, disable=None):
-                chunks = [pair_log_weights(pair, batch, k, plate)[0]
+                chunks = [pair_log_weights(pair, batch, k, plate, drop_leaves=True)[0]
                           for k in _chunks(num_samples, max(1, 200_000 // len(batch)))]
                 ratios = torch.cat(chunks)
                 local_k.append(pareto_khat(ratios))

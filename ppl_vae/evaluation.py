@@ -62,7 +62,7 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
                 plate: str, nesting: int,
                 weight: Callable[[str, dict], float] | None = None,
                 enumerated: bool = False, kind: str = "weights", vectorize: bool = True,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                skip: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example log importance weights of one minibatch.
 
     Returns ``(local, glob)``: ``local`` has shape (K, B) -- the terms of every site in the data
@@ -78,15 +78,18 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
     ``kind="elbo"`` sum_y q(y | x_i) [log p(x_i, y, z_iy) - log q(y | x_i) - log q(z_iy | y)].
     ``vectorize=False`` runs the K particles one after another (for programs that do not
     broadcast over an extra leading dim, e.g. ``locs[assignment]`` or ``x @ w``).
+    ``skip``: latent sites left out of model and guide terms alike (leaves the rest of the
+    model does not read, integrated out exactly by leaving them out).
     Differentiable: used both for evaluation (under no_grad) and by the IWAE objective.
     """
     if not vectorize:
-        parts = [log_weights(model, guide, batch, None, plate, nesting, weight, enumerated, kind)
+        parts = [log_weights(model, guide, batch, None, plate, nesting, weight, enumerated, kind,
+                             skip=skip)
                  for _ in range(num_particles)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if enumerated:
         return _enumerated_log_weights(model, guide, batch, num_particles, plate, nesting,
-                                       kind)
+                                       kind, skip)
     k = num_particles or 1
     guide_trace = poutine.trace(batch.call).get_trace(
         in_particles(guide, num_particles, nesting))
@@ -96,7 +99,7 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
     glob = torch.zeros(k, device=batch.subsample.device)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in prune_subsample_sites(trace).nodes.items():
-            if site["type"] != "sample":
+            if site["type"] != "sample" or name in skip:
                 continue
             if trace is guide_trace and site["is_observed"]:
                 continue
@@ -118,7 +121,8 @@ def log_weights(model: Callable, guide: Callable, batch: Batch, num_particles: i
 
 
 def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
-                            num_particles: int, plate: str, nesting: int, kind: str
+                            num_particles: int, plate: str, nesting: int, kind: str,
+                            skip: frozenset[str] = frozenset()
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`log_weights` with enumerated discrete sites summed out (its docstring)."""
 
@@ -157,7 +161,8 @@ def _enumerated_log_weights(model: Callable, guide: Callable, batch: Batch,
                 and site["infer"].get("_enumerate_dim") is not None} if kind == "elbo" else set()
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for name, site in trace.nodes.items():
-            if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]):
+            if site["type"] != "sample" or (trace is guide_trace and site["is_observed"]) \
+                    or name in skip:
                 continue
             p = site["packed"]
             is_enum = site["infer"].get("_enumerate_dim") is not None
@@ -352,15 +357,18 @@ def within_particle_plate(trace) -> bool:
 
 def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
                      weight: Callable[[str, dict], float] | None = None, kind: str = "weights",
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     drop_leaves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`log_weights` of a :class:`~ppl_vae.program.Pair`, vectorized over particles
     when the program broadcasts over an extra leading dim, else one particle at a time
-    (found out on the first call and remembered, with a warning)."""
+    (found out on the first call and remembered, with a warning). ``drop_leaves``: leave
+    obs_mask's unobserved entries that nothing else reads out of the weights
+    (:attr:`Structure.unobserved_leaves`: log p(x_observed) exactly, less noise)."""
     structure = pair.inspect(batch)
     if getattr(pair, "_rows_checked", None) is not structure:  # once, not every iwae step
         check_per_row_evaluation(pair, structure)
         pair._rows_checked = structure
-    common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind)
+    common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind,
+                  skip=frozenset(structure.unobserved_leaves if drop_leaves else ()))
     if pair.vectorizable is not False:
         try:
             out = log_weights(pair.model, pair.guide, batch, num_particles, plate,
@@ -454,7 +462,7 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                 k = min(particles_per_pass, num_samples - done)
                 local, _ = pair_log_weights(pair, batch, k, plate_name,
                                             kind="weights" if reduce == "logmeanexp"
-                                            else "elbo")
+                                            else "elbo", drop_leaves=reduce == "logmeanexp")
                 if reduce == "logmeanexp":
                     part = local.logsumexp(0)
                     acc = part if acc is None else torch.logaddexp(acc, part)

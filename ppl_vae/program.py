@@ -296,7 +296,8 @@ class Structure:
     per-row guide latents whose values the guide computes from one draw outside the data
     plate (AutoStructured, an easyguide group, an AutoContinuous: log q does not split by
     rows); ``row_plates``: plates of the batch's length around observed sites, {plate:
-    sites}.
+    sites}; ``unobserved_leaves``: obs_mask's ``<name>_unobserved`` latents (in the guide)
+    whose values no other model site reads.
     """
 
     plate: str | None
@@ -312,6 +313,7 @@ class Structure:
     sequential: list[str] = field(default_factory=list)
     joint_rows: list[str] = field(default_factory=list)
     row_plates: dict[str, list[str]] = field(default_factory=dict)
+    unobserved_leaves: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -590,7 +592,8 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
                           latents, own.subsample_size if own is not None else None, deltas,
                           _sequential_plates(model_trace), joint,
-                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b))
+                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b),
+                          _unobserved_leaves(pair, batch, model_trace, guide_trace))
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -806,6 +809,48 @@ def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | N
         if local:
             return type(part).__name__, local
     return None
+
+
+def _unobserved_leaves(pair: Pair, batch, model_trace, guide_trace) -> list[str]:
+    """obs_mask's ``<name>_unobserved`` latents that no other model site reads, with the
+    guide sites that draw them (the site, and AutoNormal's ``<name>_unobserved_unconstrained``
+    behind its Delta): the model replayed with the leaf moved (every other latent held)
+    scores every other site the same. Integrating such a leaf out of p(x, z) leaves
+    p(x_observed, z), so log_likelihood drops its p and q terms from the importance weight
+    (they only add noise)."""
+    nodes, guide = model_trace.nodes, guide_trace.nodes
+    candidates = [k for k in nodes if k.endswith("_unobserved") and k in guide
+                  and f"{k[:-len('_unobserved')]}_observed" in nodes
+                  and guide[k]["type"] == "sample" and not guide[k]["is_observed"]
+                  and guide[k]["infer"].get("_enumerate_dim") is None
+                  and nodes[k]["value"].is_floating_point()
+                  and (not _is_delta(guide[k]["fn"]) or f"{k}_unconstrained" in guide)]
+    leaves = []
+    for name in candidates:
+        moved = poutine.Trace()
+        for k, site in nodes.items():
+            moved.add_node(k, **(dict(site, value=site["value"] + 1) if k == name else site))
+        try:
+            with poutine.block(), torch.no_grad():
+                again = poutine.trace(poutine.replay(batch.call, trace=moved)).get_trace(
+                    pair.model)
+        except (ValueError, RuntimeError, IndexError, KeyError):
+            continue
+        if all(k in again.nodes and _same_score(site, again.nodes[k])
+               for k, site in nodes.items()
+               if site["type"] == "sample" and k != name and not records_value(site)
+               and not isinstance(site["fn"], _Subsample)):
+            leaves += [name] + [f"{name}_unconstrained"] * (f"{name}_unconstrained" in guide)
+    return leaves
+
+
+def _same_score(a: dict, b: dict) -> bool:
+    """Whether two traces' versions of a site score the same (log-prob at its value)."""
+    try:
+        return bool(torch.allclose(a["fn"].log_prob(a["value"]), b["fn"].log_prob(b["value"]),
+                                   equal_nan=True))
+    except (ValueError, RuntimeError):
+        return False
 
 
 def _split_deltas(pair: Pair, batch, guide_trace, plate: str | None, deltas: list[str]

@@ -267,3 +267,56 @@ def test_posterior_goes_to_arviz_with_student_and_item_dims():
     assert post["difficulty"].shape == (1, 40, 4) and list(post["item"].values) == list("abcd")
     summary = az.summary(idata, var_names=["discrimination"], kind="stats")
     assert (summary["mean"] > 0).all()  # LogNormal guide: positive draws only
+
+
+def exam_file(path, d, rows, id_column: str = "student"):
+    """A wide CSV of the simulated exam ``d``'s students ``rows``, ids in ``id_column``."""
+    n = d["responses"].shape[1]
+    with open(path, "w") as f:
+        f.write(id_column + "," + ",".join(f"q{j}" for j in range(n)) + "\n")
+        for s in rows:
+            cells = [str(int(v)) if m else "" for v, m in zip(d["responses"][s], d["mask"][s])]
+            f.write(f"id{s}," + ",".join(cells) + "\n")
+    return path
+
+
+def test_score_reads_new_files_in_the_runs_layout(tmp_path):
+    """A run trained with --id-column could not score new students in the same layout: the
+    id column was read as an item. --id-column / --format on score replace the run's."""
+    d = simulate(200, 5, "1pl", seed=1)
+    train = exam_file(tmp_path / "train.csv", d, range(150), "StudentID")
+    run = tmp_path / "run"
+    main(["train", "irt-1pl", "--responses", str(train), "--id-column", "StudentID", "--out",
+          str(run), "--epochs", "5", "--no-progress", "--posterior-samples", "20"])
+    new = exam_file(tmp_path / "new.csv", d, range(150, 200), "StudentID")
+    main(["score", str(run), "--responses", str(new), "--out", str(tmp_path / "s.csv")])
+    scores = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["student"] for r in scores] == [f"id{s}" for s in range(150, 200)]
+    other = exam_file(tmp_path / "other.csv", d, range(150, 160), "pupil")
+    main(["score", str(run), "--responses", str(other), "--id-column", "pupil", "--out",
+          str(tmp_path / "o.csv")])
+    assert [float(r["ability_mean"]) for r in csv.DictReader(open(tmp_path / "o.csv"))] == \
+        pytest.approx([float(r["ability_mean"]) for r in scores[:10]], abs=1e-6)
+    long = tmp_path / "long.txt"  # no .csv: --format long, not the run's wide
+    long.write_text("student,item,response\nzed,q0,1\nzed,q1,0\n")
+    main(["score", str(run), "--responses", str(long), "--format", "long", "--out",
+          str(tmp_path / "l.csv")])
+    assert next(csv.DictReader(open(tmp_path / "l.csv")))["answered"] == "2"
+
+
+def test_amortized_score_gives_a_student_with_no_answers_the_prior(tmp_path):
+    """The encoder never saw an empty row: it gave such a student ability sd 0.7, not 1."""
+    d = simulate(200, 6, "2pl", seed=4)
+    data = tmp_path / "exam.csv"
+    write_wide(data, d["responses"], d["mask"])
+    run = tmp_path / "run"
+    main(["train", "irt-2pl", "--method", "amortized", "--responses", str(data), "--epochs",
+          "5", "--out", str(run), "--no-progress", "--posterior-samples", "20"])
+    new = tmp_path / "new.csv"
+    new.write_text("student,q1,q2,q3,q4,q5,q6\nnobody,,,,,,\nann,1,1,1,,,\n")
+    main(["score", str(run), "--responses", str(new), "--out", str(tmp_path / "s.csv")])
+    rows = {r["student"]: r for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert float(rows["nobody"]["ability_mean"]) == 0.0
+    assert float(rows["nobody"]["ability_sd"]) == 1.0
+    assert float(rows["nobody"]["ability_exact_sd"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(rows["ann"]["ability_sd"]) < 1.0  # answered students keep the encoder's

@@ -197,3 +197,94 @@ def test_check_of_a_marginal_run_writes_ppc_csv(tmp_path, recwarn):
     assert all(0.0 <= float(r["p_value"]) <= 1.0 and float(r["lo"]) <= float(r["hi"])
                for r in rows)
     assert not [w for w in recwarn if "single value" in str(w.message)]
+
+
+def test_long_tables_with_more_columns_or_an_answer_column_are_read_as_long(tmp_path):
+    """A long table with a time stamp column, or a response column named 'answer', was read
+    as wide ('duplicate student'); a long table the header does not give away is hinted."""
+    body = "".join(f"s{s},q{j},{(s + j) % 2},12\n" for s in range(3) for j in range(2))
+    extra = load_responses(write(tmp_path / "t.csv", "student,item,response,seconds\n" + body))
+    assert (extra.num_students, extra.num_items) == (3, 2)
+    assert extra.responses.tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    answer = load_responses(write(tmp_path / "a.csv", "student,item,answer\n" + "".join(
+        r[:r.rindex(",")] + "\n" for r in body.splitlines())))
+    assert torch.equal(answer.responses, extra.responses)
+    with pytest.raises(ResponseDataError, match=r"duplicate student 's0' \(first on line 2\); "
+                       r"if the file is a long table .*--format long.*item/item_id"):
+        load_responses(write(tmp_path / "q.csv", "student,question,response\n" + "".join(
+            r[:r.rindex(",")] + "\n" for r in body.splitlines())))
+
+
+def test_graded_jsonl_codes_written_as_floats_are_codes(tmp_path):
+    lines = [{"subject_id": f"s{i}", "responses": {"a": float(i % 3), "b": 2}} for i in range(3)]
+    data = load_responses(write(tmp_path / "g.jsonl", "".join(json.dumps(r) + "\n"
+                                                              for r in lines)), graded=True)
+    assert data.responses.tolist() == [[0.0, 2.0], [1.0, 2.0], [2.0, 2.0]]
+    with pytest.raises(ResponseDataError, match=r"line 1, field 'responses.a': value 2.5 is not "
+                                                r"a category code"):
+        load_responses(write(tmp_path / "h.jsonl", '{"subject_id": "s", "responses": '
+                             '{"a": 2.5}}\n'), graded=True)
+
+
+def test_an_unrecognised_id_column_is_hinted_at(tmp_path):
+    text = "StudentID,q1,q2\ns0000,1,0\ns0001,0,1\n"
+    with pytest.raises(ResponseDataError, match=r"line 2, column 'StudentID': value 's0000' is "
+                       r"not 0, 1 or blank; if column 'StudentID' holds the students' ids, give "
+                       r"--id-column StudentID"):
+        load_responses(write(tmp_path / "w.csv", text))
+    assert load_responses(tmp_path / "w.csv", id_column="StudentID").student_ids == \
+        ["s0000", "s0001"]
+    with pytest.raises(ResponseDataError, match=r"value '2' is not 0, 1 or blank$"):
+        load_responses(write(tmp_path / "n.csv", "q0,q1,q2\n1,1,0\n2,0,1\n"))
+
+
+def test_the_run_copy_keeps_codes_above_254_and_old_copies_still_load(tmp_path):
+    """responses.pt was uint8 with 255 = missing: code 255 read back as missing, 256 as 0.
+    Codes that fit stay uint8 (old runs reload); larger ones are stored wider."""
+    from types import SimpleNamespace
+
+    from ppl_vae.models.irt_tables import run_responses, save_responses
+
+    run = SimpleNamespace(path=tmp_path, spec=None)
+    big = load_responses(write(tmp_path / "b.csv", "student,i1,i2\na,255,256\nb,,999\n"),
+                         graded=True)
+    save_responses(big, tmp_path / "responses.pt")
+    back = run_responses(run)
+    assert back.responses.tolist() == [[255.0, 256.0], [0.0, 999.0]]
+    assert back.mask.tolist() == [[True, True], [False, True]]
+    small = load_responses(write(tmp_path / "s.csv", "student,i1,i2\na,254,1\nb,,0\n"),
+                           graded=True)
+    save_responses(small, tmp_path / "responses.pt")
+    assert torch.load(tmp_path / "responses.pt")["codes"].dtype == torch.uint8
+    torch.save({"codes": torch.tensor([[1, 255], [0, 3]], dtype=torch.uint8),  # an old run
+                "student_ids": ["a", "b"], "item_ids": ["i1", "i2"]}, tmp_path / "responses.pt")
+    old = run_responses(run)
+    assert old.responses.tolist() == [[1.0, 0.0], [0.0, 3.0]]
+    assert old.mask.tolist() == [[True, False], [True, True]]
+
+
+@pytest.mark.filterwarnings("default")
+def test_binary_items_everybody_got_right_or_wrong_are_named(tmp_path):
+    """irt-2pl / irt-1pl trained such an item silently (MML difficulty -> -inf, a mean 4e7)."""
+    from ppl_vae.models.irt import IRTFamily
+
+    exam = write(tmp_path / "e.csv", "student,q1,easy,hard\na,1,1,0\nb,0,1,0\nc,1,1,\n")
+    for model in ("irt-2pl", "irt-1pl", "irt-3pl"):
+        with pytest.warns(UserWarning, match=r"e\.csv: every student gave the same answer to "
+                          r"item 'easy' \(every answer 1\), 'hard' \(every answer 0\); .*set "
+                          r"by the prior, not the data"):
+            IRTFamily().make_spec(model, responses=str(exam))
+
+
+def test_graded_codes_from_one_are_refused_with_a_recoding_hint(tmp_path):
+    """Likert answers 1..5 left category 0 empty in every item: nonsense thresholds."""
+    from ppl_vae.models.irt import IRTFamily
+
+    likert = write(tmp_path / "likert.csv", "student,g1,g2\na,1,5\nb,3,2\nc,5,1\n")
+    with pytest.raises(ResponseDataError, match=r"likert\.csv: no answer in any item is coded 0 "
+                       r"\(the codes run from 1 to 5\).*recode them \(e\.g\. 1\.\.5 to 0\.\.4"):
+        IRTFamily().make_spec("irt-grm", responses=str(likert))
+    with pytest.warns(UserWarning, match="no answers in 'g1' category 1"):  # but trains
+        spec = IRTFamily().make_spec("irt-grm", responses=str(write(
+            tmp_path / "ok.csv", "student,g1,g2\na,0,4\nb,2,1\nc,4,0\n")))
+    assert spec.categories == [5, 5]

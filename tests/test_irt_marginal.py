@@ -542,7 +542,8 @@ def test_gpcm_trains_from_the_cli_reloads_scores_and_refuses_bad_codes(tmp_path)
     scores = {r["student"]: r for r in read_rows(tmp_path / "s.csv")}
     assert float(scores["high"]["ability_mean"]) > float(scores["low"]["ability_mean"]) + 1
     new.write_text("student,q1,q2,q3,q4\nhigh,3,3,2,1\nlow,0,0,3,0\n")  # q3 has codes 0..2
-    with pytest.raises(ValueError, match=r"row 1, item 2: value 3.0 is not a category code 0..2"):
+    with pytest.raises(ValueError, match=r"new\.csv: line 3, column 'q3': value 3 is not a "
+                                         r"category code 0\.\.2"):
         loaded.family.score(loaded, responses=new, out=tmp_path / "s.csv")
     bad = tmp_path / "bad.csv"
     bad.write_text("student,q1,q2\na,1,2\nb,1.5,0\n")
@@ -583,3 +584,41 @@ def test_log_marginal_stays_finite_at_draws_from_the_flat_priors(response_model)
         pyro.set_rng_seed(seed)
         items = model.sample_items()
         assert bool(torch.isfinite(model.log_marginal(d["responses"], d["mask"], items)).all())
+
+
+def graded_run(tmp_path: Path, cats: list[int], n: int = 200) -> Path:
+    """A small irt-grm run (a few epochs) on a simulated exam with items q1, q2, ..."""
+    d = simulate(n, cats, seed=7)
+    data = write_wide(tmp_path / "graded.csv", d["responses"], d["mask"])
+    run = tmp_path / "grm"
+    main(["train", "irt-grm", "--responses", str(data), "--out", str(run), "--epochs", "5",
+          "--no-progress", "--posterior-samples", "20", "--device", "cpu"])
+    return run
+
+
+def test_check_of_a_graded_run_counts_total_scores_up_to_the_top_codes(tmp_path):
+    """'ppl-vae check' crashed on every graded run: the total-score statistic assumed totals
+    0..I (binary items); graded totals run to sum_t (K_t - 1)."""
+    run = graded_run(tmp_path, [4, 3, 2])
+    main(["check", str(run), "--samples", "20", "--khat-samples", "20",
+          "--sbc-simulations", "0"])
+    rows = read_rows(run / "ppc.csv")
+    totals = [r for r in rows if r["check"].startswith("share of students per total")]
+    assert [int(r["statistic"]) for r in totals] == list(range(3 + 2 + 1 + 1))
+    assert sum(float(r["observed"]) for r in totals) == pytest.approx(1.0)
+    means = [r for r in rows if r["check"] == "mean code per item"]
+    assert len(means) == 3 and 0 <= float(means[0]["observed"]) <= 3
+
+
+def test_score_of_a_graded_run_names_file_line_and_item_of_a_bad_code(tmp_path):
+    """The error said 'row 0, item 1' (0-based positions, no file)."""
+    run = graded_run(tmp_path, [3, 3])
+    new = tmp_path / "new.csv"
+    new.write_text("student,q2,q1\nann,1,0\nbob,3,1\n")
+    with pytest.raises(ValueError, match=r"new\.csv: line 3, column 'q2': value 3 is not a "
+                                         r"category code 0\.\.2"):
+        main(["score", str(run), "--responses", str(new), "--out", str(tmp_path / "s.csv")])
+    long = tmp_path / "new_long.csv"
+    long.write_text("student,item,response\nann,q1,0\nbob,q1,7\n")
+    with pytest.raises(ValueError, match=r"new_long\.csv: student 'bob', item 'q1': value 7"):
+        main(["score", str(run), "--responses", str(long), "--out", str(tmp_path / "s.csv")])

@@ -314,7 +314,8 @@ def test_co_use_is_the_correlation_of_two_topics_proportions_over_documents():
     assert together > 0.99 and instead == pytest.approx(-1.0) and math.isnan(flat)
 
 
-def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
+def near_copy_run(tmp_path):
+    """A 1-epoch prodlda run whose topic 2 is set to a near-copy of topic 0."""
     g = torch.Generator().manual_seed(0)
     vocabulary = [f"v{i}" for i in range(120)]
     lines = [" ".join(vocabulary[i] for i in torch.randint(0, 120, (20,), generator=g))
@@ -329,6 +330,11 @@ def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
         beta[start:start + 25, k] = torch.linspace(2, 1, 25)
     with torch.no_grad():
         run.model.beta.weight.copy_(beta)
+    return run, out
+
+
+def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
+    run, out = near_copy_run(tmp_path)
     with pytest.warns(NearDuplicateTopics, match=r"2 of 4 topics share more than half .*"
                       r"\(topics 0, 2; column near_copy_of of .*topics.csv; median correlation of "
                       r"a pair's proportions over the training documents -?[01]\.\d\d\).*--topics"):
@@ -341,6 +347,24 @@ def test_the_report_names_near_copies_in_topics_csv_and_a_warning(tmp_path):
     from ppl_vae.topic_metrics import co_use
     assert quality["near_duplicates_co_use"] == pytest.approx(
         co_use(run.family.train_theta(run), [(0, 2)]))
+
+
+def test_the_near_copy_warning_does_not_blame_the_corpus_after_a_few_epochs(tmp_path):
+    """Near-copies after 1 epoch may be an undertrained run's (neural LDA, 5 planted themes,
+    K = 5: near-copies at 3 epochs, none at 30): the warning says how many epochs it saw
+    and blames the corpus only as a possibility once training had time to separate topics."""
+    run, _ = near_copy_run(tmp_path)
+    assert len(run.history) == 1
+    with pytest.warns(NearDuplicateTopics) as record:
+        run.family.report(run)
+    message = str(record[0].message)
+    assert "after 1 training epoch: too few to tell" in message and "--epochs" in message
+    assert "the corpus has fewer themes" not in message and "corpus may" not in message
+    run.history = run.history * 30
+    with pytest.warns(NearDuplicateTopics, match=r"after 30 training epochs: the corpus may "
+                      r"have fewer themes than topics \(an undertrained run shows this too\); "
+                      r"fewer topics \(--topics\)"):
+        run.family.report(run)
 
 
 def test_perplexity_is_an_upper_bound():
@@ -406,6 +430,131 @@ def test_new_documents_vocabulary_mismatch_and_empty(tmp_path):
     with pytest.warns(CorpusWarning, match="1 documents have no in-vocabulary word"):
         counts, empty = read_documents(docs, WORDS)
     assert counts.shape == (2, len(WORDS)) and empty == 1 and counts.to_dense()[0, 1] == 2
+
+
+def punctuated_text(tmp_path, n=60):
+    """A plain-text corpus written like prose: capitals, commas and full stops on the planted
+    words; returns (file, its documents' tokens as CountVectorizer gives them)."""
+    _, texts = planted_corpus(n=n, length=15)
+    rng = np.random.default_rng(0)
+    marks = ["", "", ",", ".", ";"]
+    lines = [" ".join((w.upper() if rng.random() < 0.2 else w) + marks[rng.integers(5)]
+                      for w in t) for t in texts]
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path, texts
+
+
+def transform_rows(run, docs, out):
+    """Transform ``docs`` with every warning recorded: (doc column, theta (D, K), warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.family.transform(run, docs=docs, out=out)
+    with open(out) as f:
+        rows = list(csv.reader(f))[1:]
+    theta = np.array([[float(v) for v in r[1:]] for r in rows])
+    return [int(r[0]) for r in rows], theta, [w for w in caught
+                                              if issubclass(w.category, CorpusWarning)]
+
+
+def test_transform_tokenizes_new_plain_text_as_training_did(tmp_path):
+    """A run trained on a text file (CountVectorizer: lower-cased, punctuation stripped)
+    reads new documents the same way: its own training file loses no token, and documents
+    written like it ("W1, w2.") are accepted -- also for a run stored before tokenizer.json
+    (told from its spec). A str.lower().split() reader lost the words with punctuation."""
+    pytest.importorskip("sklearn")
+    path, texts = punctuated_text(tmp_path)
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli(["train", "prodlda", "--corpus", str(path), "--topics", "3", "--hidden",
+                    "8", "--epochs", "1", "--stop-words", "none", "--min-df", "1",
+                    "--out", str(out), "--no-progress"]) == 0
+    stored = json.loads((out / "tokenizer.json").read_text())
+    assert stored["kind"] == "countvectorizer" and stored["lowercase"] is True
+    run = ppl_vae.load_run(out)
+    new = tmp_path / "new.txt"
+    new.write_text("W1, w2, w3.\nw21; W22, w23.\n")
+    for stored_tokenizer in (True, False):  # False: a run from before tokenizer.json
+        if not stored_tokenizer:
+            (out / "tokenizer.json").unlink()
+        lines, theta, dropped = transform_rows(run, path, tmp_path / "theta.csv")
+        assert dropped == [] and lines == list(range(1, len(texts) + 1))
+        counts, _ = read_documents(path, WORDS, run.family.tokenizer(run))
+        assert float(counts.to_dense().sum()) == sum(map(len, texts))  # every token kept
+        lines, theta, dropped = transform_rows(run, new, tmp_path / "theta.csv")
+        assert dropped == [] and lines == [1, 2] and theta.shape == (2, 3)
+
+
+def test_transform_keeps_the_case_of_an_octis_corpus(tmp_path):
+    """OCTIS text is preprocessed: training splits it at whitespace and keeps its case, so
+    transform does too; the run's own corpus.tsv (text before the tab) is read whole. A
+    lower-casing reader found none of the capitalised words ("vocabulary mismatch")."""
+    vocabulary = [w.upper() if i % 2 else w for i, w in enumerate(WORDS)]
+    lines = [" ".join(vocabulary[WORDS.index(w)] for w in line.split("\t")[0].split())
+             + "\t" + line.split("\t", 1)[1] for line in octis_lines(n=60)]
+    folder = write_octis(tmp_path / "corpus", lines, vocabulary=vocabulary)
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "tokenizer.json").read_text())["kind"] == "whitespace"
+    run = ppl_vae.load_run(out)
+    for stored_tokenizer in (True, False):  # False: a run from before tokenizer.json
+        if not stored_tokenizer:
+            (out / "tokenizer.json").unlink()
+        numbers, theta, dropped = transform_rows(run, folder / "corpus.tsv",
+                                                 tmp_path / "theta.csv")
+        assert dropped == [] and numbers == list(range(1, 61)) and theta.shape == (60, 3)
+        counts, _ = read_documents(folder / "corpus.tsv", vocabulary,
+                                   run.family.tokenizer(run))
+        assert float(counts.to_dense().sum()) == 60 * 20
+
+
+def test_transform_doc_numbers_are_the_files_line_numbers(tmp_path):
+    """Documents are lines separated by \\n (\\r\\n, \\r), the UTF-8 byte-order mark dropped:
+    U+2028, \\x0c and \\x85 inside a document do not end it, a BOM before a blank first line
+    does not shift the numbers, and the doc column names the lines that hold documents."""
+    folder = write_octis(tmp_path / "corpus", octis_lines(n=60))
+    out = tmp_path / "run"
+    assert cli(["train", "lda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    run = ppl_vae.load_run(out)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("w0 w1\u2028w2 w3\n\nw10\x0cw11 w12\n\x85\nw20 w21\x85w22\n",
+                    encoding="utf-8")
+    numbers, theta, _ = transform_rows(run, docs, tmp_path / "theta.csv")
+    assert numbers == [1, 3, 5] and theta.shape == (3, 3)
+    counts, _ = read_documents(docs, WORDS, run.family.tokenizer(run))
+    assert counts.to_dense().sum(-1).tolist() == [4, 3, 3]  # nothing cut off at U+2028 ...
+    np.testing.assert_allclose(theta, run.family.theta(run, counts), atol=1e-5)
+    docs.write_text("\nw0 w1\nw20 w21\n", encoding="utf-8-sig")
+    assert transform_rows(run, docs, tmp_path / "theta.csv")[0] == [2, 3]
+
+
+def test_check_loglik_per_word_leaves_out_the_multinomial_coefficient(tmp_path):
+    """`check`'s heldout_loglik_per_word is the word sequence's log-likelihood, like
+    evaluate's perplexity: no model beats the saturated one (each document's own word
+    frequencies), and exp(-it) is heldout_perplexity. With the multinomial coefficient it
+    was above that bound (-1.47 against -2.18 nats per word)."""
+    lines = octis_lines(n=100)
+    folder = write_octis(tmp_path / "corpus", lines)
+    out = tmp_path / "run"
+    assert cli(["train", "prodlda", "--corpus", str(folder), "--topics", "3", "--hidden", "8",
+                "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    run = ppl_vae.load_run(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run.family.check(run, samples=20, khat_samples=20)
+    test = load_octis(folder).split("test").to_dense()[:50]
+    frequencies = test / test.sum(-1, keepdim=True)
+    saturated = float(torch.xlogy(test, frequencies).sum() / test.sum())
+    assert result["heldout_documents"] == test.shape[0]
+    assert result["heldout_loglik_per_word"] <= saturated
+    assert result["heldout_loglik_per_word"] > -math.log(len(WORDS)) - 1  # not absurd
+    assert result["heldout_perplexity"] == pytest.approx(
+        math.exp(-result["heldout_loglik_per_word"]))
+    stored = json.loads((out / "check.json").read_text())
+    assert stored["heldout_loglik_per_word"] == pytest.approx(result["heldout_loglik_per_word"])
 
 
 def test_sparse_counts_roundtrip():

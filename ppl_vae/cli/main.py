@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("run", type=Path)
     sc.add_argument("--responses", type=Path, required=True)
     sc.add_argument("--out", type=Path, required=True)
+    sc.add_argument("--format", default=None, choices=["auto", "wide", "long", "jsonl"],
+                    help="exam runs: layout of --responses (default: the run's --format)")
+    sc.add_argument("--id-column", default=None,
+                    help="exam runs: the wide CSV's student id column (default: the run's)")
     sc.add_argument("--device", default="auto")
 
     tr = sub.add_parser("transform", help="topic proportions of new documents")

@@ -6,12 +6,13 @@ Formats (``format="auto"`` picks by extension and header):
                 student / student_id / subject_id / examinee / id (else ids are row numbers);
                 cells 0, 1 or blank (``NA`` also means missing)
     long CSV    columns student, item, response (aliases: subject_id / examinee; item_id;
-                correct / score); one row per answered (student, item) pair
+                correct / score / value / answer); one row per answered (student, item)
+                pair; other columns (e.g. a time stamp) are ignored
     jsonlines   py-irt's format, one student a line:
                 ``{"subject_id": "s1", "responses": {"item1": 1, "item2": 0}}``
 
 ``graded=True`` (graded response models) accepts any integer category code 0, 1, 2, ... in
-place of 0/1.
+place of 0/1 (up to 999; ``2.0`` is code 2 in every format).
 
 Bundled data sets, given by name instead of a path (``--responses lsat6``): ``lsat6`` and
 ``lsat7``, the Law School Admission Test sections VI and VII (1000 students x 5 items each;
@@ -39,8 +40,13 @@ from ppl_vae.data import read_text
 
 ID_COLUMNS = ("student", "student_id", "subject_id", "subject", "examinee", "id")
 ITEM_COLUMNS = ("item", "item_id")
-RESPONSE_COLUMNS = ("response", "correct", "score", "value")
+RESPONSE_COLUMNS = ("response", "correct", "score", "value", "answer")
 MISSING = ("", "na", "nan")
+MAX_CODE = 999  # the largest graded category code the readers accept
+#: the hint of a wide table's duplicate student: it may be a long table not recognised as one
+LONG_HINT = ("; if the file is a long table (one row per answer), give --format long "
+             f"(format='long'): columns {'/'.join(ID_COLUMNS)}, {'/'.join(ITEM_COLUMNS)} "
+             f"and {'/'.join(RESPONSE_COLUMNS)}")
 #: bundled response tables: name -> file in this package (see the module docstring)
 BUNDLED = {"lsat6": "lsat6.csv", "lsat7": "lsat7.csv"}
 
@@ -100,7 +106,8 @@ class Responses:
             if item in pos:
                 responses[:, k] = self.responses[:, pos[item]]
                 mask[:, k] = self.mask[:, pos[item]]
-        return Responses(responses, mask, list(self.student_ids), list(item_ids), self.source)
+        return Responses(responses, mask, list(self.student_ids), list(item_ids), self.source,
+                         lines=self.lines)
 
 
 def from_arrays(responses: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None,
@@ -272,9 +279,12 @@ def _read_csv(path: Path) -> _Table:
 
 
 def _is_long(columns: list[str]) -> bool:
+    """A long table: an item column and a response column (:data:`ITEM_COLUMNS`,
+    :data:`RESPONSE_COLUMNS`) and either nothing else or also a student column
+    (:data:`ID_COLUMNS`; more columns, e.g. a time stamp, are ignored)."""
     names = {c.lower() for c in columns}
-    return len(columns) == 3 and bool(names & set(ITEM_COLUMNS)) and \
-        bool(names & set(RESPONSE_COLUMNS))
+    named = bool(names & set(ITEM_COLUMNS)) and bool(names & set(RESPONSE_COLUMNS))
+    return named and (len(columns) == 3 or bool(names & set(ID_COLUMNS)))
 
 
 def _detect_format(path: Path) -> str:
@@ -341,7 +351,8 @@ def _read_wide(path: Path, id_column: str | None, graded: bool = False,
                                         "empty student id")
             if s in seen:
                 raise ResponseDataError(f"{path}: line {lines[r]}, column {columns[key]!r}: "
-                                        f"duplicate student {s!r} (first on line {seen[s]})")
+                                        f"duplicate student {s!r} (first on line {seen[s]})"
+                                        f"{LONG_HINT}")
             seen[s] = lines[r]
         items = [c for j, c in enumerate(columns) if j != key]
         cells = [row[:key] + row[key + 1:] for row in rows]
@@ -351,9 +362,32 @@ def _read_wide(path: Path, id_column: str | None, graded: bool = False,
     if not items:
         raise ResponseDataError(f"{path}: no item columns (only the id column "
                                 f"{columns[key]!r})")
-    r, m = _cells(cells, path, items, lines, graded=graded)
+    try:
+        r, m = _cells(cells, path, items, lines, graded=graded)
+    except ResponseDataError as e:
+        if key is None and _looks_like_ids([row[0] for row in rows]):
+            raise ResponseDataError(f"{e}; if column {columns[0]!r} holds the students' ids, "
+                                    f"give --id-column {columns[0]} (id_column="
+                                    f"{columns[0]!r}): ids are found by themselves only in a "
+                                    f"column named {', '.join(ID_COLUMNS)}") from e
+        raise
     return Responses(torch.from_numpy(r), torch.from_numpy(m), ids, items, str(path),
                      lines=list(lines))
+
+
+def _looks_like_ids(values: list[str]) -> bool:
+    """True when the answered cells of a column are all non-numeric text (e.g. 's0001'):
+    a column of student ids, not answers."""
+    cells = [v.strip() for v in values if v.strip().lower() not in MISSING]
+    return bool(cells) and not any(_is_number(v) for v in cells)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _pick(columns: list[str], names: tuple[str, ...], what: str, path: Path) -> int:
@@ -448,9 +482,9 @@ def _read_jsonl(path: Path, graded: bool = False) -> Responses:
                                         "item name")
             if value is None or value == "":
                 continue
-            if graded:
-                ok = isinstance(value, int) and not isinstance(value, bool) and \
-                    0 <= value < 1000
+            if graded:  # an integer code, also written as a float (2.0)
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    float(value).is_integer() and 0 <= value <= MAX_CODE
             else:
                 ok = isinstance(value, (int, float)) and value in (0, 1)
             if not ok:

@@ -14,15 +14,22 @@ Formats:
 Validation happens before any training: malformed lines and unknown split names are errors
 naming file, line and field; out-of-vocabulary tokens and empty documents are dropped with
 one counted :class:`CorpusWarning`; new documents that share no word with a trained run's
-vocabulary are an error (:func:`read_documents`).
+vocabulary are an error (:func:`load_documents`).
+
+New documents for a trained run become tokens the way its corpus's did (:class:`Tokenizer`,
+kept in the run folder as ``tokenizer.json``). Every file is split into lines at ``\n``,
+``\r\n`` or ``\r`` only, after its UTF-8 byte-order mark is dropped (:func:`document_lines`),
+so a document's line number is the same wherever it is reported.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,6 +41,83 @@ SPLITS = ("train", "val", "test")
 
 class CorpusWarning(UserWarning):
     """Something in a corpus was dropped (out-of-vocabulary tokens, empty documents)."""
+
+
+TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn CountVectorizer's default
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """How a corpus's documents became tokens, so that new documents become tokens the same
+    way (:func:`load_documents`); a run folder keeps it as ``tokenizer.json``.
+
+    ``kind``:
+      * ``whitespace`` -- OCTIS corpora (already preprocessed): the text before a line's
+        first tab, split at whitespace, case kept;
+      * ``countvectorizer`` -- plain text: the whole line through scikit-learn's
+        ``CountVectorizer`` analyzer with ``lowercase``, ``token_pattern`` and
+        ``stop_words`` (punctuation is not part of a token: ``"apple,"`` is ``apple``);
+      * ``lowercase_whitespace`` -- the text before the first tab, lower-cased, split at
+        whitespace: only for runs stored before ``tokenizer.json`` whose corpus no longer
+        tells which of the two it was (what ``transform`` did for every run before).
+    """
+
+    kind: str = "lowercase_whitespace"
+    lowercase: bool = True
+    token_pattern: str = TOKEN_PATTERN
+    stop_words: str | list[str] | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("whitespace", "countvectorizer", "lowercase_whitespace")
+
+    def text(self, line: str) -> str:
+        """The part of a line that is the document (all of it, or the text before a tab)."""
+        return line if self.kind == "countvectorizer" else line.split("\t")[0]
+
+    def analyzer(self) -> Callable[[str], list[str]]:
+        """A function from a document's text to its tokens."""
+        if self.kind == "countvectorizer":
+            return self.vectorizer().build_analyzer()
+        if self.kind == "whitespace":
+            return str.split
+        return lambda text: text.lower().split()
+
+    def vectorizer(self, **options: Any):
+        """scikit-learn's ``CountVectorizer`` with these settings and ``options`` (min_df,
+        max_df, max_features) -- for the ``countvectorizer`` kind."""
+        try:
+            from sklearn.feature_extraction.text import CountVectorizer
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("plain-text corpora need scikit-learn: pip install "
+                              "'ppl-vae[topics]' (or give an OCTIS folder)") from e
+        return CountVectorizer(lowercase=self.lowercase, token_pattern=self.token_pattern,
+                               stop_words=self.stop_words, **options)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, stored: Any, where: str) -> Tokenizer:
+        """A stored tokenizer (:meth:`to_json`); errors name ``where`` (the file), the field
+        and its value."""
+        if not isinstance(stored, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(stored).__name__}")
+        unknown = sorted(set(stored) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+        checks = {"kind": lambda v: v in cls.KINDS,
+                  "lowercase": lambda v: isinstance(v, bool),
+                  "token_pattern": lambda v: isinstance(v, str),
+                  "stop_words": lambda v: v is None or isinstance(v, str) or (
+                      isinstance(v, list) and all(isinstance(w, str) for w in v))}
+        for name, ok in checks.items():
+            if name in stored and not ok(stored[name]):
+                raise ValueError(f"{where}: field {name!r} has value {stored[name]!r}"
+                                 + (f"; expected one of {', '.join(cls.KINDS)}"
+                                    if name == "kind" else ""))
+        return cls(**stored)
+
+
+OCTIS_TOKENIZER = Tokenizer("whitespace", lowercase=False)  # OCTIS text is preprocessed
 
 
 @dataclass
@@ -52,6 +136,7 @@ class TopicCorpus:
             documents (its non-blank lines, or files, in order: the row order of a document
             embedding matrix, :func:`load_embeddings`).
         num_documents: how many documents the source has (empty ones included).
+        tokenizer: how the source's documents became tokens (:class:`Tokenizer`).
     """
 
     vocabulary: list[str]
@@ -61,6 +146,7 @@ class TopicCorpus:
     source: str = ""
     documents: dict[str, list[int]] = field(default_factory=dict)
     num_documents: int = 0
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -99,15 +185,26 @@ def _read_text(path: Path) -> str:
 
 
 def _lines(text: str) -> list[str]:
-    """Lines split at \\n, \\r\\n or \\r (as reading a file in text mode does)."""
+    """Lines split at \\n, \\r\\n or \\r (as reading a file in text mode does), never at
+    the other characters ``str.splitlines`` breaks at (\\x0c, \\x85, U+2028 ...)."""
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def _read_vocabulary(path: Path) -> list[str]:
+def document_lines(path: str | os.PathLike) -> list[str]:
+    """A text file's lines (UTF-8, the byte-order mark dropped; split as :func:`_lines`):
+    element i is line i + 1 of the file. The one line splitting of every corpus reader, so
+    line numbers agree everywhere."""
+    return _lines(_read_text(Path(path)))
+
+
+def read_vocabulary(path: str | os.PathLike) -> list[str]:
+    """One word a line (text after a tab ignored, blank lines skipped); errors name the file
+    and line of a repeated word or one containing whitespace."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no vocabulary file (one word a line)")
     words, seen = [], {}
-    for i, line in enumerate(_lines(_read_text(path)), start=1):
+    for i, line in enumerate(document_lines(path), start=1):
         word = line.strip().split("\t")[0].strip()
         if not word:
             continue
@@ -167,12 +264,13 @@ def load_octis(folder: str | os.PathLike) -> TopicCorpus:
     corpus_path = folder / "corpus.tsv"
     if not corpus_path.exists():
         raise FileNotFoundError(f"{folder}: not an OCTIS corpus folder (no corpus.tsv)")
-    vocabulary = _read_vocabulary(folder / "vocabulary.txt")
+    vocabulary = read_vocabulary(folder / "vocabulary.txt")
     index = {w: i for i, w in enumerate(vocabulary)}
     docs: list[list[str]] = []
     splits: list[str] = []
     numbers: list[int] = []
-    for n, line in enumerate(_lines(_read_text(corpus_path)), start=1):
+    analyze = OCTIS_TOKENIZER.analyzer()
+    for n, line in enumerate(document_lines(corpus_path), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -183,19 +281,20 @@ def load_octis(folder: str | os.PathLike) -> TopicCorpus:
         if split not in SPLITS:
             raise ValueError(f"{corpus_path} line {n}: field 'split' is {split!r}; "
                              f"expected one of {', '.join(SPLITS)}")
-        docs.append(fields[0].split())
+        docs.append(analyze(fields[0]))
         splits.append(split)
         numbers.append(n)
     if not docs:
         raise ValueError(f"{corpus_path}: no documents")
     ids, texts = _tokens_to_ids(docs, index, str(corpus_path), numbers)
     rows = {name: [i for i, s in enumerate(splits) if s == name] for name in SPLITS}
-    return _make_corpus(vocabulary, ids, numbers, rows, texts, str(corpus_path), str(folder))
+    return _make_corpus(vocabulary, ids, numbers, rows, texts, str(corpus_path), str(folder),
+                        OCTIS_TOKENIZER)
 
 
 def _make_corpus(vocabulary: list[str], ids: list, numbers: list[int],
                  rows: dict[str, list[int]], texts: list, label: str,
-                 source: str) -> TopicCorpus:
+                 source: str, tokenizer: Tokenizer) -> TopicCorpus:
     """Split documents (word ids, their line numbers) into train/val/test count matrices,
     dropping empty documents with one counted warning per split; ``label`` names the file in
     messages. Checks that the training split is usable."""
@@ -210,7 +309,8 @@ def _make_corpus(vocabulary: list[str], ids: list, numbers: list[int],
         have = [k for k, v in counts.items() if v.shape[0]]
         raise ValueError(f"{label}: no documents in split 'train' (splits with documents: "
                          f"{have})")
-    return TopicCorpus(vocabulary, counts, texts, lines, source, documents, len(ids))
+    return TopicCorpus(vocabulary, counts, texts, lines, source, documents, len(ids),
+                       tokenizer)
 
 
 def _text_documents(path: Path) -> tuple[list[str], list[int]]:
@@ -221,7 +321,7 @@ def _text_documents(path: Path) -> tuple[list[str], list[int]]:
         return [_read_text(p) for p in files], list(range(1, len(files) + 1))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such corpus file or folder")
-    lines = _lines(_read_text(path))
+    lines = document_lines(path)
     return lines, list(range(1, len(lines) + 1))
 
 
@@ -231,20 +331,17 @@ def load_text(path: str | os.PathLike, min_df: float = 2, max_df: float = 0.7,
               seed: int = 0) -> TopicCorpus:
     """Plain text (a file with one document a line, or a folder of ``*.txt`` files) through
     scikit-learn's ``CountVectorizer`` (``min_df``, ``max_df``, ``stop_words``,
-    ``max_features`` as there), split at random (``seed``) into train/val/test."""
-    try:
-        from sklearn.feature_extraction.text import CountVectorizer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("plain-text corpora need scikit-learn: pip install "
-                          "'ppl-vae[topics]' (or give an OCTIS folder)") from e
+    ``max_features`` as there; its default lower-casing and token pattern, the corpus's
+    :class:`Tokenizer`), split at random (``seed``) into train/val/test."""
+    tokenizer = Tokenizer("countvectorizer", stop_words=stop_words)
+    vectorizer = tokenizer.vectorizer(min_df=min_df, max_df=max_df,
+                                      max_features=max_features)
     path = Path(path)
     raw, numbers = _text_documents(path)
     keep = [i for i, t in enumerate(raw) if t.strip()]
     if len(keep) < 3:
         raise ValueError(f"{path}: {len(keep)} non-empty documents; need at least 3")
     raw, numbers = [raw[i] for i in keep], [numbers[i] for i in keep]
-    vectorizer = CountVectorizer(min_df=min_df, max_df=max_df, stop_words=stop_words,
-                                 max_features=max_features)
     try:
         vectorizer.fit(raw)
     except ValueError as e:
@@ -262,7 +359,8 @@ def load_text(path: str | os.PathLike, min_df: float = 2, max_df: float = 0.7,
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
              "train": order[n_test + n_val:]}
     rows = {name: sorted(parts[name].tolist()) for name in SPLITS}
-    return _make_corpus(vocabulary, ids, numbers, rows, tokens, str(path), str(path))
+    return _make_corpus(vocabulary, ids, numbers, rows, tokens, str(path), str(path),
+                        tokenizer)
 
 
 def load_corpus(path: str | os.PathLike, **text_options) -> TopicCorpus:
@@ -277,35 +375,57 @@ def load_corpus(path: str | os.PathLike, **text_options) -> TopicCorpus:
     return load_text(path, **text_options)
 
 
-def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torch.Tensor, int]:
-    """New documents for a trained run: one document a line, whitespace-separated tokens
-    (an OCTIS ``corpus.tsv`` works too: text before the first tab is used), counted against
-    the run's ``vocabulary``.
+@dataclass
+class NewDocuments:
+    """New documents for a trained run (:func:`load_documents`).
 
-    Returns ``(counts, empty)``: sparse CSR float32 counts (documents, V) in line order
-    (blank lines are skipped) and how many documents had no in-vocabulary word (their rows are zero;
-    a counted :class:`CorpusWarning` says so). A file that shares no word with the vocabulary
-    is an error (wrong run or wrong preprocessing).
+    Attributes:
+        counts: sparse CSR float32 counts (documents, V), one row per non-blank line, in
+            line order.
+        lines: the 1-based file line of each row.
+        tokens: each row's in-vocabulary tokens, in order.
+        empty: how many rows have no in-vocabulary word (all-zero rows).
+    """
+
+    counts: torch.Tensor
+    lines: list[int]
+    tokens: list[list[str]]
+    empty: int
+
+
+def load_documents(path: str | os.PathLike, vocabulary: list[str],
+                   tokenizer: Tokenizer | None = None) -> NewDocuments:
+    """New documents for a trained run, one a line, made into tokens by the run's corpus's
+    ``tokenizer`` (default: the text before a tab, lower-cased, split at whitespace) and
+    counted against its ``vocabulary``.
+
+    Lines are :func:`document_lines`'s; a line is a document when its text
+    (:meth:`Tokenizer.text`) is not blank. Out-of-vocabulary tokens are dropped with one
+    counted :class:`CorpusWarning`, and documents left without a word are another (their
+    rows are zero: the encoder's answer for an empty document). A file that shares no word
+    with the vocabulary is an error (wrong run or wrong preprocessing).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such documents file")
+    tokenizer = tokenizer or Tokenizer()
+    analyze = tokenizer.analyzer()
     index = {w: i for i, w in enumerate(vocabulary)}
     docs, numbers = [], []
-    for n, line in enumerate(_lines(_read_text(path)), start=1):
-        text = line.split("\t")[0]
+    for n, line in enumerate(document_lines(path), start=1):
+        text = tokenizer.text(line)
         if text.strip():
-            docs.append(text.lower().split())
+            docs.append(analyze(text))
             numbers.append(n)
     if not docs:
         raise ValueError(f"{path}: no documents (every line is blank)")
-    ids, _ = _tokens_to_ids(docs, index, str(path), numbers)
+    ids, kept = _tokens_to_ids(docs, index, str(path), numbers)
     total = sum(len(d) for d in docs)
-    known = sum(len(a) for a in ids)
-    if known == 0:
+    if sum(len(a) for a in ids) == 0:
+        first = next((i for i, d in enumerate(docs) if d), 0)
         raise ValueError(f"{path}: vocabulary mismatch: none of its {total} tokens is in the "
                          f"run's vocabulary of {len(vocabulary)} words (e.g. "
-                         f"{docs[0][:3]} on line {numbers[0]}); were the documents "
+                         f"{docs[first][:3]} on line {numbers[first]}); were the documents "
                          "preprocessed like the training corpus?")
     empty = [n for a, n in zip(ids, numbers) if len(a) == 0]
     if empty:
@@ -313,7 +433,16 @@ def read_documents(path: str | os.PathLike, vocabulary: list[str]) -> tuple[torc
                       f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}); "
                       "their topic proportions are the encoder's answer for an empty "
                       "document", CorpusWarning, stacklevel=2)
-    return sparse_counts(ids, len(vocabulary)), len(empty)
+    return NewDocuments(sparse_counts(ids, len(vocabulary)), numbers, kept, len(empty))
+
+
+def read_documents(path: str | os.PathLike, vocabulary: list[str],
+                   tokenizer: Tokenizer | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`load_documents`'s ``(counts, empty)``: sparse CSR float32 counts (documents,
+    V) in line order (blank lines skipped) and how many documents had no in-vocabulary
+    word."""
+    docs = load_documents(path, vocabulary, tokenizer)
+    return docs.counts, docs.empty
 
 
 def read_embeddings(path: str | os.PathLike, num_documents: int,
