@@ -52,6 +52,7 @@ BUILTIN: dict[str, str] = {
                     "irt-pcm")},
     "prodlda": "ppl_vae.models.topics",
     "lda": "ppl_vae.models.topics",
+    "program": "ppl_vae.models.user_program",  # the user's own model file
 }
 
 _REGISTRY: dict[str, type[Family]] = {}

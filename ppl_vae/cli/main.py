@@ -37,6 +37,7 @@ FAMILIES: dict[str, str] = {
                     "irt-pcm")},
     **{name: "ppl_vae.cli.topics" for name in ("prodlda", "lda")},
     "cvae": "ppl_vae.cli.cvae", "ssvae": "ppl_vae.cli.ssvae",
+    "program": "ppl_vae.cli.program",
 }
 
 

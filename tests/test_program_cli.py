@@ -1,0 +1,119 @@
+"""``ppl-vae train program``: a user's own Pyro model file trained, evaluated, checked and
+reloaded from the command line, against the exact posterior of a conjugate regression."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import ppl_vae
+from ppl_vae import SetupError
+from ppl_vae.cli.main import main
+
+NOISE = 0.5
+REGRESSION = textwrap.dedent("""
+    import pyro, pyro.distributions as dist, torch
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+""")
+
+
+@pytest.fixture
+def regression(tmp_path):
+    """The model file and its data (.pt dict, .npz, .csv), with the exact posterior mean."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0]) + NOISE * torch.randn(200, generator=generator)
+    (tmp_path / "model.py").write_text(REGRESSION)
+    torch.save({"x": x, "y": y}, tmp_path / "train.pt")
+    np.savez(tmp_path / "train.npz", x=x.numpy(), y=y.numpy())
+    x64, y64 = x.double(), y.double()
+    precision = torch.eye(2, dtype=torch.float64) + x64.T @ x64 / NOISE ** 2
+    mean = torch.linalg.solve(precision, x64.T @ y64 / NOISE ** 2)
+    return tmp_path, mean
+
+
+def test_train_evaluate_check_a_users_model_file(regression, capsys):
+    folder, exact = regression
+    out = folder / "run"
+    assert main(["train", "program", "--file", str(folder / "model.py"), "--data",
+                 str(folder / "train.pt"), "--out", str(out), "--epochs", "400",
+                 "--no-progress"]) == 0
+    run = ppl_vae.load_run(out)  # rebuilt from the file, parameters from best.pt
+    w = run.guide.median()["w"].double()
+    assert torch.allclose(w, exact, atol=0.02)  # posterior sd is about 0.035
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--iwae-samples", "200"]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    assert printed["data"] == "train" and float(printed["elbo"]) <= float(
+        printed["log_likelihood"]) + 0.01
+    assert abs(float(printed["log_likelihood"]) - (-0.73)) < 0.1  # log N(e; 0, 0.5^2) ~ -0.73
+    assert main(["check", str(out), "--samples", "50", "--khat-samples", "50",
+                 "--sbc-simulations", "0"]) == 0
+    assert (out / "posterior.nc").exists() and (out / "summary.csv").exists()
+    assert json.loads((out / "config.json").read_text())["spec"]["guide"] == ""
+
+
+def test_autoguide_by_name_npz_and_csv_data(regression):
+    folder, exact = regression
+    data = np.load(folder / "train.npz")
+    np.savetxt(folder / "train.csv", np.c_[data["x"][:, 0], data["y"]], delimiter=",",
+               header="x,y", comments="")
+    one = textwrap.dedent("""
+        import pyro, pyro.distributions as dist
+
+        def slope(x, y):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", len(x)):
+                pyro.sample("obs", dist.Normal(w * x, 1.0), obs=y)
+    """)
+    (folder / "slope.py").write_text(one)
+    for file, data_file, guide in (("model.py", "train.npz", "AutoDelta"),
+                                  ("slope.py", "train.csv", "AutoNormal")):
+        run = ppl_vae.train("program", folder / f"run-{guide}", {
+            "file": str(folder / file), "data": str(folder / data_file), "guide": guide,
+            "model_name": "model" if file == "model.py" else "slope"}, epochs=300,
+            progress=False)
+        assert type(run.guide).__name__ == guide
+        w = run.guide.median()["w"].double()
+        if guide == "AutoDelta":  # MAP = posterior mean for this Gaussian posterior
+            assert torch.allclose(w, exact, atol=0.02)
+        else:
+            assert abs(float(w) - 1.0) < 0.3  # y depends on x[:, 0] with slope 1 (+ noise)
+
+
+def test_bad_files_are_named_before_training(regression, tmp_path):
+    folder, _ = regression
+    model = str(folder / "model.py")
+    with pytest.raises(SetupError, match="defines no 'modle'.*its own callables: model"):
+        ppl_vae.train("program", tmp_path / "a", {"file": model, "model_name": "modle",
+                                                  "data": str(folder / "train.pt")})
+    with pytest.raises(SetupError, match="AutoNormall: not an autoguide"):
+        ppl_vae.train("program", tmp_path / "b", {"file": model, "guide": "AutoNormall",
+                                                  "data": str(folder / "train.pt")})
+    (folder / "bad.csv").write_text("x,y\n1.0,2.0\n3.0,oops\n")
+    with pytest.raises(SetupError, match="bad.csv: line 3, column 'y': value 'oops'"):
+        ppl_vae.train("program", tmp_path / "c", {"file": model,
+                                                  "data": str(folder / "bad.csv")})
+    (folder / "broken.py").write_text("import pyro\nraise RuntimeError('typo')\n")
+    with pytest.raises(SetupError, match="broken.py: importing it failed.*typo"):
+        ppl_vae.train("program", tmp_path / "d", {"file": str(folder / "broken.py"),
+                                                  "data": str(folder / "train.pt")})
+    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing left behind
+
+
+def test_a_changed_file_is_named_on_reload(regression):
+    folder, _ = regression
+    out = folder / "run"
+    ppl_vae.train("program", out, {"file": str(folder / "model.py"),
+                                   "data": str(folder / "train.pt")}, epochs=5, progress=False)
+    (folder / "model.py").write_text(REGRESSION + "\n# edited\n")
+    with pytest.warns(UserWarning, match="model.py changed since this run was trained"):
+        ppl_vae.load_run(out)
