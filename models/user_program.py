@@ -46,7 +46,7 @@ import torch
 
 from ppl_vae.batching import Data
 from ppl_vae.checkpoint import write_json
-from ppl_vae.evaluation import elbo, log_likelihood
+from ppl_vae.evaluation import as_pair, elbo, log_likelihood
 from ppl_vae.family import Family, register
 from ppl_vae.plots import loss_curve
 from ppl_vae.program import SetupError, warn_user
@@ -269,14 +269,14 @@ class ProgramFamily(Family):
         data = self.run_data(run, "test")
         if limit:
             data = head(data, limit)
-        plate = run.spec.plate or None
+        pair = as_pair(run.model, run.guide, run.spec.plate or None)  # one look at it
         pyro.set_rng_seed(seed)
         figures = {"data": "test" if run.spec.test_data else "train",
                    "examples": rows_of(data),
-                   "elbo": elbo(run.model, run.guide, data, num_particles=10, plate=plate,
+                   "elbo": elbo(pair.model, pair.guide, data, num_particles=10,
                                 device=run.device),
-                   "log_likelihood": log_likelihood(run.model, run.guide, data,
-                                                    num_samples=iwae_samples, plate=plate,
+                   "log_likelihood": log_likelihood(pair.model, pair.guide, data,
+                                                    num_samples=iwae_samples,
                                                     device=run.device)}
         write_json(figures, run.path / "evaluation.json")
         return figures
