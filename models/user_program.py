@@ -44,14 +44,14 @@ import pyro
 import pyro.infer.autoguide as autoguides
 import torch
 
-from ppl_vae.batching import Data
+from ppl_vae.batching import Data, make_batches
 from ppl_vae.checkpoint import write_json
 from ppl_vae.evaluation import as_pair, elbo, log_likelihood
 from ppl_vae.family import Family, register
 from ppl_vae.plots import loss_curve
-from ppl_vae.program import SetupError, warn_user
+from ppl_vae.program import SetupError, per_row_autoguide_sites, warn_user
 
-STEPS = 1500  # default optimizer steps of a run (epochs follow from the data's size)
+STEPS = 3000  # default optimizer steps of a run (epochs follow from the data's size)
 FULL_BATCH_ROWS = 1024  # up to this many rows a step sees all of them; else batches of 256
 
 
@@ -85,15 +85,29 @@ def import_file(path: str | Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SetupError(f"--file {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    folder = path.resolve().parent
+    for key in _SIBLINGS:  # modules that user files imported from their folders: anew too
+        sys.modules.pop(key, None)  # (two folders' "helpers" must not stand for each other)
+    _SIBLINGS.clear()
+    before = set(sys.modules)
     sys.modules[name] = module  # (dataclasses and pickling look the module up by name)
-    sys.path.insert(0, str(path.resolve().parent))
+    sys.path.insert(0, str(folder))
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # the user's code: any error is theirs, named with the file
         raise SetupError(f"--file {path}: importing it failed ({type(e).__name__}: {e})") from e
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        sys.path.remove(str(folder))
+        _SIBLINGS.update(k for k in set(sys.modules) - before
+                         if _inside(getattr(sys.modules[k], "__file__", None), folder))
     return module
+
+
+_SIBLINGS: set[str] = set()  # modules that a user file imported from its own folder
+
+
+def _inside(file: str | None, folder: Path) -> bool:
+    return file is not None and Path(file).resolve().is_relative_to(folder)
 
 
 def attribute(module: ModuleType, dotted: str, flag: str) -> Any:
@@ -110,13 +124,26 @@ def attribute(module: ModuleType, dotted: str, flag: str) -> Any:
     return value
 
 
+def default_guide(module: ModuleType, model_name: str) -> str:
+    """The guide beside the model: ``vae.guide`` for ``vae.model``, else the file's
+    ``guide``, else ``AutoNormal``."""
+    owner, _, _ = model_name.rpartition(".")
+    for name in ([f"{owner}.guide"] if owner else []) + ["guide"]:
+        try:
+            attribute(module, name, "--guide")
+            return name
+        except SetupError:
+            continue
+    return "AutoNormal"
+
+
 def build_program(spec: ProgramSpec) -> tuple[Callable, Callable]:
     """The model and guide of ``spec``'s file, freshly imported."""
     module = import_file(spec.file)
     model = attribute(module, spec.model_name, "--model-name")
     if not callable(model):
         raise SetupError(f"--model-name {spec.model_name}: {type(model).__name__} is not callable")
-    name = spec.guide or ("guide" if hasattr(module, "guide") else "AutoNormal")
+    name = spec.guide or default_guide(module, spec.model_name)
     auto = getattr(autoguides, name, None)
     if isinstance(auto, type) and issubclass(auto, autoguides.AutoGuide):
         return model, auto(model)
@@ -169,10 +196,12 @@ def _read_csv(path: Path) -> dict[str, torch.Tensor]:
             raise SetupError(f"{path}: line {i}: {len(row)} fields, the header has {len(names)}")
         for j, field in enumerate(row):
             try:
-                values[i - 2, j] = float(field)
+                values[i - 2, j] = number = float(field)
             except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
                 raise SetupError(f"{path}: line {i}, column {names[j]!r}: value {field!r} is "
-                                 "not a number") from None
+                                 "not a finite number")
     return {name: torch.from_numpy(values[:, j].copy()) for j, name in enumerate(names)}
 
 
@@ -229,6 +258,23 @@ class ProgramFamily(Family):
         spec.file_sha256 = file_digest(spec.file)
         return spec
 
+    def spec_from_json(self, stored: dict) -> ProgramSpec:
+        """The stored spec; paths given on a resume (maybe relative) made absolute."""
+        spec = super().spec_from_json(stored)
+        for field in ("file", "data", "val_data", "test_data"):
+            value = getattr(spec, field)
+            if value and Path(value).exists():
+                setattr(spec, field, str(Path(value).resolve()))
+        return spec
+
+    def check_fit_settings(self, spec: ProgramSpec, settings: dict[str, Any]) -> None:
+        """A resumed run needs the file it was trained with (a new run hashes it anew)."""
+        if spec.file_sha256 and Path(spec.file).is_file() \
+                and file_digest(spec.file) != spec.file_sha256:
+            raise SetupError(f"{spec.file} changed since this run was trained (its SHA-256 "
+                             "differs): --resume needs the same file; train anew with "
+                             "--overwrite or another --out")
+
     def build(self, spec: ProgramSpec) -> tuple[Callable, Callable]:
         if spec.file_sha256 and Path(spec.file).is_file() \
                 and file_digest(spec.file) != spec.file_sha256:
@@ -243,19 +289,24 @@ class ProgramFamily(Family):
         return read_data(path) if path else None
 
     def example(self, spec: ProgramSpec) -> Data:
+        if not Path(spec.data).is_file():
+            raise SetupError(f"the run's training data {spec.data} is gone: reloading the run "
+                             "needs a few of its rows to create the parameters; put it back")
         return head(read_data(spec.data), 16)
 
     def fit_settings(self, spec: ProgramSpec) -> dict[str, Any]:
-        """All rows per step up to 1,024 rows, else batches of 256; about 1,500 steps
-        (at least 10 epochs); early stopping (patience 10) with --val-data."""
+        """All rows per step up to 1,024 rows, else batches of 256; about 3,000 steps (at
+        least 10 epochs), checkpoints about 100 times a run; with --val-data, early stopping
+        after a tenth of the epochs without improvement (not in the first tenth)."""
         n = rows_of(read_data(spec.data))
         batch = n if n <= FULL_BATCH_ROWS else 256
-        settings = {**self.fit_defaults, "batch_size": batch,
-                    "epochs": max(10, math.ceil(STEPS / math.ceil(n / batch)))}
+        epochs = max(10, math.ceil(STEPS / math.ceil(n / batch)))
+        settings = {**self.fit_defaults, "batch_size": batch, "epochs": epochs,
+                    "checkpoint_every": max(1, epochs // 100)}
         if spec.plate:
             settings["plate"] = spec.plate
         if spec.val_data:
-            settings["patience"] = 10
+            settings.update(patience=max(10, epochs // 10), warmup_epochs=epochs // 10)
         return settings
 
     def report(self, run: Any) -> list[Path]:
@@ -270,6 +321,15 @@ class ProgramFamily(Family):
         if limit:
             data = head(data, limit)
         pair = as_pair(run.model, run.guide, run.spec.plate or None)  # one look at it
+        if run.spec.test_data:  # the data plate, from the training rows the guide knows
+            pair.inspect(next(iter(make_batches(self.run_data(run, "train"), 100, run.device,
+                                                shuffle=False))))
+        per_row = per_row_autoguide_sites(pair) if run.spec.test_data else []
+        if per_row:
+            raise SetupError(
+                f"--test-data rows have no parameters of their own: the guide keeps one per "
+                f"training row for {', '.join(per_row)}; evaluate on the training rows (a run "
+                "without --test-data) or give the per-row latents an amortized guide")
         pyro.set_rng_seed(seed)
         figures = {"data": "test" if run.spec.test_data else "train",
                    "examples": rows_of(data),

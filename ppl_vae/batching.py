@@ -222,11 +222,17 @@ def _refuse_plain_python(data: Any, name: str) -> None:
     if isinstance(data, (tuple, list, Mapping)) and len(data) == 0:
         raise ValueError(f"{name} is an empty {type(data).__name__}: give at least one tensor "
                          "(one row per example)")
-    if isinstance(data, (tuple, list)) and all(isinstance(v, (int, float, bool)) or
-                                               isinstance(v, (tuple, list)) for v in data):
+    if isinstance(data, (tuple, list)) and _numbers(data):
         raise ValueError(f"{name} is a Python {type(data).__name__} of numbers, not a torch "
                          "tensor; the engine takes tensors (one row per example): pass "
                          "torch.tensor(x, dtype=torch.float32)")
+
+
+def _numbers(value: Any) -> bool:
+    """Whether ``value`` is a number or a (nested) list or tuple of numbers only."""
+    if isinstance(value, (tuple, list)):
+        return all(_numbers(v) for v in value)
+    return isinstance(value, (int, float, bool))
 
 
 def _refuse_non_tensor_entries(data: Any, name: str) -> None:

@@ -65,7 +65,7 @@ from .posterior import (
     samples_to_draws,
     to_arviz,
 )
-from .program import warn_user
+from .program import unobserved_leaves, warn_user
 
 GOOD, BAD = 0.5, 0.7
 NOISY = 0.3  # nats: inner-estimate noise sd above which the global k-hat is inflated
@@ -228,7 +228,8 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
         has_global = any(not _in_plate(s, plate) for s in sites)
         if has_local:
             for batch in tqdm(batches, desc="k-hat", unit="batch", leave=False, disable=None):
-                chunks = [pair_log_weights(pair, batch, k, plate, drop_leaves=True)[0]
+                skip = frozenset(unobserved_leaves(pair, batch))
+                chunks = [pair_log_weights(pair, batch, k, plate, skip=skip)[0]
                           for k in _chunks(num_samples, max(1, 200_000 // len(batch)))]
                 ratios = torch.cat(chunks)
                 local_k.append(pareto_khat(ratios))

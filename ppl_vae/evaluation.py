@@ -42,6 +42,7 @@ from .program import (
     SetupError,
     check_per_row_evaluation,
     modules_of,
+    unobserved_leaves,
     warn_user,
 )
 
@@ -357,18 +358,17 @@ def within_particle_plate(trace) -> bool:
 
 def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
                      weight: Callable[[str, dict], float] | None = None, kind: str = "weights",
-                     drop_leaves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     skip: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`log_weights` of a :class:`~ppl_vae.program.Pair`, vectorized over particles
     when the program broadcasts over an extra leading dim, else one particle at a time
-    (found out on the first call and remembered, with a warning). ``drop_leaves``: leave
-    obs_mask's unobserved entries that nothing else reads out of the weights
-    (:attr:`Structure.unobserved_leaves`: log p(x_observed) exactly, less noise)."""
+    (found out on the first call and remembered, with a warning). ``skip``: sites left out
+    of the weights (:func:`ppl_vae.program.unobserved_leaves`: log p(x_observed) exactly,
+    less noise)."""
     structure = pair.inspect(batch)
     if getattr(pair, "_rows_checked", None) is not structure:  # once, not every iwae step
         check_per_row_evaluation(pair, structure)
         pair._rows_checked = structure
-    common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind,
-                  skip=frozenset(structure.unobserved_leaves if drop_leaves else ()))
+    common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind, skip=skip)
     if pair.vectorizable is not False:
         try:
             out = log_weights(pair.model, pair.guide, batch, num_particles, plate,
@@ -456,13 +456,14 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
                         "are point masses (Delta, e.g. AutoDelta): log_likelihood is then "
                         "log p(x_i, z_i) at those points, not an estimate of log p(x_i); use "
                         "a guide with a density (AutoNormal) for log p(x)")
+            skip = frozenset(unobserved_leaves(pair, batch) if reduce == "logmeanexp" else ())
             acc = None
             done = 0
             while done < num_samples:
                 k = min(particles_per_pass, num_samples - done)
                 local, _ = pair_log_weights(pair, batch, k, plate_name,
                                             kind="weights" if reduce == "logmeanexp"
-                                            else "elbo", drop_leaves=reduce == "logmeanexp")
+                                            else "elbo", skip=skip)
                 if reduce == "logmeanexp":
                     part = local.logsumexp(0)
                     acc = part if acc is None else torch.logaddexp(acc, part)

@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import re
 import sys
 import warnings
 import weakref
@@ -43,6 +44,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.contrib.easyguide import EasyGuide
 from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList, AutoStructured
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
@@ -296,8 +298,7 @@ class Structure:
     per-row guide latents whose values the guide computes from one draw outside the data
     plate (AutoStructured, an easyguide group, an AutoContinuous: log q does not split by
     rows); ``row_plates``: plates of the batch's length around observed sites, {plate:
-    sites}; ``unobserved_leaves``: obs_mask's ``<name>_unobserved`` latents (in the guide)
-    whose values no other model site reads.
+    sites}.
     """
 
     plate: str | None
@@ -313,7 +314,6 @@ class Structure:
     sequential: list[str] = field(default_factory=list)
     joint_rows: list[str] = field(default_factory=list)
     row_plates: dict[str, list[str]] = field(default_factory=dict)
-    unobserved_leaves: list[str] = field(default_factory=list)
 
 
 class Pair:
@@ -416,15 +416,23 @@ def _vectorized_frames(site: dict) -> list:
 
 def _check_observed_shapes(model_trace) -> None:
     """An observed value whose shape does not broadcast with its distribution's (Pyro finds
-    out only when scoring it, with a bare shape error)."""
+    out only when scoring it, with a bare shape error), or broadcasts to a shape larger
+    than both (a (N, 1) value against a (N,) distribution scores every row against every
+    other: Pyro's validation refuses it, unvalidated training does not)."""
     for name, site in model_trace.nodes.items():
         if observes(site) and torch.is_tensor(site["value"]) and hasattr(site["fn"], "shape"):
+            value, shape = tuple(site["value"].shape), tuple(site["fn"].shape())
             try:
-                torch.broadcast_shapes(site["value"].shape, site["fn"].shape())
+                joint = tuple(torch.broadcast_shapes(value, shape))
             except RuntimeError as e:
+                raise ValueError(f"observed site {name!r}: its value of shape {value} does not "
+                                 f"fit its distribution's shape {shape}") from e
+            if joint not in (value, shape):
                 raise ValueError(
-                    f"observed site {name!r}: its value of shape {tuple(site['value'].shape)} "
-                    f"does not fit its distribution's shape {tuple(site['fn'].shape())}") from e
+                    f"observed site {name!r}: its value of shape {value} and its "
+                    f"distribution's shape {shape} broadcast to {joint}, which scores every "
+                    "value against every distribution; give the value the distribution's "
+                    "shape (e.g. y.squeeze(-1) or y.reshape(-1))")
 
 
 def _prior_trace(pair: Pair, batch):
@@ -462,7 +470,16 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
         local = g if local is None else {k: v for k, v in local.items() if k in g}
     for candidates in (full, local):
         if len(candidates) == 1:
-            return next(iter(candidates.items()))
+            name, dim = next(iter(candidates.items()))
+            subsampled = candidates is full and n > b  # opened at n rows, b of them drawn
+            others = sorted({fr.name for site in observed for fr in _vectorized_frames(site)
+                             if fr.name != name and frame_rows(fr, site) == b})
+            if others and not subsampled:
+                raise SetupError(
+                    f"plates {name!r} and {others[0]!r} both have the batch's {b} rows; say "
+                    "which runs over the rows of the data with plate=NAME (or use a batch "
+                    "size that differs from the other plate's length)")
+            return name, dim
         if len(candidates) > 1:
             raise SetupError(
                 f"several plates of length {b} surround every observed site "
@@ -485,19 +502,25 @@ def _check_observes(model_trace) -> None:
             "num_samples=100)(x))")
 
 
-def _check_rows_outside(structure: Structure, n: int, b: int) -> None:
-    """Warn of observations in another plate of the batch's length than the data plate:
-    per-row data put outside it (``plate=`` given for two plates over the rows) would be
-    scaled as if observed once and left out of per-row figures. (A plate of side
-    observations whose size equals the batch's by chance looks the same: hence a warning.)"""
+def _check_rows_outside(structure: Structure, model_sites: dict, n: int, b: int) -> None:
+    """Warn of observations in another plate of the batch's length than the data plate, and
+    not inside the data plate: per-row data put outside it (``plate=`` given for two plates
+    over the rows) would be scaled as if observed once and left out of per-row figures. (A
+    plate of side observations whose size equals the batch's by chance looks the same:
+    hence a warning.)"""
     plate = structure.plate
-    others = {k: v for k, v in structure.row_plates.items() if k != plate}
-    if plate is None or not others:
+    if plate is None:
+        return
+    others = {k: [s for s in v if not any(f.name == plate
+                                           for f in _vectorized_frames(model_sites[s]))]
+              for k, v in structure.row_plates.items() if k != plate}
+    others = {k: v for k, v in others.items() if v}
+    if not others:
         return
     name, sites = next(iter(others.items()))
     warn_user(
         f"observed site(s) {', '.join(map(repr, sites))} lie in plate {name!r} of the same "
-        f"{b} rows as {'the minibatch of' if b < n else ''} the data plate {plate!r}, outside "
+        f"{b} rows as {'the minibatch of ' if b < n else ''}the data plate {plate!r}, outside "
         "it: they count as observed once for the whole dataset (not scaled to it on "
         "minibatches, and left out of per-row figures: log_likelihood, elbo, LOO); if they "
         f"are per row, put them inside plate {plate!r}")
@@ -525,7 +548,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
             if check:
                 _check_observed_shapes(prior_trace)
         except (ValueError, RuntimeError, IndexError) as e:
-            if b >= n:
+            if b >= n or not re.search(rf"\b{n}\b", str(e)):  # no full-data size in it
                 raise
             raise SetupError(
                 f"the model failed on a minibatch of {b} of {n} rows ({type(e).__name__}: "
@@ -592,8 +615,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
                           latents, own.subsample_size if own is not None else None, deltas,
                           _sequential_plates(model_trace), joint,
-                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b),
-                          _unobserved_leaves(pair, batch, model_trace, guide_trace))
+                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b))
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -663,7 +685,7 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 "masked ones included, whose entropy the ELBO would then reward without "
                 "bound; use AutoNormal or AutoDelta for it (they are masked like the model)")
     _check_support(prior_trace)
-    _check_rows_outside(structure, n, b)
+    _check_rows_outside(structure, model_sites, n, b)
     if b >= n:
         return
     plate = structure.plate
@@ -811,13 +833,17 @@ def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | N
     return None
 
 
-def _unobserved_leaves(pair: Pair, batch, model_trace, guide_trace) -> list[str]:
-    """obs_mask's ``<name>_unobserved`` latents that no other model site reads, with the
-    guide sites that draw them (the site, and AutoNormal's ``<name>_unobserved_unconstrained``
-    behind its Delta): the model replayed with the leaf moved (every other latent held)
-    scores every other site the same. Integrating such a leaf out of p(x, z) leaves
-    p(x_observed, z), so log_likelihood drops its p and q terms from the importance weight
-    (they only add noise)."""
+def unobserved_leaves(pair: Pair, batch) -> list[str]:
+    """obs_mask's ``<name>_unobserved`` latents that no other model site reads on ``batch``,
+    with the guide sites that draw them (the site, and AutoNormal's
+    ``<name>_unobserved_unconstrained`` behind its Delta): the model replayed with the leaf
+    moved (every other latent held) scores every other site the same. Integrating such a
+    leaf out of p(x, z) leaves p(x_observed, z), so log_likelihood drops its p and q terms
+    from the importance weight (they only add noise). Found batch by batch: on a batch
+    without missing entries nothing reads the leaf (and its terms are masked out anyway)."""
+    if not any(k.endswith("_unobserved") for k in pair.inspect(batch).latents):
+        return []
+    model_trace, guide_trace = _traces(pair, batch)
     nodes, guide = model_trace.nodes, guide_trace.nodes
     candidates = [k for k in nodes if k.endswith("_unobserved") and k in guide
                   and f"{k[:-len('_unobserved')]}_observed" in nodes
@@ -859,25 +885,41 @@ def _split_deltas(pair: Pair, batch, guide_trace, plate: str | None, deltas: lis
     their value from an auxiliary draw outside the data plate (AutoStructured's
     ``<name>_aux``, an easyguide group's draw, an AutoContinuous's ``_Auto..._latent``), so
     their log q sits outside the rows; point masses come from no auxiliary draw (AutoDelta).
-    Found by moving each auxiliary draw (the others held) and watching the Delta values."""
+    Found by moving each auxiliary draw (the others held) and watching the Delta values
+    against a run with nothing moved (a guide with other randomness, e.g. dropout, gives no
+    verdict). An auxiliary draw outside the plate with fewer entries than rows is a global's
+    (a point mass given it), not a joint draw over the rows."""
     auxiliary = {k: s for k, s in guide_trace.nodes.items() if s["type"] == "sample"
                  and s["infer"].get("is_auxiliary") and s["value"].is_floating_point()}
     if not deltas or not auxiliary:
         return [], deltas
     held = {k: s["value"] for k, s in auxiliary.items()}
+
+    def values(moves: dict) -> dict | None:
+        try:
+            trace = poutine.trace(batch.call).get_trace(
+                poutine.condition(pair.guide, data=dict(held, **moves)))
+        except (ValueError, RuntimeError):  # a value the guide cannot take: no verdict
+            return None
+        return {k: trace.nodes[k]["value"] for k in deltas if k in trace.nodes}
+
     joint: set[str] = set()
     backed: set[str] = set()
     with poutine.block(), torch.no_grad():
+        base = values({})
+        if base is None:
+            return [], deltas
+        steady = [k for k in deltas if k in base and torch.equal(base[k],
+                                                                   guide_trace.nodes[k]["value"])]
         for name, site in auxiliary.items():
-            moved = poutine.condition(pair.guide, data=dict(held, **{name: site["value"] + 1}))
-            try:
-                trace = poutine.trace(batch.call).get_trace(moved)
-            except (ValueError, RuntimeError):  # a value the guide cannot take: no verdict
+            moved = values({name: site["value"] + 1})
+            if moved is None:
                 continue
             outside = not any(f.name == plate for f in _vectorized_frames(site))
-            for k in deltas:
-                if k in trace.nodes and not torch.equal(trace.nodes[k]["value"],
-                                                        guide_trace.nodes[k]["value"]):
+            if outside and site["value"].numel() < len(batch):
+                continue  # a global's draw: the Delta is a point mass given it
+            for k in steady:
+                if k in moved and not torch.equal(moved[k], base[k]):
                     (joint if outside else backed).add(k)
     return ([k for k in deltas if k in joint],
             [k for k in deltas if k not in joint and k not in backed])
@@ -885,7 +927,12 @@ def _split_deltas(pair: Pair, batch, guide_trace, plate: str | None, deltas: lis
 
 def holds_joint_rows(pair: Pair, n: int) -> bool:
     """Whether an AutoContinuous or AutoStructured part of the guide holds latents of a
-    plate of n rows: its one joint draw covers every row, so it is drawn for all n at once."""
+    plate of n rows (its one joint draw covers every row, so it is drawn for all n at once),
+    or the guide is an easyguide (whose groups may draw over all rows: drawn the same way)."""
+    guide = pair.raw_guide
+    if any(isinstance(part, EasyGuide)
+           for part in (guide if isinstance(guide, AutoGuideList) else [guide])):
+        return True
     return any(isinstance(part, (AutoContinuous, AutoStructured))
                and any((f.full_size or f.size) == n for _, s in prototype_latents(part)
                        for f in s["cond_indep_stack"] if f.vectorized)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,8 +209,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch an existing run unless told to continue or replace it."""
+def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to touch an existing run unless told to continue or replace it. A run to be
+    replaced is moved aside into ``out/.replaced`` (returned), to be put back if the new
+    start fails before its first checkpoint (:func:`_settle_replaced`)."""
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if resume:
         if not (out / "checkpoint.pt").exists():
@@ -223,8 +226,31 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> None:
         raise SetupError(f"{out} already holds a run ({', '.join(existing)}): pass --resume "
                          "(resume=True) to continue it or --overwrite (overwrite=True) to "
                          "replace it")
-    for name in existing:
-        (out / name).unlink()
+    if not trained:
+        for name in existing:
+            (out / name).unlink()
+        return None
+    aside = out / ".replaced"
+    shutil.rmtree(aside, ignore_errors=True)  # left by a killed replacement: that run is gone
+    aside.mkdir()
+    for file in out.iterdir():  # the whole run: its tables, figures and data copies too
+        if not file.name.startswith("."):
+            file.replace(aside / file.name)
+    return aside
+
+
+def _settle_replaced(out: Path, aside: Path | None, failed: bool) -> None:
+    """Drop the replaced run once the new one stands, or put it back when the new start
+    failed before writing its first checkpoint (bad input: nothing is lost)."""
+    if aside is None:
+        return
+    if failed and not (out / "checkpoint.pt").exists():
+        for file in aside.iterdir():
+            target = out / file.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            file.replace(target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def train(model: str, out: str | Path | None = None, spec: dict | Any | None = None, *,
@@ -255,8 +281,14 @@ def train(model: str, out: str | Path | None = None, spec: dict | Any | None = N
     if multi and launched_as_other_rank():  # rank 0 holds the lock and writes the folder
         return _train(model, out, spec, resume, progress, fit_options, writer=False)
     with run_lock(out):
-        _prepare_folder(out, resume, overwrite)
-        return _train(model, out, spec, resume, progress, fit_options)
+        aside = _prepare_folder(out, resume, overwrite)
+        try:
+            run = _train(model, out, spec, resume, progress, fit_options)
+        except BaseException:
+            _settle_replaced(out, aside, failed=True)
+            raise
+        _settle_replaced(out, aside, failed=False)
+        return run
 
 
 def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool | None,
@@ -348,7 +380,8 @@ def _resumed_spec(saved: dict, model: str, family: Family, given: dict) -> Any:
 
 
 # what a resumed run may change; everything else continues as the run was set up
-RESUMABLE = frozenset({"epochs", "patience", "device", "sync_every", "devices", "num_nodes",
+RESUMABLE = frozenset({"epochs", "patience", "device", "sync_every", "checkpoint_every",
+                       "devices", "num_nodes",
                        "strategy"})
 
 

@@ -137,7 +137,9 @@ def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, dat
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
     pyro.clear_param_store()
-    cfg = FitConfig(device=str(device), plate=state["config"].get("plate"))
+    saved = state["config"]  # the objective too: an enumerating pair is refused under trace
+    cfg = FitConfig(device=str(device), plate=saved.get("plate"),
+                    objective=saved.get("objective") or "trace")
     trainer = Trainer(model, guide, cfg)
     rows = state.get("num_examples")  # checkpoints of earlier versions lack it
     batches = make_batches(data, 8, trainer.device, shuffle=False)

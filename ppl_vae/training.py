@@ -92,6 +92,10 @@ class FitConfig:
     # The Lightning path (devices=...) hands over dense rows, as before.
     sparse_batches: bool = False
     sync_every: int = 50
+    # with out=: write checkpoint.pt, best.pt and metrics.csv every this many epochs (and at
+    # the last one); many one-step epochs (full-batch SVI) then do not spend their time
+    # writing files. The best epoch's state waits in memory until the next write.
+    checkpoint_every: int = 1
     plate: str | None = None
     clear_param_store: bool = True  # start from a clean Pyro param store (Pyro's own advice)
     extra: dict = field(default_factory=dict)  # the caller's own settings (e.g. model spec)
@@ -118,6 +122,8 @@ class FitConfig:
              "num_particles (--particles) must be >= 1", self.num_particles)
         need(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number", self.lr)
         need(self.sync_every >= 1, "sync_every must be >= 1", self.sync_every)
+        need(self.checkpoint_every >= 1, "checkpoint_every must be >= 1",
+             self.checkpoint_every)
         need(self.patience is None or self.patience >= 1, "patience must be >= 1",
              self.patience)
         need(self.beta >= 0, "beta must be >= 0", self.beta)
@@ -219,6 +225,8 @@ class Trainer:
         self.history = History([])
         self.epoch = 0
         self._best = -math.inf
+        self._best_state: dict | None = None  # the best epoch's state, not yet written
+        self._saved_epoch = 0  # the epoch checkpoint.pt holds
         self._bad_epochs = 0
         self._scale: float | None = None
         c = self.config
@@ -404,7 +412,7 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
             self._stretch_cosine(max(1, self.config.epochs))
-        self.epoch = int(state["epoch"])
+        self.epoch = self._saved_epoch = int(state["epoch"])
         self.history = History(list(state["history"]))
         es = state.get("early_stopping", {})
         self._best = float(es.get("best", -math.inf))
@@ -651,7 +659,7 @@ class Trainer:
         if kept is None:
             where = "There is no checkpoint (no out= folder). "
         elif kept.exists():
-            where = f"The last good checkpoint is kept: {kept} (epoch {self.epoch - 1}). "
+            where = f"The last good checkpoint is kept: {kept} (epoch {self._saved_epoch}). "
         else:
             where = f"No epoch had finished, so {self.out} holds no checkpoint. "
         raise TrainingDiverged(
@@ -678,11 +686,19 @@ class Trainer:
             if best and "val_elbo" in self.history.rows[-1]:
                 self.history.best_state = _cpu_copy(self.state_dict(batches))
             return
+        c = self.config
+        due = self.epoch % c.checkpoint_every == 0 or self.epoch >= c.epochs or self.should_stop
+        if not due:
+            if best:
+                self._best_state = _cpu_copy(self.state_dict(batches))
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.state_dict(batches)
         save_checkpoint(state, self.out / "checkpoint.pt")
-        if best:
-            save_checkpoint(state, self.out / "best.pt")
+        self._saved_epoch = self.epoch
+        if best or self._best_state is not None:
+            save_checkpoint(state if best else self._best_state, self.out / "best.pt")
+            self._best_state = None
         write_history_csv(self.history.rows, self.out / "metrics.csv")
 
 

@@ -117,3 +117,81 @@ def test_a_changed_file_is_named_on_reload(regression):
     (folder / "model.py").write_text(REGRESSION + "\n# edited\n")
     with pytest.warns(UserWarning, match="model.py changed since this run was trained"):
         ppl_vae.load_run(out)
+
+
+def test_sibling_modules_resume_and_guide_defaults(tmp_path, regression, monkeypatch):
+    """Two folders' "helpers" never stand for each other; a resume takes relative paths and
+    refuses a changed file; an object's own guide is its model's default guide."""
+    folder, exact = regression
+    for name, sign in (("a", ""), ("b", "-")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "helpers.py").write_text(
+            f"def design(x):\n    return {sign}x\n")
+        (tmp_path / name / "model.py").write_text(REGRESSION.replace(
+            "import pyro,", "from helpers import design\nimport pyro,").replace(
+            "x @ w", "design(x) @ w"))
+    slopes = {}
+    for name in ("a", "b"):
+        run = ppl_vae.train("program", None, {"file": str(tmp_path / name / "model.py"),
+                                              "data": str(folder / "train.pt")},
+                            epochs=300, progress=False)
+        slopes[name] = run.guide.median()["w"].double()
+    assert torch.allclose(slopes["a"], exact, atol=0.03)
+    assert torch.allclose(slopes["b"], -exact, atol=0.03)  # its own helpers: x flipped
+
+    out = tmp_path / "run"
+    main(["train", "program", "--file", str(folder / "model.py"), "--data",
+          str(folder / "train.pt"), "--out", str(out), "--epochs", "20", "--no-progress"])
+    monkeypatch.chdir(folder)  # the same files given by relative paths: the same run
+    main(["train", "program", "--file", "model.py", "--data", "train.pt", "--out", str(out),
+          "--epochs", "30", "--resume", "--no-progress"])
+    assert len(ppl_vae.load_run(out).history) == 30
+    (folder / "model.py").write_text(REGRESSION + "\n# edited\n")
+    with pytest.raises(SetupError, match="changed since this run was trained.*--resume needs"):
+        main(["train", "program", "--out", str(out), "--epochs", "40", "--resume"])
+
+    (tmp_path / "vae.py").write_text(textwrap.dedent("""
+        import pyro, pyro.distributions as dist, torch
+
+        class Regression:
+            def model(self, x, y):
+                w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+                with pyro.plate("data", len(x)):
+                    pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+            def guide(self, x, y):
+                loc = pyro.param("loc", torch.zeros(2))
+                pyro.sample("w", dist.Delta(loc).to_event(1))
+
+        fit = Regression()
+    """))
+    run = ppl_vae.train("program", None, {"file": str(tmp_path / "vae.py"), "model_name":
+                                          "fit.model", "data": str(folder / "train.pt")},
+                        epochs=300, progress=False)
+    assert run.guide.__name__ == "guide"  # fit.guide, not an AutoNormal
+
+
+def test_test_rows_need_a_guide_for_new_rows_and_csv_nan_is_named(tmp_path):
+    per_row = textwrap.dedent("""
+        import pyro, pyro.distributions as dist
+
+        def model(x):
+            mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
+            with pyro.plate("data", len(x)):
+                z = pyro.sample("z", dist.Normal(mu, 1.0))
+                pyro.sample("obs", dist.Normal(z, 0.5), obs=x)
+    """)
+    (tmp_path / "model.py").write_text(per_row)
+    torch.save(torch.randn(40), tmp_path / "train.pt")
+    torch.save(torch.randn(40), tmp_path / "test.pt")
+    out = tmp_path / "run"
+    ppl_vae.train("program", out, {"file": str(tmp_path / "model.py"), "data": str(
+        tmp_path / "train.pt"), "test_data": str(tmp_path / "test.pt")}, epochs=5,
+        progress=False)
+    with pytest.raises(SetupError, match="--test-data rows have no parameters of their own.*z"):
+        main(["evaluate", str(out)])
+    (tmp_path / "nan.csv").write_text("x\n1.0\nnan\n")
+    with pytest.raises(SetupError, match="nan.csv: line 3, column 'x': value 'nan' is not a "
+                                         "finite number"):
+        ppl_vae.train("program", tmp_path / "r2", {"file": str(tmp_path / "model.py"),
+                                                   "data": str(tmp_path / "nan.csv")})

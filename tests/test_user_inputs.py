@@ -270,3 +270,63 @@ def test_log_likelihood_integrates_out_unread_missing_entries_exactly():
     exact = -0.5 * (x[::2, 0] - loc) ** 2 / var - 0.5 * math.log(2 * math.pi * var)
     got = log_likelihood(model, guide, (x, observed), 2000, per_example=True)[::2]
     assert float((got - exact).abs().max()) < 0.02  # Monte Carlo error of the mu draws
+
+
+def test_enumerated_run_restores_and_overwrite_keeps_a_run_on_bad_input(tmp_path):
+    """restore() rebuilt the trainer with objective 'trace', which refuses a config_enumerate
+    model; --overwrite deleted the old run before refusing the new start's bad input."""
+    from pyro.infer import config_enumerate
+
+    @config_enumerate
+    def mixture(x):
+        weights = pyro.param("weights", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            c = pyro.sample("c", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[c], 1.0), obs=x)
+
+    def empty_guide(x):
+        pass
+
+    x = torch.cat([data(100) - 4.0, data(100, seed=1) + 4.0])
+    out = tmp_path / "run"
+    history = fit(mixture, empty_guide, x, epochs=3, batch_size=200, objective="enum",
+                  out=out, progress=False)
+    state = ppl_vae.load_checkpoint(out / "checkpoint.pt")
+    ppl_vae.restore(mixture, empty_guide, state, x[:8])  # refused as 'trace' before
+    assert elbo(mixture, empty_guide, x) == pytest.approx(history[-1]["train_elbo"], abs=0.05)
+
+    spec = {"file": str(tmp_path / "m.py"), "data": str(tmp_path / "d.pt")}
+    (tmp_path / "m.py").write_text(
+        "import pyro, pyro.distributions as dist\n"
+        "def model(x, y):\n    mu = pyro.sample('mu', dist.Normal(0.0, 1.0))\n"
+        "    with pyro.plate('data', len(x)):\n"
+        "        pyro.sample('obs', dist.Normal(mu * x, 1.0), obs=y)\n")
+    torch.save({"x": data(), "y": data(seed=2)}, tmp_path / "d.pt")
+    ppl_vae.train("program", tmp_path / "prog", spec, epochs=3, progress=False)
+    before = sorted(p.name for p in (tmp_path / "prog").iterdir())
+    torch.save({"x": data()}, tmp_path / "d.pt")  # y is missing now: refused at set-up
+    with pytest.raises(SetupError, match="missing 1 required positional argument: 'y'"):
+        ppl_vae.train("program", tmp_path / "prog", spec, epochs=3, overwrite=True,
+                      progress=False)
+    assert sorted(p.name for p in (tmp_path / "prog").iterdir()) == before
+
+
+def test_checkpoint_every_writes_less_and_resumes(tmp_path, monkeypatch):
+    import ppl_vae.training as training
+
+    written = []
+    save = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint",
+                        lambda state, path: (written.append(path.name), save(state, path)))
+    x = data()
+    out = tmp_path / "run"
+    fit(normal_mean, AutoNormal(normal_mean), x, epochs=25, batch_size=200, out=out,
+        checkpoint_every=10, progress=False)
+    assert written.count("checkpoint.pt") == 3  # epochs 10, 20 and the last, 25
+    assert written.count("best.pt") <= 3
+    state = ppl_vae.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 25 and len(state["history"]) == 25  # the last epoch is written
+    history = fit(normal_mean, AutoNormal(normal_mean), x, epochs=30, batch_size=200, out=out,
+                  checkpoint_every=10, resume=True, progress=False)
+    assert len(history.rows) == 30
