@@ -330,3 +330,21 @@ def test_checkpoint_every_writes_less_and_resumes(tmp_path, monkeypatch):
     history = fit(normal_mean, AutoNormal(normal_mean), x, epochs=30, batch_size=200, out=out,
                   checkpoint_every=10, resume=True, progress=False)
     assert len(history.rows) == 30
+
+
+def test_hand_written_per_row_guide_restores_from_a_slice(tmp_path):
+    """Its pyro.params have one entry per training row: restore used to set them up on the
+    slice's 8 rows and refuse."""
+    def guide(x):
+        loc = pyro.param("z_loc", torch.zeros(len(x)))
+        mu = pyro.param("mu_loc", torch.tensor(0.0))
+        pyro.sample("mu", dist.Delta(mu))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc, 0.5))
+
+    x = data(50)
+    history = fit(hierarchical, guide, x, epochs=30, batch_size=50, lr=0.05, out=tmp_path,
+                  progress=False)
+    ppl_vae.restore(hierarchical, guide, tmp_path / "checkpoint.pt", x[:8])
+    assert pyro.param("z_loc").shape == (50,)
+    assert elbo(hierarchical, guide, x, 50) == pytest.approx(history[-1]["train_elbo"], abs=0.3)
