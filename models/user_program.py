@@ -29,6 +29,7 @@ training, and ``--resume`` refuses a changed file. The checkpoint holds paramete
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import importlib.util
 import math
@@ -150,9 +151,13 @@ def build_program(spec: ProgramSpec) -> tuple[Callable, Callable]:
     if not hasattr(module, name.split(".")[0]) and name.startswith("Auto"):
         known = sorted(k for k, v in vars(autoguides).items()
                        if isinstance(v, type) and issubclass(v, autoguides.AutoGuide)
-                       and k.startswith("Auto"))
-        raise SetupError(f"--guide {name}: not an autoguide of pyro.infer.autoguide "
-                         f"({', '.join(known)}) nor a name in {spec.file}")
+                       and k not in ("AutoGuide", "AutoGuideList", "AutoCallable",
+                                     "AutoContinuous"))
+        close = difflib.get_close_matches(name, known, n=1)
+        raise SetupError(f"--guide {name}: not an autoguide of pyro.infer.autoguide nor a "
+                         f"name in {spec.file}"
+                         + (f"; did you mean {close[0]}?" if close else "")
+                         + f" (autoguides: {', '.join(known)})")
     return model, attribute(module, name, "--guide")
 
 
