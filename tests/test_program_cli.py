@@ -95,7 +95,8 @@ def test_bad_files_are_named_before_training(regression, tmp_path):
     with pytest.raises(SetupError, match="defines no 'modle'.*its own callables: model"):
         ppl_vae.train("program", tmp_path / "a", {"file": model, "model_name": "modle",
                                                   "data": str(folder / "train.pt")})
-    with pytest.raises(SetupError, match="AutoNormall: not an autoguide.*did you mean AutoNormal\?"):
+    with pytest.raises(SetupError, match=r"AutoNormall: not an autoguide.*did you mean "
+                                         r"AutoNormal\?"):
         ppl_vae.train("program", tmp_path / "b", {"file": model, "guide": "AutoNormall",
                                                   "data": str(folder / "train.pt")})
     (folder / "bad.csv").write_text("x,y\n1.0,2.0\n3.0,oops\n")
