@@ -222,6 +222,15 @@ class MaskGuideLikeModel(Messenger):
                 return
 
 
+def reset_autoguide_plates(guide: Callable) -> None:
+    """Leave an autoguide's plates at their full size after the engine's minibatches: the
+    parts of an AutoGuideList read their list's plates of its last call, so ``median()``
+    of a part would give the last minibatch's rows."""
+    if isinstance(guide, AutoGuide) and guide.prototype_trace is not None \
+            and getattr(guide, "master", None) is None:
+        guide._create_plates()
+
+
 class EnginePlates:
     """``create_plates`` the engine gives an autoguide built without one: inside an engine
     call on a minibatch, the data plate subsampled at the minibatch's rows, when the guide

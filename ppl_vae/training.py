@@ -38,6 +38,7 @@ from .program import (
     modules_of,
     needs_full_prototype,
     per_row_autoguide_sites,
+    reset_autoguide_plates,
 )
 
 __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
@@ -624,6 +625,7 @@ class Trainer:
                 self.save(batches, best=improved)
         finally:
             bar.close()
+            reset_autoguide_plates(self.pair.raw_guide)
         return self.history
 
     def _streamed_error(self) -> SetupError:

@@ -348,3 +348,17 @@ def test_hand_written_per_row_guide_restores_from_a_slice(tmp_path):
     ppl_vae.restore(hierarchical, guide, tmp_path / "checkpoint.pt", x[:8])
     assert pyro.param("z_loc").shape == (50,)
     assert elbo(hierarchical, guide, x, 50) == pytest.approx(history[-1]["train_elbo"], abs=0.3)
+
+
+def test_autoguidelist_median_gives_every_row_after_minibatches():
+    """The list's parts read its plates of the last call: after minibatch training median()
+    gave the last minibatch's 20 rows, in its random order."""
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoGuideList
+
+    x = torch.arange(60.0)
+    guide = AutoGuideList(hierarchical)
+    guide.append(AutoDiagonalNormal(pyro.poutine.block(hierarchical, expose=["mu"])))
+    guide.append(AutoDelta(pyro.poutine.block(hierarchical, expose=["z"])))
+    fit(hierarchical, guide, x, epochs=100, batch_size=20, lr=0.5, progress=False)
+    z = guide.median(x)["z"]
+    assert z.shape == (60,) and bool((z[1:] > z[:-1]).all())  # every row, in order
