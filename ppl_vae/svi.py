@@ -131,9 +131,9 @@ def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, dat
 
     ``data`` is one small example batch (any slice of the training data) used to create the
     parameters before they are overwritten. An autoguide keeping one parameter per training
-    row (AutoNormal, AutoDelta over a per-row latent), or a guide function (whose
-    ``pyro.param`` s may be per row), is set up for the checkpoint's number of rows (the
-    slice's rows repeated). Clears Pyro's param store first, as ``fit`` does.
+    row (AutoNormal, AutoDelta over a per-row latent), or a guide function that is not a
+    network's method (whose ``pyro.param`` s may be per row), is set up for the checkpoint's
+    number of rows (the slice's rows repeated). Clears Pyro's param store first, as ``fit`` does.
     Returns the checkpoint dict.
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, device)
@@ -145,7 +145,8 @@ def restore(model: Callable, guide: Callable, checkpoint: str | Path | dict, dat
     rows = state.get("num_examples")  # checkpoints of earlier versions lack it
     batches = make_batches(data, 8, trainer.device, shuffle=False)
     if rows and isinstance(batches, TensorBatches) and batches.num_examples < rows \
-            and (_has_autoguide(guide) or not isinstance(guide, torch.nn.Module)):
+            and (_has_autoguide(guide)
+                 or not isinstance(getattr(guide, "__self__", guide), torch.nn.Module)):
         batches = make_batches(_repeat_rows(batches, rows), rows, trainer.device, shuffle=False)
     trainer.setup(batches, training=False)
     try:

@@ -658,10 +658,18 @@ class Trainer:
         """Raise :class:`TrainingDiverged`: ``what`` happened, where the last good checkpoint
         is, and the remedies."""
         kept = self.out / "checkpoint.pt" if self.out else None
+        if kept is not None and self._best_state is not None:  # not written yet: keep it
+            save_checkpoint(self._best_state, self.out / "best.pt")
+            if not kept.exists():
+                save_checkpoint(self._best_state, kept)
+                self._saved_epoch = int(self._best_state["epoch"])
+            self._best_state = None
         if kept is None:
             where = "There is no checkpoint (no out= folder). "
         elif kept.exists():
             where = f"The last good checkpoint is kept: {kept} (epoch {self._saved_epoch}). "
+        elif self.epoch > 1:
+            where = f"No checkpoint had been written yet, so {self.out} holds none. "
         else:
             where = f"No epoch had finished, so {self.out} holds no checkpoint. "
         raise TrainingDiverged(

@@ -362,3 +362,22 @@ def test_autoguidelist_median_gives_every_row_after_minibatches():
     fit(hierarchical, guide, x, epochs=100, batch_size=20, lr=0.5, progress=False)
     z = guide.median(x)["z"]
     assert z.shape == (60,) and bool((z[1:] > z[:-1]).all())  # every row, in order
+
+
+def test_divergence_between_checkpoints_keeps_the_best_epoch(tmp_path):
+    """With checkpoint_every=5, a NaN in epoch 4 lost epochs 1-3 and said none had finished."""
+    calls = {"n": 0}
+
+    def exploding(x):
+        calls["n"] += 1
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+        if calls["n"] >= 11:  # set-up and validation calls included: NaN from epoch 4
+            pyro.factor("boom", mu * float("nan"))
+
+    with pytest.raises(ppl_vae.TrainingDiverged, match="last good checkpoint is kept") as e:
+        fit(exploding, AutoNormal(exploding), data(50), val_data=data(30, seed=1), epochs=12,
+            batch_size=50, lr=0.3, seed=1, out=tmp_path, checkpoint_every=5, progress=False)
+    kept = ppl_vae.load_checkpoint(tmp_path / "best.pt")  # the best of epochs 1-3
+    assert 1 <= kept["epoch"] <= 3 and f"(epoch {kept['epoch']})" in str(e.value)
