@@ -227,7 +227,8 @@ def reset_autoguide_plates(guide: Callable) -> None:
     parts of an AutoGuideList read their list's plates of its last call, so ``median()``
     of a part would give the last minibatch's rows."""
     if isinstance(guide, AutoGuide) and guide.prototype_trace is not None \
-            and getattr(guide, "master", None) is None:
+            and getattr(guide, "master", None) is None \
+            and isinstance(guide.create_plates, EnginePlates):  # (not a user's create_plates)
         guide._create_plates()
 
 
