@@ -65,7 +65,7 @@ from .posterior import (
     samples_to_draws,
     to_arviz,
 )
-from .program import unobserved_leaves, warn_user
+from .program import is_delta, unobserved_leaves, warn_user
 
 GOOD, BAD = 0.5, 0.7
 NOISY = 0.3  # nats: inner-estimate noise sd above which the global k-hat is inflated
@@ -127,6 +127,7 @@ class ParetoK:
     glob_noise: float | None = None  # sd (nats) of the inner estimate of sum_i log p(x_i | g)
     local_halves: np.ndarray | None = None  # k-hat per data point from each half: (2, N)
     glob_halves: tuple[float, float] | None = None
+    glob_point_masses: bool = False  # the guide holds the globals at points (AutoDelta)
 
     @property
     def uncertainty(self) -> float | None:
@@ -161,7 +162,11 @@ class ParetoK:
         parts = [f"from {self.num_samples} draws"
                  + (f" (halves of {self.num_samples // 2} differ by {self.uncertainty:.2f})"
                     if self.uncertainty is not None else "")]
-        if self.glob is not None:
+        if self.glob is not None and self.glob_point_masses:
+            parts.append("global latents: k-hat does not apply: the guide holds them at "
+                         "points (Delta, e.g. AutoDelta: MAP estimates, no posterior "
+                         "uncertainty to check)")
+        elif self.glob is not None:
             text = "global latents: " + khat_verdict(self.glob)
             if self.glob_noise is not None and self.glob_noise > NOISY:
                 text += (f" [inflated by the noise of integrating the local latents out, sd "
@@ -226,6 +231,11 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                  if s["type"] == "sample" and not s["is_observed"]]
         has_local = any(_in_plate(s, plate) for s in sites)
         has_global = any(not _in_plate(s, plate) for s in sites)
+        outside = [s for s in prune_subsample_sites(probe).nodes.values() if s["type"] ==
+                   "sample" and not s["is_observed"] and not _in_plate(s, plate)]
+        point_masses = has_global and all(  # Deltas drawn from no auxiliary draw
+            is_delta(s["fn"]) for s in outside if not s["infer"].get("is_auxiliary")) \
+            and not any(s["infer"].get("is_auxiliary") for s in outside)
         if has_local:
             for batch in tqdm(batches, desc="k-hat", unit="batch", leave=False, disable=None):
                 skip = frozenset(unobserved_leaves(pair, batch))
@@ -309,7 +319,8 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                 noise = float(((ratios(m) - total[:m]) ** 2).mean().div(2).sqrt())
     return ParetoK(np.concatenate(local_k) if local_k else None, glob_k, num_samples,
                    inner_samples, noise,
-                   np.concatenate(local_halves, axis=1) if local_halves else None, glob_halves)
+                   np.concatenate(local_halves, axis=1) if local_halves else None, glob_halves,
+                   point_masses)
 
 
 def _chunks(total: int, size: int) -> list[int]:

@@ -619,7 +619,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     # AutoContinuous's joint latent) is a density's value, not a point mass (AutoDelta)
     auxiliary = [k for k, s in guide_trace.nodes.items() if s["type"] == "sample"
                  and s["infer"].get("is_auxiliary")]
-    deltas = [k for k in local if _is_delta(guide_latents[k]["fn"])
+    deltas = [k for k in local if is_delta(guide_latents[k]["fn"])
               and f"{k}_unconstrained" not in auxiliary]
     joint, deltas = _split_deltas(pair, batch, guide_trace, plate, deltas)
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
@@ -860,7 +860,7 @@ def unobserved_leaves(pair: Pair, batch) -> list[str]:
                   and guide[k]["type"] == "sample" and not guide[k]["is_observed"]
                   and guide[k]["infer"].get("_enumerate_dim") is None
                   and nodes[k]["value"].is_floating_point()
-                  and (not _is_delta(guide[k]["fn"]) or f"{k}_unconstrained" in guide)]
+                  and (not is_delta(guide[k]["fn"]) or f"{k}_unconstrained" in guide)]
     leaves = []
     for name in candidates:
         moved = poutine.Trace()
@@ -949,7 +949,7 @@ def holds_joint_rows(pair: Pair, n: int) -> bool:
                for part in _autoguide_parts(pair.raw_guide))
 
 
-def _is_delta(fn) -> bool:
+def is_delta(fn) -> bool:
     while not isinstance(fn, dist.Delta) and hasattr(fn, "base_dist"):
         fn = fn.base_dist  # Independent, MaskedDistribution ...
     return isinstance(fn, dist.Delta)

@@ -42,17 +42,57 @@ from .training import FitConfig, FitFailed, resolve_device
 
 @dataclass
 class Run:
-    """A trained (or training) run: its folder, family, spec, model and guide."""
+    """A trained (or training) run: its folder, family, spec, model and guide.
+
+    Pyro keeps parameters in one global param store, which the next ``load_run`` or ``fit``
+    clears: a run remembers its own (``params``) and puts them back whenever its ``model``
+    or ``guide`` is used, so two runs loaded in one session each score with their own."""
 
     path: Path | None
     family: Family
     spec: Any
-    model: Any
-    guide: Any
+    _model: Any
+    _guide: Any
     fit_settings: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     checkpoint: Path | None = None
+    params: dict | None = field(default=None, repr=False)  # its param-store state
+
+    @property
+    def model(self) -> Any:
+        self.activate()
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model = value
+
+    @property
+    def guide(self) -> Any:
+        self.activate()
+        return self._guide
+
+    @guide.setter
+    def guide(self, value: Any) -> None:
+        self._guide = value
+
+    def keep_params(self) -> None:
+        """Remember the param store's present state as this run's."""
+        self.params = pyro.get_param_store().get_state()
+
+    def activate(self) -> None:
+        """Put this run's parameters back into Pyro's param store if another run's (or
+        training's) replaced them."""
+        if self.params is None:
+            return
+        current = dict(pyro.get_param_store().named_parameters())
+        if all(current.get(k) is v for k, v in self.params["params"].items()):
+            return
+        store = pyro.get_param_store()
+        store.clear()
+        store.set_state({"params": dict(self.params["params"]),
+                         "constraints": dict(self.params["constraints"])})
 
     @property
     def name(self) -> str:
@@ -127,8 +167,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu",
                          f"describes (was config.json edited?): "
                          f"{' '.join(line.strip() for line in str(e).splitlines()[:2])[:300]}"
                          ) from e
-    return Run(path, family, spec, model, guide, dict(config.get("fit", {})),
-               list(state["history"]), device, file)
+    run = Run(path, family, spec, model, guide, dict(config.get("fit", {})),
+              list(state["history"]), device, file)
+    run.keep_params()
+    return run
 
 
 RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.csv", "failed.json")
@@ -351,6 +393,7 @@ def _train(model: str, out: Path | None, spec: Any, resume: bool, progress: bool
           and history.best_epoch != len(history.rows)):  # no folder: the same, from memory
         restore(run.model, run.guide, history.best_state, family.example(spec),
                 device=run.device)
+    run.keep_params()
     problem = family.check_fit(run)
     if out is not None:
         failed = Path(out) / "failed.json"

@@ -196,3 +196,38 @@ def test_test_rows_need_a_guide_for_new_rows_and_csv_nan_is_named(tmp_path):
                                          "finite number"):
         ppl_vae.train("program", tmp_path / "r2", {"file": str(tmp_path / "model.py"),
                                                    "data": str(tmp_path / "nan.csv")})
+
+
+def test_two_loaded_runs_each_score_with_their_own_parameters(regression, tmp_path):
+    """Pyro's one param store: loading a second run replaced the first's parameters, whose
+    elbo then went from -0.65 to -42 with no word."""
+    folder, _ = regression
+    data = torch.load(folder / "train.pt")
+    torch.save({"x": data["x"], "y": -data["y"]}, folder / "flipped.pt")
+    runs = []
+    for name in ("train.pt", "flipped.pt"):
+        out = tmp_path / f"run-{name}"
+        ppl_vae.train("program", out, {"file": str(folder / "model.py"),
+                                       "data": str(folder / name)}, epochs=300, progress=False)
+        runs.append(ppl_vae.load_run(out))
+    first, second = runs
+    w_first, w_second = first.guide.median()["w"], second.guide.median()["w"]
+    assert torch.allclose(w_first, -w_second, atol=0.05)  # each its own, after both loads
+    assert ppl_vae.elbo(first.model, first.guide, first.data(), 20) > -1.0
+
+
+def test_point_mass_guides_get_no_khat_verdict_and_errors_stay_one_line(regression, capsys):
+    folder, _ = regression
+    out = folder / "map"
+    main(["train", "program", "--file", str(folder / "model.py"), "--data",
+          str(folder / "train.pt"), "--guide", "AutoDelta", "--epochs", "50", "--out",
+          str(out), "--no-progress"])
+    capsys.readouterr()
+    main(["check", str(out), "--samples", "20", "--khat-samples", "50",
+          "--sbc-simulations", "0"])
+    printed = capsys.readouterr().out
+    assert "k-hat does not apply" in printed and "can be trusted" not in printed
+
+    from ppl_vae.cli.main import _short
+    pyro_style = "Expected parameter loc ... found invalid values:\ntensor([nan,\n nan])\nTrace"
+    assert _short(pyro_style).count("\n") == 0 and "PPL_VAE_DEBUG=1" in _short(pyro_style)

@@ -280,8 +280,17 @@ def run() -> int:
     except (ValueError, FloatingPointError, OSError, FitFailed) as e:
         if os.environ.get("PPL_VAE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_short(str(e))}", file=sys.stderr)
         return 2
+
+
+def _short(message: str, lines: int = 2, width: int = 400) -> str:
+    """The first lines of an error (Pyro's validation errors append tensors and trace
+    tables): one ``error: ...`` line stays readable; PPL_VAE_DEBUG=1 shows all of it."""
+    kept = [line.strip()[:width] for line in message.splitlines() if line.strip()]
+    text = " ".join(kept[:lines])
+    return text + (" ... (PPL_VAE_DEBUG=1 shows the whole message)"
+                   if len(kept) > lines else "")
 
 
 if __name__ == "__main__":
