@@ -935,7 +935,8 @@ class IRTFamily(Family):
         result.update(students=len(y), items=int(run.spec.num_items), answers=int(mask.sum()))
         result["log_likelihood_per_answer"] = result["log_likelihood"] * len(y) / \
             max(result["answers"], 1)
-        write_json(result, Path(run.path) / "evaluation.json")
+        if run.path is not None:  # (a run trained without a folder has none)
+            write_json(result, Path(run.path) / "evaluation.json")
         return result
 
     @staticmethod

@@ -934,7 +934,8 @@ def evaluate(run, iwae_samples: int = 1000, limit: int | None = None, seed: int 
                   answers=int(mask.sum()))
     result["log_likelihood_per_answer"] = result["log_likelihood"] * len(y) / \
         max(result["answers"], 1)
-    write_json(result, Path(run.path) / "evaluation.json")
+    if run.path is not None:  # (a run trained without a folder has none)
+        write_json(result, Path(run.path) / "evaluation.json")
     return result
 
 

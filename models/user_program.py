@@ -345,7 +345,8 @@ class ProgramFamily(Family):
                    "log_likelihood": log_likelihood(pair.model, pair.guide, data,
                                                     num_samples=iwae_samples,
                                                     device=run.device)}
-        write_json(figures, run.path / "evaluation.json")
+        if run.path is not None:  # (a run trained without a folder has none)
+            write_json(figures, run.path / "evaluation.json")
         return figures
 
     def check(self, run: Any, samples: int = 500, khat_samples: int = 1000, seed: int = 0,

@@ -34,6 +34,7 @@ from .batching import Data
 from .diagnostics import importance_diagnostics, plot_khat, plot_ppc_table, ppc_table
 from .plots import save_figure
 from .posterior import save_netcdf, to_arviz
+from .program import SetupError
 
 # name -> (observed site, statistic(one data set) -> 1-D array, labels or None)
 PPCSpec = Mapping[str, tuple[str, Callable[[np.ndarray], np.ndarray], Sequence[Any] | None]]
@@ -69,6 +70,11 @@ def check_posterior(model: Callable, guide: Callable, data: Data, out: str | Pat
     """
     import arviz as az
 
+    if out is None:
+        raise SetupError("the posterior checks write posterior.nc, summary.csv and their "
+                         "figures into a folder, and this run has none (trained with "
+                         "out=None): train it with a folder, or call ppl_vae.checks."
+                         "check_posterior(model, guide, data, out=FOLDER)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     idata = to_arviz(model, guide, data, num_samples, dims=dims, coords=coords,

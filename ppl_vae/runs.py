@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,21 +79,30 @@ class Run:
         self._guide = value
 
     def keep_params(self) -> None:
-        """Remember the param store's present state as this run's."""
+        """Remember the param store's present state as this run's (it now owns the store)."""
+        global _OWNER
         self.params = pyro.get_param_store().get_state()
+        _OWNER = weakref.ref(self)
 
     def activate(self) -> None:
-        """Put this run's parameters back into Pyro's param store if another run's (or
-        training's) replaced them."""
+        """Put this run's parameters back into Pyro's param store when another run took it
+        over since (loaded or trained); while the store is this run's, its present values
+        are the run's (trained further with ``fit``, ``restore`` d) and only names cleared
+        from it (``pyro.clear_param_store()``) are put back. Other names stay untouched."""
+        global _OWNER
         if self.params is None:
             return
-        current = dict(pyro.get_param_store().named_parameters())
-        if all(current.get(k) is v for k, v in self.params["params"].items()):
-            return
         store = pyro.get_param_store()
-        store.clear()
-        store.set_state({"params": dict(self.params["params"]),
-                         "constraints": dict(self.params["constraints"])})
+        current = dict(store.named_parameters())
+        mine = self.params["params"]
+        owner = _OWNER() if _OWNER is not None else None
+        if owner is self:
+            mine = {k: current.get(k, v) for k, v in mine.items()}
+            self.params = {"params": mine, "constraints": self.params["constraints"]}
+        if any(current.get(k) is not v for k, v in mine.items()):
+            store.set_state({"params": dict(mine),
+                             "constraints": dict(self.params["constraints"])})
+        _OWNER = weakref.ref(self)
 
     @property
     def name(self) -> str:
@@ -421,6 +431,8 @@ def _resumed_spec(saved: dict, model: str, family: Family, given: dict) -> Any:
         raise SetupError(f"{model}: unknown settings {unknown}; known: {sorted(fields)}")
     return family.spec_from_json({**saved["spec"], **given, "model": model})
 
+
+_OWNER: weakref.ref | None = None  # the Run whose parameters Pyro's param store holds
 
 # what a resumed run may change; everything else continues as the run was set up
 RESUMABLE = frozenset({"epochs", "patience", "device", "sync_every", "checkpoint_every",

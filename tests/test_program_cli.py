@@ -231,3 +231,42 @@ def test_point_mass_guides_get_no_khat_verdict_and_errors_stay_one_line(regressi
     from ppl_vae.cli.main import _short
     pyro_style = "Expected parameter loc ... found invalid values:\ntensor([nan,\n nan])\nTrace"
     assert _short(pyro_style).count("\n") == 0 and "PPL_VAE_DEBUG=1" in _short(pyro_style)
+
+
+def test_a_run_keeps_further_training_and_the_users_own_params(regression):
+    """Taking the store back must not undo the run's own further training (fit on its model
+    and guide), nor delete parameters of the user's that are not the run's."""
+    import pyro
+
+    folder, exact = regression
+    guide_file = REGRESSION + textwrap.dedent("""
+        from torch.distributions import constraints
+
+        def guide(x, y):
+            loc = pyro.param("w_loc", torch.zeros(2))
+            scale = pyro.param("w_scale", torch.ones(2), constraint=constraints.positive)
+            pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+    """)
+    (folder / "guided.py").write_text(guide_file)
+    run = ppl_vae.train("program", None, {"file": str(folder / "guided.py"),
+                                          "data": str(folder / "train.pt")}, epochs=5,
+                        progress=False)  # far from converged
+    model, guide = run.model, run.guide
+    ppl_vae.fit(model, guide, run.data(), epochs=1500, batch_size=200, lr=0.03,
+                lr_schedule="cosine", progress=False)
+    trained = pyro.param("w_loc").detach().clone()
+    assert torch.allclose(trained.double(), exact, atol=0.05)
+    pyro.param("mine", torch.tensor(3.0))
+    ppl_vae.elbo(run.model, run.guide, run.data(), 5)  # the run's model and guide again
+    assert torch.equal(pyro.param("w_loc").detach(), trained)  # not put back to epoch 5
+    assert float(pyro.param("mine")) == 3.0
+
+
+def test_a_run_without_a_folder_evaluates_and_says_check_needs_one(regression):
+    folder, _ = regression
+    run = ppl_vae.train("program", None, {"file": str(folder / "model.py"),
+                                          "data": str(folder / "train.pt")}, epochs=20,
+                        progress=False)
+    assert "elbo" in run.family.evaluate(run, iwae_samples=10)
+    with pytest.raises(SetupError, match="this run has none \\(trained with out=None\\)"):
+        run.family.check(run, samples=10, khat_samples=10)
