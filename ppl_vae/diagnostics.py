@@ -231,11 +231,9 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
                  if s["type"] == "sample" and not s["is_observed"]]
         has_local = any(_in_plate(s, plate) for s in sites)
         has_global = any(not _in_plate(s, plate) for s in sites)
-        outside = [s for s in prune_subsample_sites(probe).nodes.values() if s["type"] ==
-                   "sample" and not s["is_observed"] and not _in_plate(s, plate)]
         point_masses = has_global and all(  # Deltas drawn from no auxiliary draw
-            is_delta(s["fn"]) for s in outside if not s["infer"].get("is_auxiliary")) \
-            and not any(s["infer"].get("is_auxiliary") for s in outside)
+            is_delta(s["fn"]) and not s["infer"].get("is_auxiliary")
+            for s in sites if not _in_plate(s, plate))
         if has_local:
             for batch in tqdm(batches, desc="k-hat", unit="batch", leave=False, disable=None):
                 skip = frozenset(unobserved_leaves(pair, batch))
