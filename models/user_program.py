@@ -69,10 +69,22 @@ class ProgramSpec:
     test_data: str = ""
     plate: str = ""  # the plate over the rows, when the engine cannot tell
     file_sha256: str = ""
+    data_sha256: str = ""  # of --data: a resumed run trains on the rows it was trained on
 
 
 def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def changed(path: str, sha256: str) -> bool:
+    """Whether the file at ``path`` differs from the one hashed at training (False when no
+    hash was stored or the file is gone: the callers say so themselves)."""
+    return bool(sha256) and Path(path).is_file() and file_digest(path) != sha256
 
 
 def import_file(path: str | Path) -> ModuleType:
@@ -261,6 +273,7 @@ class ProgramFamily(Family):
                     raise SetupError(f"--{field.replace('_', '-')} {value}: no such file")
                 setattr(spec, field, str(Path(value).resolve()))
         spec.file_sha256 = file_digest(spec.file)
+        spec.data_sha256 = file_digest(spec.data)
         return spec
 
     def spec_from_json(self, stored: dict) -> ProgramSpec:
@@ -273,16 +286,19 @@ class ProgramFamily(Family):
         return spec
 
     def check_fit_settings(self, spec: ProgramSpec, settings: dict[str, Any]) -> None:
-        """A resumed run needs the file it was trained with (a new run hashes it anew)."""
-        if spec.file_sha256 and Path(spec.file).is_file() \
-                and file_digest(spec.file) != spec.file_sha256:
+        """A resumed run needs the file and the training data it was trained with (a new
+        run hashes them anew)."""
+        if changed(spec.file, spec.file_sha256):
             raise SetupError(f"{spec.file} changed since this run was trained (its SHA-256 "
                              "differs): --resume needs the same file; train anew with "
                              "--overwrite or another --out")
+        if changed(spec.data, spec.data_sha256):
+            raise SetupError(f"--data {spec.data} changed since this run was trained (its "
+                             "SHA-256 differs): --resume needs the same rows; train anew with "
+                             "--overwrite or another --out")
 
     def build(self, spec: ProgramSpec) -> tuple[Callable, Callable]:
-        if spec.file_sha256 and Path(spec.file).is_file() \
-                and file_digest(spec.file) != spec.file_sha256:
+        if changed(spec.file, spec.file_sha256):
             warn_user(f"{spec.file} changed since this run was trained (its SHA-256 differs); "
                       "the trained parameters are loaded into the file as it is now")
         return build_program(spec)
@@ -297,6 +313,9 @@ class ProgramFamily(Family):
         if not Path(spec.data).is_file():
             raise SetupError(f"the run's training data {spec.data} is gone: reloading the run "
                              "needs a few of its rows to create the parameters; put it back")
+        if changed(spec.data, spec.data_sha256):
+            warn_user(f"--data {spec.data} changed since this run was trained (its SHA-256 "
+                      "differs); figures on the training data use the file as it is now")
         return head(read_data(spec.data), 16)
 
     def fit_settings(self, spec: ProgramSpec) -> dict[str, Any]:

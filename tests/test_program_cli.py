@@ -120,6 +120,23 @@ def test_a_changed_file_is_named_on_reload(regression):
         ppl_vae.load_run(out)
 
 
+def test_changed_training_data_is_refused_on_resume_and_named_on_reload(regression):
+    """A resumed run trains on the rows it was trained on: --data replaced by other rows
+    is refused before any step (the run is left as it was); reloading warns."""
+    folder, _ = regression
+    out = folder / "run"
+    ppl_vae.train("program", out, {"file": str(folder / "model.py"),
+                                   "data": str(folder / "train.pt")}, epochs=5, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    data = torch.load(folder / "train.pt", weights_only=True)
+    torch.save({"x": data["x"][:100], "y": -data["y"][:100]}, folder / "train.pt")
+    with pytest.raises(SetupError, match="train.pt changed since this run was trained.*same rows"):
+        main(["train", "program", "--out", str(out), "--epochs", "10", "--resume"])
+    assert (out / "checkpoint.pt").read_bytes() == before
+    with pytest.warns(UserWarning, match="train.pt changed since this run was trained"):
+        ppl_vae.load_run(out)
+
+
 def test_sibling_modules_resume_and_guide_defaults(tmp_path, regression, monkeypatch):
     """Two folders' "helpers" never stand for each other; a resume takes relative paths and
     refuses a changed file; an object's own guide is its model's default guide."""
