@@ -465,12 +465,17 @@ def _traces(pair: Pair, batch) -> tuple:
     return model_trace, guide_trace
 
 
-def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
+def _find_plate(model_trace, n: int, b: int, data: tuple = ()) -> tuple[str | None, int | None]:
     """The plate around every observed site that runs over the dataset's rows: opened at
-    full size n with b rows, or (a program that does not subsample) at the batch's b rows."""
+    full size n with b rows, or (a program that does not subsample) at the batch's b rows.
+    Where several plates have b rows (a square students x items matrix, full batch), the
+    one over the first axis of observed values that are the batch's own tensors (``obs=Y``
+    for data Y: its rows are the rows) decides; without such a site the caller must name it.
+    """
     observed = [s for s in model_trace.nodes.values() if observes(s)]
     if not observed:
         return None, None
+    by_rows = _plate_of_first_axis(observed, data, b)
     full, local = None, None
     for site in observed:
         frames = _vectorized_frames(site)
@@ -484,18 +489,34 @@ def _find_plate(model_trace, n: int, b: int) -> tuple[str | None, int | None]:
             subsampled = candidates is full and n > b  # opened at n rows, b of them drawn
             others = sorted({fr.name for site in observed for fr in _vectorized_frames(site)
                              if fr.name != name and frame_rows(fr, site) == b})
-            if others and not subsampled:
+            if others and not subsampled and by_rows != name:
                 raise SetupError(
                     f"plates {name!r} and {others[0]!r} both have the batch's {b} rows; say "
                     "which runs over the rows of the data with plate=NAME (or use a batch "
                     "size that differs from the other plate's length)")
             return name, dim
         if len(candidates) > 1:
+            if by_rows in candidates:
+                return by_rows, candidates[by_rows]
             raise SetupError(
                 f"several plates of length {b} surround every observed site "
                 f"({', '.join(sorted(candidates))}); say which runs over the rows of the data "
                 "with plate=NAME")
     return None, None
+
+
+def _plate_of_first_axis(observed: list, data: tuple, b: int) -> str | None:
+    """The plate over the first axis of the observed values that are tensors of the batch
+    itself (the same objects: their first axis is the data's rows), when all such sites
+    agree on one; None otherwise."""
+    found = set()
+    for site in observed:
+        value = site["value"]
+        if not any(value is t for t in data) or value.dim() == 0 or value.shape[0] != b:
+            continue
+        dim = site["fn"].event_dim - value.dim()
+        found.add(next((fr.name for fr in _vectorized_frames(site) if fr.dim == dim), None))
+    return found.pop() if len(found) == 1 else None
 
 
 def _check_observes(model_trace) -> None:
@@ -567,7 +588,8 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
                 "closure) is not cut into minibatches: pass it in the data (e.g. (x, y) for "
                 "model(x, y)), or train full-batch (batch_size >= number of rows)") from e
         if pair.plate is None:  # the guide's plates follow from the model's
-            pair.plate, pair.plate_dim = _find_plate(prior_trace, n, b)
+            pair.plate, pair.plate_dim = _find_plate(
+                prior_trace, n, b, (*batch.args, *batch.kwargs.values()))
         own = _own_subsample(prior_trace, pair.plate)
         if check:
             _check_observes(prior_trace)

@@ -381,3 +381,43 @@ def test_divergence_between_checkpoints_keeps_the_best_epoch(tmp_path):
             batch_size=50, lr=0.3, seed=1, out=tmp_path, checkpoint_every=5, progress=False)
     kept = ppl_vae.load_checkpoint(tmp_path / "best.pt")  # the best of epochs 1-3
     assert 1 <= kept["epoch"] <= 3 and f"(epoch {kept['epoch']})" in str(e.value)
+
+
+def test_a_square_students_by_items_matrix_finds_its_rows_plate():
+    """Full batch on a 30 x 30 answer matrix: the students plate (dim -2) and the items
+    plate (dim -1) both have 30 entries. The rows of ``obs=Y`` are the data's rows, so the
+    students plate is the data plate (it was refused, asking for plate=); per-student
+    log p(y_s) with fixed difficulties matches 1-D quadrature. Observations that are not the
+    batch's own tensor (``obs=Y.T``) leave it ambiguous: refused, naming plate=."""
+    generator = torch.Generator().manual_seed(0)
+    size = 30
+    difficulty = torch.linspace(-1.5, 1.5, size)
+    ability = torch.randn(size, 1, generator=generator)
+    answers = torch.bernoulli(torch.sigmoid(ability - difficulty), generator=generator)
+
+    def model(answers):
+        with pyro.plate("students", len(answers), dim=-2):
+            theta = pyro.sample("ability", dist.Normal(0.0, 1.0))
+            with pyro.plate("items", answers.shape[1], dim=-1):
+                pyro.sample("y", dist.Bernoulli(logits=theta - difficulty), obs=answers)
+
+    guide = AutoNormal(model)
+    fit(model, guide, answers, epochs=300, lr=0.05, progress=False)
+    got = log_likelihood(model, guide, answers, 2000, per_example=True)
+    assert got.shape == (size,)
+    grid = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    logits = grid[:, None, None] - difficulty.double()  # (grid, 1, items)
+    per_grid = dist.Bernoulli(logits=logits).log_prob(answers.double()).sum(-1)  # (grid, S)
+    log_prior = dist.Normal(0.0, 1.0).log_prob(grid)[:, None]
+    exact = torch.logsumexp(per_grid + log_prior, 0) + math.log(float(grid[1] - grid[0]))
+    assert float((got.double() - exact).abs().max()) < 0.05
+
+    def transposed(answers):
+        with pyro.plate("items", answers.shape[1], dim=-2):
+            with pyro.plate("students", len(answers), dim=-1):
+                theta = pyro.sample("ability", dist.Normal(0.0, 1.0))
+                pyro.sample("y", dist.Bernoulli(logits=theta - difficulty[:, None]),
+                            obs=answers.T)
+
+    with pytest.raises(SetupError, match="several plates of length 30.*plate=NAME"):
+        fit(transposed, AutoNormal(transposed), answers, epochs=1, progress=False)
