@@ -41,6 +41,7 @@ from .program import (
     Program,
     SetupError,
     check_per_row_evaluation,
+    holds_joint_rows,
     modules_of,
     unobserved_leaves,
     warn_user,
@@ -436,6 +437,11 @@ def per_example_log_weights(model: Callable, guide: Callable, data: Data, num_sa
         device = module_device(model, guide)
     pair = as_pair(model, guide, plate)
     batches = make_batches(data, batch_size, device, shuffle=False, sparse_rows=sparse_rows)
+    n = getattr(batches, "num_examples", None)
+    if n is not None and batch_size < n and holds_joint_rows(pair, n):
+        # a guide that draws all rows at once (AutoDiscreteParallel's per-row probabilities;
+        # a joint autoguide is then refused per-row figures, naming why) sees them all
+        batches = make_batches(data, n, device, shuffle=False, sparse_rows=sparse_rows)
     if particles_per_pass is None:
         rows = getattr(batches, "batch_size", None) \
             or getattr(getattr(batches, "loader", None), "batch_size", None) or batch_size

@@ -45,7 +45,13 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.contrib.easyguide import EasyGuide
-from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoGuideList, AutoStructured
+from pyro.infer.autoguide import (
+    AutoContinuous,
+    AutoDiscreteParallel,
+    AutoGuide,
+    AutoGuideList,
+    AutoStructured,
+)
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.replay_messenger import ReplayMessenger
@@ -693,8 +699,9 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
                 raise SetupError(
                     f"the guide keeps one parameter per training row for {name!r} "
                     f"({g[plate]} rows), but this data has {m[plate]}: an autoguide's per-row "
-                    "parameters score only the rows it was trained on, in their order; for "
-                    "new rows use an amortized guide for the per-row latents "
+                    "parameters belong to the rows it was first set up on, in their order; "
+                    "to train on this data build a new guide (e.g. AutoNormal(model)), and "
+                    "to score new rows use an amortized guide for the per-row latents "
                     "(ppl_vae.guides.amortized.AmortizedNormal)")
 
             def show(d: dict) -> str:
@@ -840,6 +847,15 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
     plate = pair.plate
     if b >= n or plate is None:
         return
+    discrete = _discrete_rows(pair, plate)
+    if discrete:
+        raise SetupError(
+            f"AutoDiscreteParallel keeps one probability vector per row of the data for "
+            f"{', '.join(discrete)} (plate {plate!r}) and cannot be subsampled (in Pyro "
+            f"either), so not on minibatches of {b} of {n} rows: train it full-batch "
+            f"(batch_size >= {n}; elbo, log_likelihood and to_arviz take all rows at once "
+            "for it), or leave the discrete site out of the guide and sum it out "
+            "(config_enumerate the model, objective='enum')")
     joint = _joint_over_rows(pair, plate)
     if joint:
         kind, local = joint
@@ -849,6 +865,15 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
             f"evaluated on minibatches of {b} of {n} rows (nor give per-row figures: elbo, "
             "log_likelihood, k-hat); use AutoNormal / AutoDelta for the per-row latents, or "
             f"train full-batch (batch_size >= {n})")
+
+
+def _discrete_rows(pair: Pair, plate: str | None) -> list[str]:
+    """Sites of ``plate`` that an AutoDiscreteParallel part of the guide keeps per-row
+    probabilities for (a parameter of the dataset's size, never sliced to a minibatch)."""
+    return [name for part in _autoguide_parts(pair.raw_guide)
+            if isinstance(part, AutoDiscreteParallel)
+            for name, s in prototype_latents(part)
+            if any(f.name == plate for f in s["cond_indep_stack"])]
 
 
 def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | None:
@@ -958,14 +983,15 @@ def _split_deltas(pair: Pair, batch, guide_trace, plate: str | None, deltas: lis
 
 
 def holds_joint_rows(pair: Pair, n: int) -> bool:
-    """Whether an AutoContinuous or AutoStructured part of the guide holds latents of a
-    plate of n rows (its one joint draw covers every row, so it is drawn for all n at once),
-    or the guide is an easyguide (whose groups may draw over all rows: drawn the same way)."""
+    """Whether the guide draws its latents of a plate of n rows for all n at once: an
+    AutoContinuous or AutoStructured part holding such latents (its one joint draw covers
+    every row), an AutoDiscreteParallel part (its per-row probabilities cannot be sliced to
+    a minibatch), or an easyguide (whose groups may draw over all rows)."""
     guide = pair.raw_guide
     if any(isinstance(part, EasyGuide)
            for part in (guide if isinstance(guide, AutoGuideList) else [guide])):
         return True
-    return any(isinstance(part, (AutoContinuous, AutoStructured))
+    return any(isinstance(part, (AutoContinuous, AutoStructured, AutoDiscreteParallel))
                and any((f.full_size or f.size) == n for _, s in prototype_latents(part)
                        for f in s["cond_indep_stack"] if f.vectorized)
                for part in _autoguide_parts(pair.raw_guide))
@@ -1091,6 +1117,13 @@ def per_row_autoguide_sites(pair: Pair) -> list[str]:
     return [name for part in _autoguide_parts(pair.raw_guide)
             for name, site in prototype_latents(part)
             if any(f.name == plate for f in site["cond_indep_stack"])]
+
+
+def autoguides_set_up(pair: Pair) -> list[str]:
+    """Class names of the guide's autoguide parts already set up (by an earlier fit or
+    call): their per-row parameters have the rows of the data they first saw."""
+    return [type(p).__name__ for p in _autoguide_parts(pair.raw_guide)
+            if p.prototype_trace is not None]
 
 
 def needs_full_prototype(pair: Pair, n: int, b: int) -> bool:

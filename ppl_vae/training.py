@@ -35,6 +35,7 @@ from .objectives import check_objective, make_objective, objective_name
 from .program import (
     Pair,
     SetupError,
+    autoguides_set_up,
     modules_of,
     needs_full_prototype,
     per_row_autoguide_sites,
@@ -451,12 +452,19 @@ class Trainer:
                 self.pair, batches.num_examples, batches.batch_size):
             full = batches.take(torch.arange(batches.num_examples, device=self.device))
         streamed = not isinstance(batches, TensorBatches)
+        set_up = autoguides_set_up(self.pair)
         try:
             with pyro.validation_enabled(True):
                 self._discover_params(first, full)
         except ValueError as e:
             if streamed and per_row_autoguide_sites(self.pair):
                 raise self._streamed_error() from e
+            if set_up and "pyro.param" in str(e):  # per-row parameters of other data
+                raise SetupError(
+                    f"the guide ({', '.join(set_up)}) was set up on other data by an earlier "
+                    f"fit or call, and its per-row parameters do not fit this data's "
+                    f"{batches.num_examples} rows ({str(e).splitlines()[0][:160]}); build a "
+                    "new guide (e.g. AutoNormal(model)) to train on this data") from e
             raise
         if streamed and per_row_autoguide_sites(self.pair):
             raise self._streamed_error()

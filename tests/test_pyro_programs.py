@@ -1475,9 +1475,13 @@ def test_numpy_data_per_row_guides_with_val_data_and_joint_guides_on_minibatches
             device="cpu")
     joint = AutoDiagonalNormal(per_row)
     fit(per_row, joint, x, epochs=1, batch_size=300, progress=False, device="cpu")
+    # evaluation takes all rows for a joint guide, whose per-row weights are then refused
+    with pytest.raises(SetupError, match=r"AutoDiagonalNormal keeps one joint distribution.*"
+                                         r"per-row weights.*use AutoNormal"):
+        log_likelihood(per_row, joint, x, num_samples=5)
     with pytest.raises(SetupError, match=r"cannot be trained or evaluated on minibatches of "
                                          r"100 of 300 rows"):
-        log_likelihood(per_row, joint, x, num_samples=5)
+        fit(per_row, joint, x, epochs=1, batch_size=100, progress=False, device="cpu")
 
 
 def test_a_guide_of_the_wrong_shape_or_support_is_named_before_training():

@@ -421,3 +421,43 @@ def test_a_square_students_by_items_matrix_finds_its_rows_plate():
 
     with pytest.raises(SetupError, match="several plates of length 30.*plate=NAME"):
         fit(transposed, AutoNormal(transposed), answers, epochs=1, progress=False)
+
+
+def test_auto_discrete_parallel_evaluates_all_rows_and_is_refused_on_minibatches():
+    """AutoDiscreteParallel keeps a probability vector per row (N, K) that Pyro never slices:
+    elbo/log_likelihood/to_arviz at their default batch of 100 crashed on 400 rows with
+    Pyro's shape error; now they take all rows (log p(x) exact: the mixture's density at
+    the fitted parameters), and minibatch training is refused naming full batch or enum."""
+    from pyro.infer.autoguide import AutoDiscreteParallel
+
+    def mixture(x):
+        weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
+
+    x = torch.cat([data(280) - 2.5, data(120, seed=1) + 1.0])
+    guide = AutoDiscreteParallel(mixture)
+    fit(mixture, guide, x, epochs=100, batch_size=len(x), lr=0.05, objective="enum",
+        progress=False)
+    w, m = pyro.param("weights").detach().double(), pyro.param("locs").detach().double()
+    exact = (w.log() + dist.Normal(m, 1.0).log_prob(x.double()[:, None])).logsumexp(-1)
+    assert log_likelihood(mixture, guide, x, 10) == pytest.approx(float(exact.mean()), abs=1e-3)
+    assert elbo(mixture, guide, x) <= float(exact.mean()) + 1e-3
+    assert ppl_vae.to_arviz(mixture, guide, x, num_samples=20).posterior["z"].shape[-1] == 400
+    with pytest.raises(SetupError, match="AutoDiscreteParallel keeps one probability vector "
+                                         "per row.*batch_size >= 400.*objective='enum'"):
+        fit(mixture, AutoDiscreteParallel(mixture), x, epochs=1, batch_size=100,
+            objective="enum", progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [50, 1000])
+def test_a_guide_set_up_on_other_rows_is_refused_naming_a_new_guide(batch_size):
+    """fit of an AutoNormal trained on 100 rows, given 150: on minibatches Pyro's raw
+    ValueError came out, full-batch a message pointing to amortized guides only."""
+    x = data(150)
+    guide = AutoNormal(hierarchical)
+    fit(hierarchical, guide, x[:100], epochs=2, batch_size=batch_size, progress=False)
+    with pytest.raises(SetupError, match=r"build a new guide \(e\.g\. AutoNormal\(model\)\)"):
+        fit(hierarchical, guide, x, epochs=2, batch_size=batch_size, progress=False)
