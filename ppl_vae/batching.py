@@ -195,6 +195,14 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
     _refuse_non_tensor_entries(data, name)
     _refuse_plain_python(data, name)
     if isinstance(data, Iterable):
+        if num_data is None and isinstance(data, (tuple, list)) and len(data) == 1 \
+                and isinstance(data[0], Mapping):
+            raise ValueError(
+                f"{name} is a {type(data).__name__} holding one dict: the engine reads a list "
+                "or tuple of dicts as ready-made minibatches (then num_data= is needed), and "
+                "a dict as keyword arguments (model(x=..., y=...)); a model that takes the "
+                "dict as one argument (model(batch)) cannot be sliced into rows: write it as "
+                "model(x, y) and pass the dict itself")
         return IterableBatches(data, device, num_data=num_data)
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}; give a tensor, "
                     "a tuple or dict of tensors (rows = examples) or a DataLoader")

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from .batching import Data, make_batches, split_structure
 from .evaluation import (
     as_pair,
+    check_broadcasting,
     eval_mode,
     in_particles,
     log_weights,
@@ -249,7 +250,7 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
             inner = inner_samples if has_local else 1
             enumerated = bool(pair.structure.enumerated)
             glob = None
-            if pair.vectorizable is not False:
+            if check_broadcasting(pair, first, nesting, "drawing the global draws"):
                 try:
                     with poutine.block():
                         gtrace = poutine.trace(first.call).get_trace(

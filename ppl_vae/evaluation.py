@@ -19,6 +19,7 @@ posterior-predictive log-likelihood of x_i, the usual held-out figure for such m
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -357,6 +358,65 @@ def within_particle_plate(trace) -> bool:
     return True
 
 
+def _sizes(trace) -> set[int]:
+    """Every length in a trace: its sites' value and batch shapes and their plates' sizes."""
+    sizes: set[int] = set()
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        value = site.get("value")
+        if torch.is_tensor(value):
+            sizes.update(value.shape)
+        sizes.update(getattr(site["fn"], "batch_shape", ()))
+        sizes.update(f.size for f in site.get("cond_indep_stack", ()) if f.size)
+    return sizes
+
+
+def broadcasting_error(model: Callable, guide: Callable | None, batch: Batch, nesting: int
+                       ) -> Exception | None:
+    """Whether ``model`` and ``guide`` broadcast over an extra leading particle dim on
+    ``batch``: None if they do, else the error a vectorized pass of particles raised (or
+    made, when a site's batch dims reach left of the particle plate).
+
+    The trial uses a particle count equal to no length in the program (its sites' shapes,
+    its plates, the batch): with K particles equal to, say, the number of groups G and the
+    batch's B rows, a non-broadcasting ``a[g]`` indexes the particle dim of a (K, G) latent
+    and raises nothing (every shape comes out right; the numbers are wrong). The random
+    stream is left as it was."""
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+        try:
+            one = poutine.trace(batch.call).get_trace(guide) if guide is not None else None
+            sizes = _sizes(poutine.trace(poutine.replay(batch.call, trace=one)).get_trace(
+                model) if one is not None else poutine.trace(batch.call).get_trace(model))
+            sizes.update(_sizes(one) if one is not None else ())
+            sizes.update({batch.size, len(batch)})
+            k = next(k for k in itertools.count(2) if k not in sizes)
+            guide_trace = (poutine.trace(batch.call).get_trace(in_particles(guide, k, nesting))
+                           if guide is not None else None)
+            fn = model if guide_trace is None else poutine.replay(model, trace=guide_trace)
+            model_trace = poutine.trace(batch.call).get_trace(in_particles(fn, k, nesting))
+        except (ValueError, RuntimeError, IndexError) as e:
+            return e
+    if not within_particle_plate(model_trace):
+        return ValueError(f"a site's batch dims reach left of the particle plate "
+                          f"({NOT_BROADCASTING})")
+    return None
+
+
+def check_broadcasting(pair: Pair, batch: Batch, nesting: int, doing: str) -> bool:
+    """Before the pair's first vectorized pass, find out (:func:`broadcasting_error`) whether
+    it broadcasts over particles; if not, remember it (``pair.vectorizable = False``) and
+    warn (``doing``: what then runs one at a time). Returns whether to try a vectorized
+    pass (the first real one still falls back on an error, and sets ``vectorizable``)."""
+    if pair.vectorizable is None and not getattr(pair, "_broadcast_checked", False):
+        error = broadcasting_error(pair.model, pair.guide, batch, nesting)
+        pair._broadcast_checked = True
+        if error is not None:
+            pair.vectorizable = False
+            warn_not_broadcasting(error, doing)
+    return pair.vectorizable is not False
+
+
 def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
                      weight: Callable[[str, dict], float] | None = None, kind: str = "weights",
                      skip: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +430,7 @@ def pair_log_weights(pair: Pair, batch: Batch, num_particles: int, plate: str,
         check_per_row_evaluation(pair, structure)
         pair._rows_checked = structure
     common = dict(weight=weight, enumerated=bool(structure.enumerated), kind=kind, skip=skip)
-    if pair.vectorizable is not False:
+    if check_broadcasting(pair, batch, structure.nesting, "evaluating particles"):
         try:
             out = log_weights(pair.model, pair.guide, batch, num_particles, plate,
                               structure.nesting, **common)

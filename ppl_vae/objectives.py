@@ -13,17 +13,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyro.infer as infer
-import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
 
 from .batching import Batch
 from .evaluation import (
-    NOT_BROADCASTING,
     as_pair,
-    in_particles,
+    broadcasting_error,
     pair_log_weights,
-    within_particle_plate,
 )
 from .program import SetupError, Structure, warn_user
 
@@ -143,9 +140,9 @@ class ELBOObjective:
         self._checked = True
         try:
             nesting = as_pair(model, guide).inspect(batch).nesting
-            if not self._broadcasts(model, guide, batch, nesting):
-                raise ValueError("a site's batch dims reach left of the particle plate "
-                                 f"({NOT_BROADCASTING})")
+            error = broadcasting_error(model, guide, batch, nesting)
+            if error is not None:
+                raise error
             return self(model, guide, batch)
         except (ValueError, RuntimeError, IndexError) as e:
             warn_user(
@@ -158,17 +155,6 @@ class ELBOObjective:
                 del kwargs["max_plate_nesting"]
             self.elbo = type(self.elbo)(vectorize_particles=False, **kwargs)
             return self(model, guide, batch)
-
-    def _broadcasts(self, model: Callable, guide: Callable, batch: Batch, nesting: int
-                    ) -> bool:
-        """One blocked draw of the particles: whether every site keeps its dims within the
-        particle plate's (no error is raised otherwise, but the loss mixes the particles)."""
-        with poutine.block(), torch.no_grad():
-            guide_trace = poutine.trace(batch.call).get_trace(
-                in_particles(guide, self.elbo.num_particles, nesting))
-            model_trace = poutine.trace(poutine.replay(batch.call, trace=guide_trace)).get_trace(
-                in_particles(model, self.elbo.num_particles, nesting))
-        return within_particle_plate(model_trace)
 
     def _jit_loss(self, model: Callable, guide: Callable, batch: Batch) -> torch.Tensor:
         """JitTrace_ELBO traces tensors passed positionally only: flatten the call to

@@ -47,6 +47,7 @@ from .evaluation import (
     NOT_BROADCASTING,
     PARTICLE_PLATE,
     as_pair,
+    check_broadcasting,
     enumerated_log_likelihood,
     eval_mode,
     in_particles,
@@ -304,7 +305,7 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
             args = (pair, batch, structure, plate_name, globs, prior)
             collect = dict(plate=plate_name, first=i == 0, predictive=predictive and not prior,
                            log_likelihood=log_likelihood and not prior)
-            if pair.vectorizable is not False:
+            if check_broadcasting(pair, batch, structure.nesting, "drawing the draws"):
                 try:
                     model_trace, lik = _draw_pass(*args, num_samples)
                     if within_particle_plate(model_trace):

@@ -574,6 +574,13 @@ def _plates_of_rows(model_sites: dict, b: int) -> dict[str, list[str]]:
     return found
 
 
+def calling_error(error: TypeError) -> SetupError:
+    """The SetupError for a model or guide that its data's form cannot call."""
+    return SetupError(f"calling the model or guide with the data failed: {error}. The engine "
+                      "calls model(*data) for a tensor or tuple and model(**data) for a "
+                      "dict; size= and subsample= only if the signature names them")
+
+
 def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     """One blocked trace of guide and model on ``batch``: the data plate, plate nesting,
     enumerated sites, and (``check=True``) the checks Pyro's validation would make, as
@@ -608,9 +615,7 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
                 _explain_failed_replay(pair, batch, prior_trace, e)
             raise
     except TypeError as e:
-        raise SetupError(f"calling the model or guide with the data failed: {e}. The engine "
-                         "calls model(*data) for a tensor or tuple and model(**data) for a "
-                         "dict; size= and subsample= only if the signature names them") from e
+        raise calling_error(e) from e
     if pair.plate is not None:
         dims = {f.name: f.dim for s in model_trace.nodes.values() if s["type"] == "sample"
                 for f in _vectorized_frames(s)}

@@ -36,6 +36,7 @@ from .program import (
     Pair,
     SetupError,
     autoguides_set_up,
+    calling_error,
     modules_of,
     needs_full_prototype,
     per_row_autoguide_sites,
@@ -264,7 +265,10 @@ class Trainer:
             m.to(self.device)
         if full is not None:
             with eval_mode(self.model, self.guide), torch.no_grad(), poutine.block():
-                full.call(self.guide)
+                try:
+                    full.call(self.guide)
+                except TypeError as e:  # the data's form does not fit the signature
+                    raise calling_error(e) from e
         with eval_mode(self.model, self.guide):
             structure = self.pair.inspect(batch)
         check_objective(self.config.objective, structure)

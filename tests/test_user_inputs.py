@@ -461,3 +461,64 @@ def test_a_guide_set_up_on_other_rows_is_refused_naming_a_new_guide(batch_size):
     fit(hierarchical, guide, x[:100], epochs=2, batch_size=batch_size, progress=False)
     with pytest.raises(SetupError, match=r"build a new guide \(e\.g\. AutoNormal\(model\)\)"):
         fit(hierarchical, guide, x, epochs=2, batch_size=batch_size, progress=False)
+
+
+def test_plain_group_indexing_is_caught_when_particles_rows_and_groups_coincide():
+    """``a[g]`` on a (K, G) latent indexes the particle dim; with K particles = B rows = G
+    groups every shape came out right and log_likelihood was silently wrong (G=6, K=6, B=6:
+    -14.9 against -0.84). The broadcast check now uses a particle count that is no length
+    of the program: a warning, one particle at a time, and the a[..., g] figure."""
+    groups = 6
+    generator = torch.Generator().manual_seed(0)
+    g = torch.arange(60) % groups
+    x = torch.randn(60, generator=generator)
+    y = 2.0 * torch.randn(groups, generator=generator)[g] + 0.7 * x \
+        + 0.5 * torch.randn(60, generator=generator)
+
+    def make(plain):
+        def model(g, x, y):
+            b = pyro.sample("b", dist.Normal(0.0, 1.0))
+            with pyro.plate("groups", groups):
+                a = pyro.sample("a", dist.Normal(0.0, 2.0))
+            with pyro.plate("data", len(x)):
+                pyro.sample("y", dist.Normal((a[g] if plain else a[..., g]) + b * x, 0.5),
+                            obs=y)
+        return model
+
+    figures = {}
+    for plain in (False, True):
+        model = make(plain)
+        guide = AutoNormal(model)
+        fit(model, guide, (g, x, y), epochs=300, batch_size=60, lr=0.05, progress=False,
+            seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pyro.set_rng_seed(1)
+            figures[plain] = log_likelihood(model, guide, (g, x, y), num_samples=groups,
+                                            batch_size=groups)
+        said = [str(w.message) for w in caught if "does not broadcast" in str(w.message)]
+        assert bool(said) == plain
+    assert figures[True] == pytest.approx(figures[False], abs=0.15)  # 6 draws: MC noise
+    assert figures[True] > -2.0
+
+
+def test_data_that_does_not_fit_the_signature_is_named_on_minibatches_too():
+    """Full batch said how the engine calls the model; on minibatches the autoguide's set-up
+    pass over all rows let Pyro's raw TypeError out. A tuple holding one dict was taken for
+    streamed minibatches ("needs num_data=")."""
+    x = data(100)
+    y = 2 * x
+
+    def model_of_batch(batch):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(batch["x"])):
+            pyro.sample("y", dist.Normal(w * batch["x"], 0.5), obs=batch["y"])
+
+    for batch_size in (25, 100):
+        with pytest.raises(SetupError, match="unexpected keyword argument 'x'.*model"
+                                             r"\(\*\*data\) for a dict"):
+            fit(model_of_batch, AutoNormal(model_of_batch), {"x": x, "y": y}, epochs=1,
+                batch_size=batch_size, progress=False)
+    with pytest.raises(ValueError, match=r"tuple holding one dict.*write it as\s+model\(x, y\)"):
+        fit(model_of_batch, AutoNormal(model_of_batch), ({"x": x, "y": y},), epochs=1,
+            batch_size=25, progress=False)
