@@ -76,8 +76,9 @@ class TopicSpec:
     unchanged). Bad values raise :class:`~ppl_vae.SetupError` naming the field.
 
     ProdLDA's decoder: ``decoder_bn`` False (default) = background log-frequencies plus
-    beta with a Normal prior of precision ``beta_precision`` (None: 10 (20/K)^2, or
-    3 (20/K)^2 on short texts, :func:`default_beta_precision`); True = AVITM's batch norm on
+    beta with a Normal prior of precision ``beta_precision`` (None: 3 (20/K)^(2/3) with
+    the bounded head, 3 (20/K)^2 on short texts, 10 (20/K)^2 with the batch-normed head,
+    :func:`default_beta_precision`); True = AVITM's batch norm on
     the logits (the pre-issue-16 default, whose runs reload with it; benchmarks/RESULTS.md,
     "Issue 16"). ``embeddings``: a ``.npy`` matrix (documents, E), one row per document of
     the corpus in its order, fed to the encoder beside the counts (CTM);
@@ -167,7 +168,8 @@ class TopicSpec:
         if not self.alpha > 0:
             raise SetupError(f"alpha (--alpha) must be > 0, got {self.alpha}")
         if self.beta_precision is None:
-            self.beta_precision = default_beta_precision(self.topics, short)
+            self.beta_precision = default_beta_precision(
+                self.topics, short, bounded=self.encoder_variance == "bounded")
         if self.beta_precision < 0 or not math.isfinite(self.beta_precision):
             raise SetupError(f"beta_precision (--beta-precision) must be >= 0, got "
                              f"{self.beta_precision}")
@@ -180,17 +182,28 @@ class TopicSpec:
             self.embedding_dim = int(document_embeddings(self).shape[1])
 
 
-def default_beta_precision(num_topics: int, short: bool = False) -> float:
-    """The prior precision on ProdLDA's topic weights: 10 at K = 20 (3 on short texts,
-    :func:`short_texts`), scaled by (20/K)^2.
+def default_beta_precision(num_topics: int, short: bool = False, bounded: bool = False
+                           ) -> float:
+    """The prior precision on ProdLDA's topic weights at K topics: 3 (20/K)^(2/3) with the
+    bounded encoder head on long texts (the family's default there), 3 (20/K)^2 on short
+    texts (:func:`short_texts`), 10 (20/K)^2 with the batch-normed head on long texts.
 
-    A document's topic proportions spread over more topics as K grows (the logistic-normal
-    prior has variance about 1 per topic whatever K), so a topic's weights must be about
-    K/20 times larger to move a document's words as much; the precision scales by the
-    square of that. Measured on BBC_News (benchmarks/RESULTS.md, "Issue 16"): lambda 10 is
-    the best of 3/10/30 at K = 20; at K = 50 it stops training at epoch 4 (the validation
-    ELBO peaks there), 2 trains to epoch 40."""
-    return (3.0 if short else 10.0) * (20.0 / num_topics) ** 2
+    A document's topic proportions spread over more topics as K grows, so a topic's weights
+    must be larger to move a document's words as much, and the precision falls with K. With
+    the batch-normed head every topic's location has unit variance over a minibatch, theta
+    spreads about evenly, and the weights grow about like K: the square (measured on
+    BBC_News: lambda 10 the best of 3/10/30 at K = 20; at K = 50, 10 stops training at
+    epoch 4, 2 trains to epoch 40). The bounded head lets a document concentrate on few
+    topics, so the weights grow more slowly; measured (benchmarks/RESULTS.md, "Issue 16",
+    benchmarks/topics_tradeoff.py), BBC_News seeds 0-2: at K = 20, lambda 3 gives NPMI
+    0.188 and diversity 0.824 against 0.173 and 0.756 at 10 (2: 0.186 / 0.855 with a
+    negative topic; 4: 0.187 / 0.797); at K = 50, 1.6 stays the best of 0.16 / 0.48 / 1.6 /
+    4.8 on NPMI (0.162 against 0.155 at 0.48); 3 (20/K)^(2/3) meets both (1.63 at K = 50)."""
+    if short:
+        return 3.0 * (20.0 / num_topics) ** 2
+    if bounded:
+        return 3.0 * (20.0 / num_topics) ** (2.0 / 3.0)
+    return 10.0 * (20.0 / num_topics) ** 2
 
 
 SHORT_TEXT_TOKENS = 15.0  # mean tokens per training document below which texts are short

@@ -748,12 +748,16 @@ def test_runs_written_before_issue_16_reload_with_the_batch_norm_decoder(tmp_pat
     new = family.make_spec("prodlda", corpus=str(folder), topics=3)
     model = family.build(new)[0]
     assert not new.decoder_bn and not hasattr(model, "bn")
-    # the prior's precision: 10 at K = 20, scaled by (20/K)^2 unless given
-    assert family.make_spec("prodlda", corpus=str(folder), topics=20).beta_precision == 10
-    assert family.make_spec("prodlda", corpus=str(folder), topics=40).beta_precision == 2.5
+    # the prior's precision unless given: with the bounded head (the default on long
+    # texts) 3 at K = 20, scaled by (20/K)^(2/3); with the batch-normed head 10 (20/K)^2
+    assert family.make_spec("prodlda", corpus=str(folder), topics=20).beta_precision == 3
+    assert family.make_spec("prodlda", corpus=str(folder), topics=160).beta_precision \
+        == pytest.approx(0.75)
+    assert family.make_spec("prodlda", corpus=str(folder), topics=40,
+                            encoder_variance="batchnorm").beta_precision == 2.5
     assert family.make_spec("prodlda", corpus=str(folder), topics=40,
                             beta_precision=0).beta_precision == 0
-    assert model.beta_precision == pytest.approx(10 * (20 / 3) ** 2)
+    assert model.beta_precision == pytest.approx(3 * (20 / 3) ** (2 / 3))
     # the background starts at the training split's log word frequencies
     corpus = load_octis(folder)
     from ppl_vae.models.prodlda import log_frequencies
@@ -763,7 +767,8 @@ def test_runs_written_before_issue_16_reload_with_the_batch_norm_decoder(tmp_pat
 
 def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
     """Titles (under 15 tokens per training document): alpha 0.1 and beta_precision
-    3 (20/K)^2; long documents keep 1 and 10 (20/K)^2; given values and LDA are untouched."""
+    3 (20/K)^2; long documents keep alpha 1 and (bounded head) 3 (20/K)^(2/3); given values
+    and LDA are untouched."""
     from ppl_vae.models.topics import TopicFamily, mean_document_length, topic_corpus
 
     family = TopicFamily()
@@ -780,7 +785,7 @@ def test_short_texts_get_their_own_prodlda_defaults(tmp_path):
     assert family.make_spec("lda", corpus=str(titles), topics=10).alpha == 1.0
     documents = write_octis(tmp_path / "documents", octis_lines(n=60))  # 20 tokens each
     long = family.make_spec("prodlda", corpus=str(documents), topics=10)
-    assert (long.alpha, long.beta_precision) == (1.0, pytest.approx(40.0))
+    assert (long.alpha, long.beta_precision) == (1.0, pytest.approx(3 * 2 ** (2 / 3)))
     # a reloaded run keeps what it stored, readable corpus or not
     stored = family.spec_from_json({**dataclasses.asdict(spec), "corpus": str(tmp_path / "gone")})
     assert (stored.alpha, stored.beta_precision) == (0.1, pytest.approx(12.0))
