@@ -61,7 +61,10 @@ def grid_options(corpus_dir: Path, k: int, precisions: list[float], alphas: list
 
 
 def method_name(options: dict) -> str:
-    return "ppl-prodlda[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+    """e.g. ppl-prodlda[beta_precision=3,alpha=1,encoder_variance=bounded] (numbers in %g)."""
+    return "ppl-prodlda[" + ",".join(
+        f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
+        for k, v in options.items()) + "]"
 
 
 def pareto(points: list[dict]) -> list[dict]:

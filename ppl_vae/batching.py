@@ -158,8 +158,12 @@ class IterableBatches:
         if num_data is None:
             dataset = getattr(loader, "dataset", None)
             if dataset is None or not hasattr(dataset, "__len__"):
-                raise ValueError("streamed data needs num_data= (the number of examples in "
-                                 "the whole dataset) so that minibatch ELBOs are scaled right")
+                raise ValueError(
+                    "streamed data (a DataLoader without a sized dataset, an iterable or a "
+                    "list of minibatches) needs the number of examples in the whole dataset "
+                    "so that minibatch ELBOs are scaled right: fit(..., num_data=N); elbo, "
+                    "log_likelihood and to_arviz take the data as one tensor, tuple or dict "
+                    "(or a DataLoader over a dataset with a length)")
             num_data = len(dataset)
         self.loader = loader
         self.device = torch.device(device)
@@ -199,10 +203,10 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
                 and isinstance(data[0], Mapping):
             raise ValueError(
                 f"{name} is a {type(data).__name__} holding one dict: the engine reads a list "
-                "or tuple of dicts as ready-made minibatches (then num_data= is needed), and "
-                "a dict as keyword arguments (model(x=..., y=...)); a model that takes the "
-                "dict as one argument (model(batch)) cannot be sliced into rows: write it as "
-                "model(x, y) and pass the dict itself")
+                "or tuple of dicts as ready-made minibatches (fit(..., num_data=N) trains "
+                "on them), and a dict as keyword arguments (model(x=..., y=...)); a model "
+                "that takes the dict as one argument (model(batch)) cannot be sliced into "
+                "rows: write it as model(x, y) and pass the dict itself")
         return IterableBatches(data, device, num_data=num_data)
     raise TypeError(f"{name}: cannot make minibatches from {type(data).__name__}; give a tensor, "
                     "a tuple or dict of tensors (rows = examples) or a DataLoader")
@@ -210,7 +214,7 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
 
 def _refuse_arrays(data: Any, name: str) -> None:
     """NumPy arrays (or pandas columns) where tensors belong would otherwise be taken for a
-    stream of minibatches ("streamed data needs num_data="); say to convert them."""
+    stream of minibatches (which needs num_data=); say to convert them."""
     entries = (list(data.items()) if isinstance(data, Mapping) else
                list(enumerate(data)) if isinstance(data, tuple) else [(None, data)])
     for key, value in entries:
@@ -226,7 +230,7 @@ def _refuse_arrays(data: Any, name: str) -> None:
 
 def _refuse_plain_python(data: Any, name: str) -> None:
     """An empty container, or a list of numbers, would otherwise be taken for a stream of
-    minibatches ("streamed data needs num_data="); say what is wrong with it."""
+    minibatches (which needs num_data=); say what is wrong with it."""
     if isinstance(data, (tuple, list, Mapping)) and len(data) == 0:
         raise ValueError(f"{name} is an empty {type(data).__name__}: give at least one tensor "
                          "(one row per example)")

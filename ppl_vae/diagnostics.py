@@ -66,7 +66,7 @@ from .posterior import (
     samples_to_draws,
     to_arviz,
 )
-from .program import is_delta, unobserved_leaves, warn_user
+from .program import holds_joint_rows, is_delta, unobserved_leaves, warn_user
 
 GOOD, BAD = 0.5, 0.7
 NOISY = 0.3  # nats: inner-estimate noise sd above which the global k-hat is inflated
@@ -214,14 +214,15 @@ def importance_diagnostics(model: Callable, guide: Callable, data: Data,
     if device is None:
         device = module_device(model, guide)
     n = make_batches(data, 1, device, shuffle=False).num_examples
-    batch_size = batch_size or min(n, 1000)
+    pair = as_pair(model, guide, plate)
+    # a guide that draws its rows all at once (holds_joint_rows) sees them all
+    batch_size = n if holds_joint_rows(pair, n) else batch_size or min(n, 1000)
     per_pass = max(1, 200_000 // batch_size)  # particles x examples per vectorized pass
     batches = make_batches(data, batch_size, device, shuffle=False)
     local_k: list[np.ndarray] = []
     local_halves: list[np.ndarray] = []
     glob_halves = None
     half = num_samples // 2
-    pair = as_pair(model, guide, plate)
     with eval_mode(model, guide):
         first = next(iter(batches))
         nesting = pair.inspect(first).nesting

@@ -33,6 +33,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 
 from .batching import Batch, Data, make_batches
@@ -375,32 +376,92 @@ def _sizes(trace) -> set[int]:
 def broadcasting_error(model: Callable, guide: Callable | None, batch: Batch, nesting: int
                        ) -> Exception | None:
     """Whether ``model`` and ``guide`` broadcast over an extra leading particle dim on
-    ``batch``: None if they do, else the error a vectorized pass of particles raised (or
-    made, when a site's batch dims reach left of the particle plate).
+    ``batch``: None if they do, else the error a vectorized pass of particles raised, or one
+    saying how it went wrong without raising.
 
-    The trial uses a particle count equal to no length in the program (its sites' shapes,
-    its plates, the batch): with K particles equal to, say, the number of groups G and the
-    batch's B rows, a non-broadcasting ``a[g]`` indexes the particle dim of a (K, G) latent
-    and raises nothing (every shape comes out right; the numbers are wrong). The random
-    stream is left as it was."""
-    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad():
+    The trial draws K particles in one vectorized pass and scores the same draws again one
+    particle at a time: each particle's log p and log q must be the ones a plain run gives
+    (a ``pyro.factor`` of ``w.pow(2).sum()`` sums over the particles and raises nothing;
+    nor does ``a[g]`` when it happens to fit the shapes). K equals no length in the program
+    (its sites' shapes, its plates, the batch), so that ``a[g]`` on a (K, G) latent cannot
+    pass for ``a[..., g]`` when K, the batch's rows and the G groups coincide. Modules run in
+    eval mode (no dropout), and the random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]), poutine.block(), torch.no_grad(), \
+            eval_mode(model, guide):
         try:
-            one = poutine.trace(batch.call).get_trace(guide) if guide is not None else None
-            sizes = _sizes(poutine.trace(poutine.replay(batch.call, trace=one)).get_trace(
-                model) if one is not None else poutine.trace(batch.call).get_trace(model))
-            sizes.update(_sizes(one) if one is not None else ())
-            sizes.update({batch.size, len(batch)})
-            k = next(k for k in itertools.count(2) if k not in sizes)
-            guide_trace = (poutine.trace(batch.call).get_trace(in_particles(guide, k, nesting))
-                           if guide is not None else None)
-            fn = model if guide_trace is None else poutine.replay(model, trace=guide_trace)
-            model_trace = poutine.trace(batch.call).get_trace(in_particles(fn, k, nesting))
-        except (ValueError, RuntimeError, IndexError) as e:
+            one_guide = poutine.trace(batch.call).get_trace(guide) if guide is not None \
+                else None
+            one_model = poutine.trace(poutine.replay(batch.call, trace=one_guide)).get_trace(
+                model)
+            sizes = _sizes(one_model) | (_sizes(one_guide) if one_guide else set())
+            k = next(k for k in itertools.count(2) if k not in sizes | {batch.size, len(batch)})
+            guide_k = (poutine.trace(batch.call).get_trace(in_particles(guide, k, nesting))
+                       if guide is not None else None)
+            model_k = poutine.trace(batch.call).get_trace(
+                in_particles(poutine.replay(model, trace=guide_k), k, nesting))
+            if not within_particle_plate(model_k):
+                return ValueError(f"a site's batch dims reach left of the particle plate "
+                                  f"({NOT_BROADCASTING})")
+            together = {"model": _particle_log_densities(model_k, nesting, k)}
+            if guide_k is not None:  # (scored after the model set its masks on it)
+                together["guide"] = _particle_log_densities(guide_k, nesting, k)
+            for i in range(k):
+                replayed = _particle(model_k, one_model, i, nesting)
+                alone = {}
+                if guide is not None:
+                    alone["guide"] = poutine.trace(poutine.replay(batch.call, trace=_particle(
+                        guide_k, one_guide, i, nesting))).get_trace(guide)
+                    for name, node in alone["guide"].nodes.items():  # the nodes themselves,
+                        if node["type"] == "sample":  # which the model's masks reach
+                            replayed.nodes[name] = node
+                alone["model"] = poutine.trace(poutine.replay(batch.call, trace=replayed)
+                                               ).get_trace(model)
+                for part, trace in alone.items():
+                    trace.compute_log_prob()
+                    sites = [t["log_prob"].double() for t in trace.nodes.values()
+                             if t["type"] == "sample"]
+                    value = sum(float(lp.sum()) for lp in sites)
+                    scale = sum(float(lp.abs().sum()) for lp in sites)
+                    if abs(float(together[part][i]) - value) > 1e-4 * (1.0 + scale):
+                        return ValueError(
+                            f"particle {i} of {k} drawn together has log {part[0]} "
+                            f"{float(together[part][i]):.6g} nats, alone {value:.6g}: the "
+                            "program mixes the particles (e.g. a sum over a latent's leading "
+                            "dim, a[g] for a[..., g])")
+        except Exception as e:  # any error of the vectorized program: run it one at a time
             return e
-    if not within_particle_plate(model_trace):
-        return ValueError(f"a site's batch dims reach left of the particle plate "
-                          f"({NOT_BROADCASTING})")
     return None
+
+
+def _particle_log_densities(trace, nesting: int, k: int) -> torch.Tensor:
+    """Each particle's log-density (k,) in a trace of k particles at dim -nesting-1."""
+    trace.compute_log_prob()
+    total = torch.zeros(k, dtype=torch.float64)
+    for site in trace.nodes.values():
+        if site["type"] == "sample":
+            lp = _keep_dims(site["log_prob"], nesting, None).double()
+            total += lp.reshape(lp.shape[0], -1).sum(-1).expand(k)
+    return total
+
+
+def _particle(trace, plain, i: int, nesting: int):
+    """The latent values of particle ``i`` of a vectorized ``trace``, in the shapes of the
+    same sites in ``plain`` (one particle, no particle dim): a trace to replay."""
+    out = poutine.Trace()
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or name not in plain.nodes \
+                or isinstance(site["fn"], _Subsample):
+            continue
+        value = site["value"]
+        at = value.dim() - site["fn"].event_dim - (nesting + 1)
+        if at >= 0 and value.shape[at] > 1:
+            value = value.select(at, i)
+        shape = plain.nodes[name]["value"].shape
+        if value.numel() == shape.numel():
+            value = value.reshape(shape)
+        out.add_node(name, type="sample", value=value, is_observed=False,
+                     infer=site["infer"], fn=site["fn"])
+    return out
 
 
 def check_broadcasting(pair: Pair, batch: Batch, nesting: int, doing: str) -> bool:

@@ -138,13 +138,13 @@ class ELBOObjective:
         """The first step with several particles in one vectorized pass; a program that does
         not broadcast over the extra particle dim gets Pyro's particle loop instead."""
         self._checked = True
+        nesting = as_pair(model, guide).inspect(batch).nesting
+        error = broadcasting_error(model, guide, batch, nesting)
         try:
-            nesting = as_pair(model, guide).inspect(batch).nesting
-            error = broadcasting_error(model, guide, batch, nesting)
             if error is not None:
                 raise error
             return self(model, guide, batch)
-        except (ValueError, RuntimeError, IndexError) as e:
+        except Exception as e:  # the program's own error with particles: Pyro's loop
             warn_user(
                 f"the model or guide does not broadcast over the extra dim of "
                 f"{type(self.elbo).__name__}'s vectorized particles ({type(e).__name__}: "

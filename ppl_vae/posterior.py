@@ -288,9 +288,10 @@ def draw(model: Callable, guide: Callable | None, data: Data, num_samples: int =
         device = module_device(model, guide)
     pair = as_pair(model, guide, plate)
     n = make_batches(data, 1, device, shuffle=False).num_examples
-    if batch_size is None:  # a joint guide over the rows is drawn for all of them at once
-        batch_size = n if holds_joint_rows(pair, n) else \
-            max(1, min(n, 100_000 // max(1, num_samples)))
+    if holds_joint_rows(pair, n):  # a guide that draws its rows at once sees them all
+        batch_size = n
+    elif batch_size is None:
+        batch_size = max(1, min(n, 100_000 // max(1, num_samples)))
     batches = make_batches(data, batch_size, device, shuffle=False)
     draws = Draws()
     with eval_mode(model, guide):

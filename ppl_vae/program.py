@@ -853,6 +853,16 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
     if b >= n or plate is None:
         return
     discrete = _discrete_rows(pair, plate)
+    rows = {(f.full_size or f.size) for part in _autoguide_parts(pair.raw_guide)
+            if isinstance(part, AutoDiscreteParallel) for _, s in prototype_latents(part)
+            for f in s["cond_indep_stack"] if f.name == plate}
+    if discrete and rows != {n}:
+        raise SetupError(
+            f"AutoDiscreteParallel keeps one probability vector per row for "
+            f"{', '.join(discrete)}, of the {', '.join(map(str, sorted(rows)))} rows it was set "
+            f"up on, and this data has {n}: to train on this data build a new guide; to score "
+            "new rows leave the discrete site out of the guide and sum it out "
+            "(config_enumerate the model, objective='enum')")
     if discrete:
         raise SetupError(
             f"AutoDiscreteParallel keeps one probability vector per row of the data for "
@@ -996,9 +1006,12 @@ def holds_joint_rows(pair: Pair, n: int) -> bool:
     if any(isinstance(part, EasyGuide)
            for part in (guide if isinstance(guide, AutoGuideList) else [guide])):
         return True
-    return any(isinstance(part, (AutoContinuous, AutoStructured, AutoDiscreteParallel))
-               and any((f.full_size or f.size) == n for _, s in prototype_latents(part)
-                       for f in s["cond_indep_stack"] if f.vectorized)
+    return any((isinstance(part, (AutoContinuous, AutoStructured))
+                and any((f.full_size or f.size) == n for _, s in prototype_latents(part)
+                        for f in s["cond_indep_stack"] if f.vectorized))
+               or (isinstance(part, AutoDiscreteParallel)  # of these rows or of others
+                   and any(f.vectorized for _, s in prototype_latents(part)
+                           for f in s["cond_indep_stack"]))
                for part in _autoguide_parts(pair.raw_guide))
 
 

@@ -469,6 +469,10 @@ class Trainer:
                     f"fit or call, and its per-row parameters do not fit this data's "
                     f"{batches.num_examples} rows ({str(e).splitlines()[0][:160]}); build a "
                     "new guide (e.g. AutoNormal(model)) to train on this data") from e
+            if set_up and isinstance(e, SetupError) and "build a new guide" not in str(e):
+                raise SetupError(
+                    f"{e} (the guide, {', '.join(set_up)}, was set up by an earlier fit or "
+                    "call: if on other data, build a new guide)") from e
             raise
         if streamed and per_row_autoguide_sites(self.pair):
             raise self._streamed_error()
@@ -603,16 +607,25 @@ class Trainer:
             resume: str | Path | bool | dict = False,
             num_data: int | None = None, progress: bool | None = None) -> History:
         c = self.config
+        store = pyro.get_param_store()
+        before = store.get_state() if c.clear_param_store else None
         if c.clear_param_store:
             pyro.clear_param_store()
-        pyro.set_rng_seed(c.seed)
-        batches = make_batches(data, c.batch_size, self.device, shuffle=True,
-                               drop_last=c.drop_last or c.objective == "jit",
-                               num_data=num_data, name="data", sparse_rows=c.sparse_batches)
-        batches.generator.manual_seed(c.seed)
-        self.setup(batches, resume)
-        if val_data is not None:
-            refuse_per_row_validation(self.pair)
+        try:
+            pyro.set_rng_seed(c.seed)
+            batches = make_batches(data, c.batch_size, self.device, shuffle=True,
+                                   drop_last=c.drop_last or c.objective == "jit",
+                                   num_data=num_data, name="data",
+                                   sparse_rows=c.sparse_batches)
+            batches.generator.manual_seed(c.seed)
+            self.setup(batches, resume)
+            if val_data is not None:
+                refuse_per_row_validation(self.pair)
+        except BaseException:  # refused before the first step: the store as it was
+            if before is not None:
+                store.clear()
+                store.set_state(before)
+            raise
         steps = len(batches)
         bar = tqdm(total=max(0, c.epochs - self.epoch) * steps, unit="step",
                    dynamic_ncols=True, disable=None if progress is None else not progress)

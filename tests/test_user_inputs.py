@@ -522,3 +522,63 @@ def test_data_that_does_not_fit_the_signature_is_named_on_minibatches_too():
     with pytest.raises(ValueError, match=r"tuple holding one dict.*write it as\s+model\(x, y\)"):
         fit(model_of_batch, AutoNormal(model_of_batch), ({"x": x, "y": y},), epochs=1,
             batch_size=25, progress=False)
+
+
+def test_a_program_that_mixes_particles_without_an_error_trains_and_scores_right():
+    """A global ``pyro.factor(-0.5 * w.pow(2).sum())`` sums over the particles and raises
+    nothing: with 8 vectorized particles the penalty counted 8 times (posterior mean 0.641
+    for an exact 1.023). A shape ``assert`` fails on particles with an AssertionError, which
+    escaped the fallback. Both now run one particle at a time, with a warning."""
+    y = data(10, seed=3) + 0.5
+
+    def ridge(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+        pyro.factor("ridge", -0.5 * w.pow(2).sum())  # prior precision 1 + 1
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(w[..., 0], 1.0), obs=y)
+
+    guide = AutoNormal(ridge)
+    with pytest.warns(UserWarning, match="mixes the particles"):
+        fit(ridge, guide, y, epochs=1500, lr=0.02, batch_size=10, num_particles=8,
+            progress=False, seed=0)
+    exact = float(y.sum()) / (2 + len(y))
+    assert float(guide.median()["w"][0]) == pytest.approx(exact, abs=0.05)
+
+    def asserting(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(1), 1.0).to_event(1)).squeeze()
+        assert w.dim() == 0, f"w has shape {tuple(w.shape)}"
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(w, 1.0), obs=y)
+
+    guide = AutoNormal(asserting)
+    fit(asserting, guide, y, epochs=2, batch_size=10, progress=False)
+    with pytest.warns(UserWarning, match="AssertionError"):
+        assert math.isfinite(elbo(asserting, guide, y))
+
+
+def test_refused_fit_keeps_the_param_store_and_adp_checks_use_all_rows():
+    """A fit refused before its first step cleared Pyro's param store (a trained
+    AutoDiscreteParallel, whose probabilities live there, was reset: elbo -4.91 for
+    -2.03); importance_diagnostics and to_arviz(batch_size=) of a full-batch-trained
+    AutoDiscreteParallel were refused as if on minibatches."""
+    from pyro.infer.autoguide import AutoDiscreteParallel
+
+    def mixture(x):
+        weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
+
+    x = torch.cat([data(700) - 2.5, data(500, seed=1) + 1.0])
+    guide = AutoDiscreteParallel(mixture)
+    fit(mixture, guide, x, epochs=60, batch_size=len(x), lr=0.05, objective="enum",
+        progress=False)
+    trained = elbo(mixture, guide, x)
+    with pytest.raises(SetupError, match="AutoDiscreteParallel"):
+        fit(mixture, AutoDiscreteParallel(mixture), x, epochs=1, batch_size=100,
+            objective="enum", progress=False)
+    assert elbo(mixture, guide, x) == pytest.approx(trained, abs=1e-4)
+    assert ppl_vae.importance_diagnostics(mixture, guide, x, num_samples=20) is not None
+    assert ppl_vae.to_arviz(mixture, guide, x, num_samples=10, batch_size=100
+                            ).posterior["z"].shape[-1] == len(x)
