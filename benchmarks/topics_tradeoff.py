@@ -70,7 +70,8 @@ def method_name(options: dict) -> str:
 def pareto(points: list[dict]) -> list[dict]:
     """Points no other point beats on both NPMI and diversity, by diversity."""
     front = [p for p in points
-             if not any(q["npmi"] > p["npmi"] and q["diversity25"] > p["diversity25"]
+             if not any(q["npmi"] >= p["npmi"] and q["diversity25"] >= p["diversity25"]
+                        and (q["npmi"], q["diversity25"]) != (p["npmi"], p["diversity25"])
                         for q in points)]
     return sorted(front, key=lambda p: p["diversity25"])
 
@@ -118,8 +119,14 @@ def figure(grid: list[dict], peers: list[dict], defaults: list[dict], path: Path
     import matplotlib.pyplot as plt
 
     cells = sorted({(r["corpus"], r["K"]) for r in grid})
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.2 * len(cells), 4.4), squeeze=False)
-    for ax, (corpus, k) in zip(axes[0], cells):
+    columns = min(3, len(cells))
+    rows = -(-len(cells) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.4 * rows),
+                             squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    cells = sorted(cells, key=lambda c: (c[1], c[0]))  # a row per K when there are three corpora
+    for ax, (corpus, k) in zip(axes.flat, cells):
         points = [p for p in means(grid) if (p["corpus"], p["K"]) == (corpus, k)]
         peer = [p for p in means(peers) if (p["corpus"], p["K"]) == (corpus, k)
                 and p["method"] in PEERS]
