@@ -15,7 +15,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.contrib.easyguide import easy_guide
-from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal, AutoStructured
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiscreteParallel,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoStructured,
+)
 from pyro.infer.reparam import LocScaleReparam, TransformReparam
 from torch.distributions import constraints
 from torch.utils.data import DataLoader, TensorDataset
@@ -277,24 +283,18 @@ def test_enumerated_run_restores_and_overwrite_keeps_a_run_on_bad_input(tmp_path
     model; --overwrite deleted the old run before refusing the new start's bad input."""
     from pyro.infer import config_enumerate
 
-    @config_enumerate
-    def mixture(x):
-        weights = pyro.param("weights", torch.tensor([0.5, 0.5]), constraint=constraints.simplex)
-        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-        with pyro.plate("data", len(x)):
-            c = pyro.sample("c", dist.Categorical(weights))
-            pyro.sample("obs", dist.Normal(locs[c], 1.0), obs=x)
+    enumerated = config_enumerate(mixture)
 
     def empty_guide(x):
         pass
 
     x = torch.cat([data(100) - 4.0, data(100, seed=1) + 4.0])
     out = tmp_path / "run"
-    history = fit(mixture, empty_guide, x, epochs=3, batch_size=200, objective="enum",
+    history = fit(enumerated, empty_guide, x, epochs=3, batch_size=200, objective="enum",
                   out=out, progress=False)
     state = ppl_vae.load_checkpoint(out / "checkpoint.pt")
-    ppl_vae.restore(mixture, empty_guide, state, x[:8])  # refused as 'trace' before
-    assert elbo(mixture, empty_guide, x) == pytest.approx(history[-1]["train_elbo"], abs=0.05)
+    ppl_vae.restore(enumerated, empty_guide, state, x[:8])  # refused as 'trace' before
+    assert elbo(enumerated, empty_guide, x) == pytest.approx(history[-1]["train_elbo"], abs=0.05)
 
     spec = {"file": str(tmp_path / "m.py"), "data": str(tmp_path / "d.pt")}
     (tmp_path / "m.py").write_text(
@@ -423,20 +423,20 @@ def test_a_square_students_by_items_matrix_finds_its_rows_plate():
         fit(transposed, AutoNormal(transposed), answers, epochs=1, progress=False)
 
 
+def mixture(x):
+    """Two Normal components with pyro.param weights and locations; z per row."""
+    weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(weights))
+        pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
+
+
 def test_auto_discrete_parallel_evaluates_all_rows_and_is_refused_on_minibatches():
     """AutoDiscreteParallel keeps a probability vector per row (N, K) that Pyro never slices:
     elbo/log_likelihood/to_arviz at their default batch of 100 crashed on 400 rows with
     Pyro's shape error; now they take all rows (log p(x) exact: the mixture's density at
     the fitted parameters), and minibatch training is refused naming full batch or enum."""
-    from pyro.infer.autoguide import AutoDiscreteParallel
-
-    def mixture(x):
-        weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
-        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Categorical(weights))
-            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
-
     x = torch.cat([data(280) - 2.5, data(120, seed=1) + 1.0])
     guide = AutoDiscreteParallel(mixture)
     fit(mixture, guide, x, epochs=100, batch_size=len(x), lr=0.05, objective="enum",
@@ -561,15 +561,6 @@ def test_refused_fit_keeps_the_param_store_and_adp_checks_use_all_rows():
     AutoDiscreteParallel, whose probabilities live there, was reset: elbo -4.91 for
     -2.03); importance_diagnostics and to_arviz(batch_size=) of a full-batch-trained
     AutoDiscreteParallel were refused as if on minibatches."""
-    from pyro.infer.autoguide import AutoDiscreteParallel
-
-    def mixture(x):
-        weights = pyro.param("weights", torch.ones(2) / 2, constraint=constraints.simplex)
-        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-        with pyro.plate("data", len(x)):
-            z = pyro.sample("z", dist.Categorical(weights))
-            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=x)
-
     x = torch.cat([data(700) - 2.5, data(500, seed=1) + 1.0])
     guide = AutoDiscreteParallel(mixture)
     fit(mixture, guide, x, epochs=60, batch_size=len(x), lr=0.05, objective="enum",
