@@ -446,13 +446,17 @@ def _particle_log_densities(trace, nesting: int, k: int) -> torch.Tensor:
 
 def _particle(trace, plain, i: int, nesting: int):
     """The latent values of particle ``i`` of a vectorized ``trace``, in the shapes of the
-    same sites in ``plain`` (one particle, no particle dim): a trace to replay."""
+    same sites in ``plain`` (one particle, no particle dim): a trace to replay. A plate's own
+    subsample (a model drawing its rows) is kept as drawn: the same rows alone."""
     out = poutine.Trace()
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or name not in plain.nodes \
-                or isinstance(site["fn"], _Subsample):
+        if site["type"] != "sample" or site["is_observed"] or name not in plain.nodes:
             continue
         value = site["value"]
+        if isinstance(site["fn"], _Subsample):
+            out.add_node(name, type="sample", value=value, is_observed=False,
+                         infer=site["infer"], fn=site["fn"])
+            continue
         at = value.dim() - site["fn"].event_dim - (nesting + 1)
         if at >= 0 and value.shape[at] > 1:
             value = value.select(at, i)

@@ -555,6 +555,16 @@ def test_a_program_that_mixes_particles_without_an_error_trains_and_scores_right
     with pytest.warns(UserWarning, match="AssertionError"):
         assert math.isfinite(elbo(asserting, guide, y))
 
+    def own_rows(x):  # draws its rows: the trial scores the same rows alone (no warning)
+        mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+        with pyro.plate("data", len(x), subsample_size=50) as rows:
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x[rows])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(own_rows, AutoNormal(own_rows), data(), epochs=2, batch_size=200,
+            num_particles=4, progress=False)
+
 
 def test_refused_fit_keeps_the_param_store_and_adp_checks_use_all_rows():
     """A fit refused before its first step cleared Pyro's param store (a trained
