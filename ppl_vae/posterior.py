@@ -237,8 +237,11 @@ def _collect(draws: Draws, model_trace: Trace, num: int, plate: str, first: bool
         if not factor:
             draws.observed.setdefault(name, []).append(keep(obs)[0])
         if predictive and not factor:
+            # a plate without a size does not expand the distribution: draw one value per
+            # observed entry (as many as the data), not one per draw
+            sampler = fn if tuple(fn.batch_shape) == batch_full else fn.expand(batch_full)
             with torch.no_grad():
-                draws.predictive.setdefault(name, []).append(keep(lead(fn.sample())))
+                draws.predictive.setdefault(name, []).append(keep(lead(sampler.sample())))
         if log_likelihood and enumerated_lik is not None and name in enumerated_lik:
             lp = enumerated_lik[name]  # summed over the enumerated sites, per row
             draws.log_lik.setdefault(name, []).append(

@@ -598,8 +598,10 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
                 f"the model failed on a minibatch of {b} of {n} rows ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200]}); data the model reads from elsewhere than "
                 "its arguments (a tensor in pyro.condition(model, data=...), a global or a "
-                "closure) is not cut into minibatches: pass it in the data (e.g. (x, y) for "
-                "model(x, y)), or train full-batch (batch_size >= number of rows)") from e
+                "closure) is not cut into minibatches, nor is a plate sized by a fixed number "
+                "(pyro.plate('data', N)): pass the data in the arguments (e.g. (x, y) for "
+                "model(x, y)) and size the plate by them (len(x)), or use one batch of all "
+                f"rows (batch_size >= {n})") from e
         if pair.plate is None:  # the guide's plates follow from the model's
             pair.plate, pair.plate_dim = _find_plate(
                 prior_trace, n, b, (*batch.args, *batch.kwargs.values()))
@@ -646,6 +648,14 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     model_only = [k for k in enumerated if k not in guide_latents and k in model_trace.nodes
                   and not model_trace.nodes[k]["is_observed"]]
     discrete = [k for k, s in guide_latents.items() if not s["fn"].has_rsample]
+    baselines = [k for k in discrete if guide_latents[k]["infer"].get("baseline")]
+    if check and baselines:
+        warn_user(
+            f"guide site(s) {', '.join(map(repr, baselines))} ask for a baseline "
+            "(infer={'baseline': ...}), which only Pyro's TraceGraph_ELBO uses; the engine's "
+            "objectives do not (objective='trace' is Trace_ELBO): their gradient is the plain "
+            "score function, noisier; more particles (num_particles=) or a reparameterized "
+            "guide distribution reduce the noise")
     latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
                if s["type"] == "sample" and not s["is_observed"]]
     # a Delta backed by an auxiliary draw (AutoNormal's <name>_unconstrained, an

@@ -583,3 +583,50 @@ def test_refused_fit_keeps_the_param_store_and_adp_checks_use_all_rows():
     assert ppl_vae.importance_diagnostics(mixture, guide, x, num_samples=20) is not None
     assert ppl_vae.to_arviz(mixture, guide, x, num_samples=10, batch_size=100
                             ).posterior["z"].shape[-1] == len(x)
+
+
+def test_pyro_examples_sizeless_plate_baseline_fixed_plate_size_and_dict_tuples():
+    """From Pyro's SVI Part III, the DPMM tutorial and the toy-mixture example: a sizeless
+    data plate drew one posterior-predictive value per draw, not per row; a guide's baseline
+    (TraceGraph_ELBO's) was dropped without a word; a plate sized by a global N on an
+    evaluation minibatch was blamed on data read from outside; a tuple (dict, n) was taken
+    for streamed minibatches."""
+    flips = torch.tensor([1.0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+
+    class NonreparameterizedBeta(dist.Beta):  # SVI Part III's
+        has_rsample = False
+
+    def coin(data):
+        f = pyro.sample("f", dist.Beta(10.0, 10.0))
+        with pyro.plate("data_plate"):
+            pyro.sample("obs", dist.Bernoulli(f), obs=data)
+
+    def beta_guide(data):
+        a = pyro.param("a", torch.tensor(15.0), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(15.0), constraint=constraints.positive)
+        pyro.sample("f", NonreparameterizedBeta(a, b), infer={"baseline": {
+            "use_decaying_avg_baseline": True, "baseline_beta": 0.9}})
+
+    with pytest.warns(UserWarning, match="'f' ask for a baseline.*only Pyro's TraceGraph"):
+        fit(coin, beta_guide, flips, epochs=20, progress=False)
+    idata = ppl_vae.to_arviz(coin, beta_guide, flips, num_samples=400, seed=0)
+    predicted = idata.posterior_predictive["obs"]
+    assert predicted.shape == (1, 400, 10)
+    assert float(predicted.mean()) == pytest.approx(float(idata.posterior["f"].mean()),
+                                                    abs=0.05)
+
+    total = 120
+
+    def fixed_size(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+        with pyro.plate("data", total):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+    guide = AutoNormal(fixed_size)
+    fit(fixed_size, guide, data(total), epochs=2, batch_size=total, progress=False)
+    with pytest.raises(SetupError, match=r"a plate sized by a fixed number.*batch_size >= 120"):
+        elbo(fixed_size, guide, data(total))
+
+    with pytest.raises(ValueError, match=r"tuple of \(dict, int\).*functools.partial"):
+        fit(normal_mean, AutoNormal(normal_mean), ({"x": data()}, 200), epochs=1,
+            progress=False)
