@@ -533,13 +533,26 @@ def _keep_dims(lp: torch.Tensor, nesting: int, data_dim: int | None) -> torch.Te
 @contextmanager
 def eval_mode(*objs) -> Iterator[None]:
     """Put the modules among ``objs`` in eval mode (no dropout, batch-norm running stats)
-    for the block, then restore each one's previous mode."""
+    for the block, then restore each one's previous mode. Modules the block calls that are
+    not among them (a plain function's networks held in a closure, registered with
+    ``pyro.module``) are put in eval mode as they are called, and restored too."""
     modes = [(m, m.training) for m in modules_of(*objs)]
     for m, _ in modes:
         m.eval()
+    called: dict[int, tuple[torch.nn.Module, bool]] = {}
+
+    def to_eval(module: torch.nn.Module, args) -> None:
+        if module.training and id(module) not in called:
+            called[id(module)] = (module, True)
+            module.training = False  # itself only: its submodules are called in turn
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(to_eval)
     try:
         yield
     finally:
+        hook.remove()
+        for module, training in called.values():
+            module.training = training
         for m, training in modes:
             m.train(training)
 

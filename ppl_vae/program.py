@@ -144,10 +144,45 @@ class DataPlate(Messenger):
             if frame.name == self.name and (frame.size == -1
                                             or frame_rows(frame, msg) == self.batch):
                 msg["scale"] = msg["scale"] * (self.size / self.batch)
+                if frame.size == -1 and frame.dim is not None:
+                    _expand_rows(msg, frame.dim, self.batch)
                 frame = frame._replace(size=self.batch if frame.size == -1 else frame.size,
                                        full_size=self.size)
                 msg["cond_indep_stack"] = stack[:i] + (frame,) + stack[i + 1:]
                 return
+
+
+class SizelessRows(Messenger):
+    """A sizeless data plate (``pyro.plate("data")``, Pyro's SS-VAE example) over a batch of
+    all ``rows``: its sites get the rows' length at the plate's dim, as a sized plate gives
+    them, so a latent there (an enumerated ``z`` drawn by ``infer_discrete``, a posterior
+    predictive draw) is one per row, not one shared by all rows. (On minibatches
+    :class:`DataPlate` does the same.)"""
+
+    def __init__(self, name: str, rows: int):
+        super().__init__()
+        self.name, self.rows = name, int(rows)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or isinstance(msg["fn"], _Subsample):
+            return
+        for i, frame in enumerate(msg["cond_indep_stack"]):
+            if frame.name == self.name and frame.size == -1 and frame.dim is not None:
+                _expand_rows(msg, frame.dim, self.rows)
+                stack = msg["cond_indep_stack"]
+                msg["cond_indep_stack"] = stack[:i] + (frame._replace(size=self.rows),) \
+                    + stack[i + 1:]
+                return
+
+
+def _expand_rows(msg, dim: int, rows: int) -> None:
+    """Expand a site's distribution to ``rows`` at batch dim ``dim`` where it has 1 there."""
+    shape = list(msg["fn"].batch_shape)
+    if len(shape) < -dim:
+        shape = [1] * (-dim - len(shape)) + shape
+    if shape[dim] == 1:
+        shape[dim] = rows
+        msg["fn"] = msg["fn"].expand(torch.Size(shape))
 
 
 def frame_rows(frame, site: dict) -> int:
@@ -288,6 +323,9 @@ class Program:
                         and len(subsample) != size:
                     with DataPlate(pair.plate, size, len(subsample)):
                         return self.fn(*args, **extra, **kwargs)
+                if pair.plate is not None and subsample is not None:  # all rows at once
+                    with SizelessRows(pair.plate, len(subsample)):
+                        return self.fn(*args, **extra, **kwargs)
                 return self.fn(*args, **extra, **kwargs)
         finally:
             _CALL.reset(token)
@@ -330,6 +368,7 @@ class Structure:
     sequential: list[str] = field(default_factory=list)
     joint_rows: list[str] = field(default_factory=list)
     row_plates: dict[str, list[str]] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=list)  # guide sites asking for a baseline
 
 
 class Pair:
@@ -591,12 +630,15 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
             prior_trace = _prior_trace(pair, batch)
             if check:
                 _check_observed_shapes(prior_trace)
-        except (ValueError, RuntimeError, IndexError) as e:
-            if b >= n or not re.search(rf"\b{n}\b", str(e)):  # no full-data size in it
+        except (ValueError, RuntimeError, IndexError, AssertionError) as e:
+            # a minibatch failure names the full size, or is the model's own shape assert
+            if b >= n or not (isinstance(e, AssertionError) or re.search(rf"\b{n}\b", str(e))):
                 raise
+            first = (str(e).splitlines() or [""])[0][:200]
             raise SetupError(
                 f"the model failed on a minibatch of {b} of {n} rows ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); data the model reads from elsewhere than "
+                f"{first}); the rows of the data are its first axis, and data the model reads "
+                "from elsewhere than "
                 "its arguments (a tensor in pyro.condition(model, data=...), a global or a "
                 "closure) is not cut into minibatches, nor is a plate sized by a fixed number "
                 "(pyro.plate('data', N)): pass the data in the arguments (e.g. (x, y) for "
@@ -648,14 +690,6 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     model_only = [k for k in enumerated if k not in guide_latents and k in model_trace.nodes
                   and not model_trace.nodes[k]["is_observed"]]
     discrete = [k for k, s in guide_latents.items() if not s["fn"].has_rsample]
-    baselines = [k for k in discrete if guide_latents[k]["infer"].get("baseline")]
-    if check and baselines:
-        warn_user(
-            f"guide site(s) {', '.join(map(repr, baselines))} ask for a baseline "
-            "(infer={'baseline': ...}), which only Pyro's TraceGraph_ELBO uses; the engine's "
-            "objectives do not (objective='trace' is Trace_ELBO): their gradient is the plain "
-            "score function, noisier; more particles (num_particles=) or a reparameterized "
-            "guide distribution reduce the noise")
     latents = [k for k, s in prune_subsample_sites(model_trace).nodes.items()
                if s["type"] == "sample" and not s["is_observed"]]
     # a Delta backed by an auxiliary draw (AutoNormal's <name>_unconstrained, an
@@ -668,7 +702,8 @@ def inspect_pair(pair: Pair, batch, check: bool = True) -> Structure:
     structure = Structure(plate, nesting, enumerated, local, parallel, model_only, discrete,
                           latents, own.subsample_size if own is not None else None, deltas,
                           _sequential_plates(model_trace), joint,
-                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b))
+                          _plates_of_rows(dict(prune_subsample_sites(model_trace).nodes), b),
+                          [k for k in discrete if guide_latents[k]["infer"].get("baseline")])
     if check:
         _check_pair(pair, model_trace, guide_trace, prior_trace, guide_latents, structure, n, b)
     return structure
@@ -707,7 +742,12 @@ def _check_pair(pair: Pair, model_trace, guide_trace, prior_trace, guide_latents
         alone = prior_trace.nodes.get(name, model_sites[name])  # plates not replayed
         g = {f.name: f.size for f in _vectorized_frames(site)}
         m = {f.name: f.size for f in _vectorized_frames(alone)}
-        if g.keys() != m.keys() or any(g[k] != m[k] and -1 not in (g[k], m[k]) for k in g):
+        # a guide that subsamples a plate itself (Pyro's examples/lda.py) hands the model its
+        # rows by replay: then the plates' full sizes agree
+        g_full = {f.name: f.full_size or f.size for f in _vectorized_frames(site)}
+        m_full = {f.name: f.full_size or f.size for f in _vectorized_frames(alone)}
+        if g.keys() != m.keys() or any(g[k] != m[k] and g_full[k] != m_full[k]
+                                       and -1 not in (g[k], m[k]) for k in g):
             plate = structure.plate
             if plate in g and plate in m and g[plate] != m[plate] \
                     and name in per_row_autoguide_sites(pair):

@@ -41,6 +41,7 @@ from .program import (
     needs_full_prototype,
     per_row_autoguide_sites,
     reset_autoguide_plates,
+    warn_user,
 )
 
 __all__ = ["FitConfig", "History", "SetupError", "Trainer", "TrainingDiverged",
@@ -478,6 +479,14 @@ class Trainer:
             raise self._streamed_error()
         if not training:
             return
+        baselines = self.pair.structure.baselines
+        if baselines:
+            warn_user(
+                f"guide site(s) {', '.join(map(repr, baselines))} ask for a baseline "
+                "(infer={'baseline': ...}), which only Pyro's TraceGraph_ELBO uses; the "
+                "engine's objectives do not (objective='trace' is Trace_ELBO): their gradient "
+                "is the plain score function, noisier; more particles (num_particles=) or a "
+                "reparameterized guide distribution reduce the noise")
         pyro.set_rng_seed(c.seed)  # training draws do not depend on the set-up's traces
         self._make_optimizer()
         if resume:

@@ -1525,3 +1525,58 @@ def test_a_guide_of_the_wrong_shape_or_support_is_named_before_training():
     history = fit(gamma, AutoNormal(gamma), rates, epochs=2, progress=False, device="cpu")
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[-1]["epoch"] == 2 and len(history["train_elbo"]) == 2
+
+
+def test_pyro_lda_example_whose_guide_subsamples_documents_trains():
+    """Pyro's examples/lda.py as written: the guide subsamples its documents plate
+    (``pyro.plate("documents", D, batch_size)``) and the model takes those rows by replay.
+    The engine compared the plates' subsample sizes (8 against 20) and refused it; it trains
+    now (the rows of its data are word positions, so only full batch: a minibatch of them
+    fails the model's own shape assert, which is named)."""
+    import functools
+
+
+    topics, words, docs, per_doc = 3, 15, 20, 12
+
+    def model(data=None, batch_size=None):
+        with pyro.plate("topics", topics):
+            topic_weights = pyro.sample("topic_weights", dist.Gamma(1.0 / topics, 1.0))
+            topic_words = pyro.sample("topic_words",
+                                      dist.Dirichlet(torch.ones(words) / words))
+        with pyro.plate("documents", docs) as ind:
+            if data is not None:
+                assert data.shape == (per_doc, docs)
+                data = data[:, ind]
+            doc_topics = pyro.sample("doc_topics", dist.Dirichlet(topic_weights))
+            with pyro.plate("words", per_doc):
+                word_topics = pyro.sample("word_topics", dist.Categorical(doc_topics),
+                                          infer={"enumerate": "parallel"})
+                data = pyro.sample("doc_words", dist.Categorical(topic_words[word_topics]),
+                                   obs=data)
+        return data
+
+    predictor = nn.Sequential(nn.Linear(words, 10), nn.Sigmoid(), nn.Linear(10, topics),
+                              nn.Softmax(dim=-1))
+
+    def guide(data, batch_size=None):
+        weights = pyro.param("topic_weights_posterior", lambda: torch.ones(topics),
+                             constraint=constraints.positive)
+        word_weights = pyro.param("topic_words_posterior", lambda: torch.ones(topics, words),
+                                  constraint=constraints.greater_than(0.5))
+        with pyro.plate("topics", topics):
+            pyro.sample("topic_weights", dist.Gamma(weights, 1.0))
+            pyro.sample("topic_words", dist.Dirichlet(word_weights))
+        pyro.module("predictor", predictor)
+        with pyro.plate("documents", docs, batch_size) as ind:
+            rows = data[:, ind]
+            counts = torch.zeros(words, ind.size(0)).scatter_add(0, rows, torch.ones(rows.shape))
+            pyro.sample("doc_topics", dist.Delta(predictor(counts.transpose(0, 1)), event_dim=1))
+
+    pyro.set_rng_seed(0)
+    data = model()
+    history = fit(model, functools.partial(guide, batch_size=8), data, epochs=80,
+                  batch_size=per_doc, lr=0.05, objective="enum", progress=False)
+    losses = [row["train_elbo"] for row in history.rows]
+    assert sum(losses[-10:]) > sum(losses[:10])  # the ELBO rises
+    with pytest.raises(SetupError, match=r"minibatch of 4 of 12 rows \(AssertionError.*first axis"):
+        fit(model, guide, data, epochs=1, batch_size=4, objective="enum", progress=False)
