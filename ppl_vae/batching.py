@@ -196,17 +196,17 @@ def make_batches(data: Data, batch_size: int, device: torch.device | str, shuffl
         return TensorBatches(data, batch_size, device, shuffle=shuffle, drop_last=drop_last,
                              name=name, sparse_rows=sparse_rows)
     _refuse_arrays(data, name)
-    _refuse_non_tensor_entries(data, name)
-    _refuse_plain_python(data, name)
     if isinstance(data, (tuple, list)) and any(isinstance(v, Mapping) for v in data) \
             and not all(isinstance(v, Mapping) for v in data):
         kinds = ", ".join(type(v).__name__ for v in data)
         raise ValueError(
             f"{name} is a {type(data).__name__} of ({kinds}): the engine reads a dict as "
             "keyword arguments (model(x=..., y=...)) and a tuple as positional tensors with "
-            "one row per example, so a model(batch_dict, n) cannot be sliced into rows: "
-            "write it as model(x, y) over the dict's tensors, pass the dict itself, and bind "
-            "constants with functools.partial(model, n=...)")
+            "one row per example, and cannot slice a dict inside a tuple into rows: give "
+            "the tensors as one tuple (model(x, y)) or as one dict (model(x=..., y=...)), "
+            "and bind constants with functools.partial(model, n=...)")
+    _refuse_non_tensor_entries(data, name)
+    _refuse_plain_python(data, name)
     if isinstance(data, Iterable):
         if num_data is None and isinstance(data, (tuple, list)) and len(data) == 1 \
                 and isinstance(data[0], Mapping):

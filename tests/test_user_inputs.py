@@ -633,6 +633,9 @@ def test_pyro_examples_sizeless_plate_baseline_fixed_plate_size_and_dict_tuples(
     with pytest.raises(ValueError, match=r"tuple of \(dict, int\).*functools.partial"):
         fit(normal_mean, AutoNormal(normal_mean), ({"x": data()}, 200), epochs=1,
             progress=False)
+    with pytest.raises(ValueError, match=r"tuple of \(Tensor, dict\).*as one tuple"):
+        fit(normal_mean, AutoNormal(normal_mean), (data(), {"y": data()}), epochs=1,
+            progress=False)  # (it was told to pass the dict as a constant)
 
 
 def test_networks_in_closures_are_evaluated_without_dropout():
