@@ -903,9 +903,7 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
     if b >= n or plate is None:
         return
     discrete = _discrete_rows(pair, plate)
-    rows = {(f.full_size or f.size) for part in _autoguide_parts(pair.raw_guide)
-            if isinstance(part, AutoDiscreteParallel) for _, s in prototype_latents(part)
-            for f in s["cond_indep_stack"] if f.name == plate}
+    rows = set(discrete.values())
     if discrete and rows != {n}:
         raise SetupError(
             f"AutoDiscreteParallel keeps one probability vector per row for "
@@ -932,13 +930,14 @@ def _check_joint_autoguide(pair: Pair, n: int, b: int) -> None:
             f"train full-batch (batch_size >= {n})")
 
 
-def _discrete_rows(pair: Pair, plate: str | None) -> list[str]:
+def _discrete_rows(pair: Pair, plate: str | None) -> dict[str, int]:
     """Sites of ``plate`` that an AutoDiscreteParallel part of the guide keeps per-row
-    probabilities for (a parameter of the dataset's size, never sliced to a minibatch)."""
-    return [name for part in _autoguide_parts(pair.raw_guide)
+    probabilities for (a parameter of the dataset's size, never sliced to a minibatch),
+    with the number of rows it was set up on: {site: rows}."""
+    return {name: f.full_size or f.size for part in _autoguide_parts(pair.raw_guide)
             if isinstance(part, AutoDiscreteParallel)
             for name, s in prototype_latents(part)
-            if any(f.name == plate for f in s["cond_indep_stack"])]
+            for f in s["cond_indep_stack"] if f.name == plate}
 
 
 def _joint_over_rows(pair: Pair, plate: str | None) -> tuple[str, list[str]] | None:
